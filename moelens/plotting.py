@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,35 @@ def _diverging(
     return heat, colorbar
 
 
+def _wrap_title(title: str, width_px: float) -> tuple[str, int]:
+    """Break the title's lines at spaces so that none is wider than the figure (about 8.5 px per
+    character of the 17 px title font, 6 px for ``<sup>`` lines); returns (title, n_lines)."""
+    out: list[str] = []
+    for line in title.split("<br>"):
+        sup = line.startswith("<sup>")
+        text = line[5:-6] if sup and line.endswith("</sup>") else line
+        per_char = 6.0 if sup else 8.5
+        limit = max(20, int((width_px - 60) / per_char))
+        words, cur, pieces = text.split(" "), "", []
+        for w in words:
+            if cur and len(re.sub(r"<[^>]+>", "", cur + " " + w)) > limit:
+                pieces.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}" if cur else w
+        pieces.append(cur)
+        out += [f"<sup>{p}</sup>" if sup else p for p in pieces]
+    return "<br>".join(out), len(out)
+
+
 def _base_layout(fig: go.Figure, title: str | None, **kw: Any) -> go.Figure:
+    n_lines = 1
+    if title and kw.get("width"):
+        title, n_lines = _wrap_title(title, float(kw["width"]))
+    if n_lines > 1 and "margin" not in kw:
+        kw["margin"] = dict(t=60 + 22 * n_lines)
+        if kw.get("height"):
+            kw["height"] = kw["height"] + 22 * (n_lines - 1)
     fig.update_layout(
         title=dict(text=title) if title else None,
         template="plotly_white",
@@ -401,8 +430,7 @@ def restoration_heatmap(
             autorange="reversed",
         ),
         height=max(320, 150 + 24 * n_pos),
-        width=max(560, 330 + 26 * n_layers),
-        margin=dict(l=10, r=10, t=90, b=60),
+        width=max(720, 330 + 26 * n_layers),
     )
     fig.update_yaxes(automargin=True)
     # Outline the subject rows so they stand out beyond the tick labels.
@@ -480,7 +508,7 @@ def expert_rescue_heatmap(
         xaxis=dict(title=dict(text="expert"), type="category", **_expert_ticks(n_exp)),
         yaxis=dict(title=dict(text="layer"), type="category", autorange="reversed"),
         height=max(260, 170 + 22 * n_layers),
-        width=max(560, 300 + 11 * n_exp),
+        width=max(680, 300 + 11 * n_exp),
     )
     return fig
 
@@ -600,7 +628,7 @@ def expert_rescue_bar(
         yaxis=dict(title=dict(text=_html_metric(metric)), zeroline=True),
         legend=dict(title=dict(text="routing" if routed_info else "")),
         height=460,
-        width=max(620, 360 + 16 * len(shown)),
+        width=max(720, 360 + 16 * len(shown)),
     )
     return fig
 
@@ -667,7 +695,7 @@ def routing_map(
             automargin=True,
         ),
         height=max(320, 150 + 24 * n_pos),
-        width=max(560, 320 + 11 * n_exp),
+        width=max(680, 320 + 11 * n_exp),
     )
     return fig
 
@@ -713,7 +741,7 @@ def coalition_curve(
             mode="lines+markers+text",
             name="coalition",
             text=[html.escape(t) for t in labs],
-            textposition="top center",
+            textposition=["top right"] + ["top center"] * (len(labs) - 1),
             customdata=labs,
             hovertemplate=(
                 "coalition size %{x}<br>added %{customdata}<br>" + RESCUE + " %{y:.4g}"
@@ -742,7 +770,7 @@ def coalition_curve(
         yaxis=dict(title=dict(text=RESCUE_AXIS), range=[min(finite) - pad, max(finite) + 2 * pad]),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),
         height=480,
-        width=max(620, 300 + 70 * len(y)),
+        width=max(720, 300 + 70 * len(y)),
     )
     return fig
 
@@ -875,7 +903,7 @@ def layer_curve(
         xaxis=dict(title=dict(text="layer"), tickmode="array", tickvals=xs, ticktext=[str(v) for v in xs]),
         yaxis=dict(title=dict(text=metric)),
         height=420,
-        width=max(560, 300 + 18 * len(xs)),
+        width=max(720, 300 + 18 * len(xs)),
     )
     return fig
 

@@ -24,7 +24,7 @@ def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="moelens audit",
+        prog="moelens audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Expert importance audit: do routing statistics (utilisation, mean weight, output norm/std) "
                     "predict the causal effect of removing an expert? See docs/audit.md.",
     )
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated sparse layers (default: all)")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--n-positions", type=int, default=16, help="positions sampled per sequence (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampled positions")
     p.add_argument("--max-batch", type=int, default=64, help="ablation rows per forward")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward for the statistics")
     p.add_argument("--renormalize", action="store_true", help="rescale the remaining weights to the original sum")
@@ -47,12 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, help="truncate each sequence")
     p.add_argument("--split", default="train", help="dataset split (datasets corpora)")
     p.add_argument("--text-field", default="text", help="dataset text column (datasets corpora)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--image-format", choices=("png", "svg", "pdf"), default=None,
+                   help="also write every figure as a static image next to report.html (needs kaleido, Chromium)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
 
-def audit_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``moelens audit``: run :func:`run_audit` from the command line; returns an exit code."""
+def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int:
+    """``moelens audit``: run :func:`run_audit` from the command line; returns an exit code
+    (user errors: one line on stderr and 2; ``debug=True`` raises them instead)."""
     args = build_parser().parse_args(argv)
     from moelens.model import HookedMoETransformer
 
@@ -72,12 +76,23 @@ def audit_main(argv: Optional[Sequence[str]] = None) -> int:
             max_seq_len=args.max_seq_len, out_dir=args.out, progress=not args.no_progress,
         )
     except (AuditSettingsError, FileNotFoundError, ValueError, KeyError, argparse.ArgumentTypeError) as exc:
-        print(f"moelens audit: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"moelens audit: error: {' '.join(str(exc).split())} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    from moelens.formatting import format_p
+
     cols = ["metric", "layer", "n", "mean_diff", "cohens_d", "p_t", "p_wilcoxon", "p_holm"]
+    table = result.summary[cols].copy()
+    for c in ("p_t", "p_wilcoxon", "p_holm"):
+        table[c] = [format_p(p) for p in table[c]]
     with pd.option_context("display.width", 160, "display.max_rows", 200):
-        print(result.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'audit.html'}, stats.json, effects.jsonl")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.image_format:
+        from moelens.audit.html_report import write_audit_report
+
+        write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format)
+    print(f"\nwrote {Path(args.out) / 'report.html'} (every figure), summary.csv, stats.json, effects.jsonl")
     return 0
 
 
