@@ -20,7 +20,7 @@ Several processes (``torchrun --nproc_per_node N -m moelens.cli trace ...`` or `
 cases are sharded by rank (``RANK``/``WORLD_SIZE`` from the environment), each process appends to its
 own ``screen.rank{r}.jsonl`` / ``experts.rank{r}.jsonl``, ranks meet at a barrier (gloo/NCCL when a
 process group is set up, files otherwise) before the layer choice and before the summary, and rank 0
-writes the merged summary. :func:`merge` (``moelens merge --out DIR``) summarises any directory later.
+writes the merged summary. :func:`merge` (``moelens merge --trace-dir DIR``) summarises any directory later.
 """
 
 from __future__ import annotations
