@@ -474,7 +474,8 @@ def expert_rescue_heatmap(
 
     ``scores`` is ``[n_layers, n_experts]``; ``fig.data[0].z`` equals it, layers on the y axis
     (top to bottom), experts on the x axis.  The colour range is symmetric about 0 and covers
-    every value (and 1, the clean run): nothing is clipped.  Width and height grow with the
+    every value: nothing is clipped (1 = the clean run is marked on the colour bar when inside the
+    range; small effects are not washed out by it).  Width and height grow with the
     number of experts and layers (128 experts x 48 layers stays legible; hover gives each value).
     """
     z = _to_numpy(scores, "scores", ndim=2)
@@ -487,7 +488,10 @@ def expert_rescue_heatmap(
         if experts is None
         else _label_list(experts, "experts", n_exp, what="experts (scores.shape[1])")
     )
-    heat, colorbar = _diverging(z, reference=0.0, other=1.0, metric=metric,
+    finite = z[np.isfinite(z)]
+    # the range is set by the data (small effects stay visible); 1 = clean is marked once it is inside
+    reach = float(np.abs(finite).max()) if finite.size else 0.0
+    heat, colorbar = _diverging(z, reference=0.0, other=1.0 if reach >= 1.0 else None, metric=metric,
                                 ref_name="corrupted", other_name="clean")
     fig = go.Figure(
         go.Heatmap(

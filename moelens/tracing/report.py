@@ -124,7 +124,7 @@ def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
         items = [rep.figure(plotting.expert_rescue_bar(
             res, clean_routed=r["clean_routed"], noise_routed=r["noise_routed"], layer=r["layer"],
             baseline=_rescue(r["layer_score"], r["clean"], r["corrupted"]), highlight=[summary.expert],
-            title=f"{name} ({r['split']}): experts at layer {r['layer']}"),
+            title=f"Experts at layer {r['layer']}: {name} ({r['split']})"),
             "This case only: each expert's normalised rescue at the traced position, coloured by whether the "
             "router chose it in the clean and/or corrupted run; the chosen expert is outlined.",
             name=f"case_{r['key']}_experts")]
