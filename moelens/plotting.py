@@ -767,9 +767,13 @@ def coalition_curve(
                                  hoverinfo="skip"))
     finite = [v for v in y.tolist() if math.isfinite(v)] + [v for v, _, _ in refs] + [0.0]
     pad = 0.12 * (max(finite) - min(finite) or 1.0)
+    if title is None:
+        title = "Greedy expert coalition search"
+    if max(finite) > 1.0 and "above 1" not in title:
+        title += "<br><sup>values above 1: restoring these experts overshoots the clean run</sup>"
     _base_layout(
         fig,
-        title if title is not None else "Greedy expert coalition search",
+        title,
         xaxis=dict(title=dict(text="coalition size (experts restored together)"), rangemode="tozero", dtick=1),
         yaxis=dict(title=dict(text=RESCUE_AXIS), range=[min(finite) - pad, max(finite) + 2 * pad]),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),

@@ -25,10 +25,31 @@ def runs(tmp_path_factory):
     assert main(["trace", "--model", "moelens-tiny-facts", "--facts", str(facts), "--limit", "8",
                  "--out", str(root / "trace"), "--bootstrap", "100", "--permutations", "100"]) == 0
     out["trace"] = root / "trace"
-    assert main(["audit", "--model", "moelens-tiny-facts", "--out", str(root / "audit"), "--layers", "1,3",
-                 "--n-positions", "3", "--max-tokens", "120", "--no-progress"]) == 0
+    audit = ["audit", "--model", "moelens-tiny-facts", "--out", str(root / "audit"), "--layers", "1,3",
+             "--n-positions", "3", "--max-tokens", "120", "--no-progress"]
+    if _can_export():  # the CLI's static export: every figure of the report as an SVG next to it
+        audit += ["--image-format", "svg"]
+    assert main(audit) == 0
     out["audit"] = root / "audit"
     return out
+
+
+def _can_export() -> bool:
+    from moelens.report import chromium_path
+
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return chromium_path() is not None
+
+
+def test_cli_image_format_writes_every_figure(runs):
+    if not _can_export():
+        pytest.skip("static export needs kaleido (dev extras) and Chromium (apt-get install chromium)")
+    text = (runs["audit"] / "report.html").read_text()
+    names = re.findall(r'class="ml-plot" id="fig\d+" data-name="([^"]+)"', text)
+    assert names and sorted(p.stem for p in runs["audit"].glob("*.svg")) == sorted(names)
 
 
 def _plotly_js_count(text: str) -> int:

@@ -328,7 +328,8 @@ class ProtocolSummary:
         from moelens.formatting import format_p
 
         c = self.counts
-        skipped = (f" (+ {c['skipped_records']} malformed records skipped)" if c.get("skipped_records") else "")
+        n_skip = c.get("skipped_records") or 0
+        skipped = f" (+ {n_skip} malformed record{'s' if n_skip != 1 else ''} skipped)" if n_skip else ""
         head = (f"cases: {c['total']} total{skipped}, {c['kept']} kept ({c['discovery']} discovery / {c['validation']} "
                 f"validation), {c['errors']} errors, {c['multi_token_targets']} multi-token targets, "
                 f"{c['same_first_token']} identical true/foil first tokens\nlayer {self.layer} (chosen on discovery), "

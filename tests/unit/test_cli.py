@@ -99,3 +99,29 @@ def test_device_cuda_without_cuda(capsys):
                  "--out", "unused", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and err.count("\n") == 1
+
+
+def test_p_values_and_skipped_records_in_the_printed_summary():
+    import pandas as pd
+
+    from moelens.formatting import format_p
+    from moelens.tracing.protocol import ProtocolSummary
+
+    assert [format_p(p) for p in (0.0, 5e-5, 0.0123, 0.5, float("nan"))] == ["< 1e-4", "< 1e-4", "0.012", "0.50", "n/a"]
+    table = pd.DataFrame([{"quantity": "layer rescue", "estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6,
+                           "p_value": 0.0, "n": 10}])
+    counts = {"total": 10, "kept": 10, "discovery": 5, "validation": 5, "errors": 0, "multi_token_targets": 0,
+              "same_first_token": 0, "skipped_records": 2}
+    text = str(ProtocolSummary(table=table, layer=1, expert=3, layer_means={"1": 0.5}, expert_means=[0.0] * 4,
+                               expert_recurrence=[0.0] * 4, counts=counts))
+    assert "< 1e-4" in text and "+0.000" not in text
+    assert "cases: 10 total (+ 2 malformed records skipped)" in text
+
+
+def test_trace_cli_counts_malformed_records(mixtral_tok_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    good = (DATA / "counterfact_sample.jsonl").read_text().splitlines()[:4]
+    facts.write_text("\n".join(good[:2] + ['{"not": "a case"}'] + good[2:]) + "\n")
+    assert main(["trace", "--model", str(mixtral_tok_dir), "--facts", str(facts), "--out", str(tmp_path / "o"),
+                 "--min-clean=-1e9", "--min-drop=-1e9", "--bootstrap", "50", "--permutations", "50"]) == 0
+    assert "cases: 4 total (+ 1 malformed record skipped)" in capsys.readouterr().out
