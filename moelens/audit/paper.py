@@ -433,58 +433,121 @@ def paper_weight_control(model, corpus: PaperCorpus, layer: int, rng: np.random.
     return s, frame
 
 
+def _rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _frame_records(df: pd.DataFrame) -> list[dict]:
+    import json
+
+    return json.loads(df.to_json(orient="records")) if len(df) else []
+
+
 def run_paper_protocol(model, texts: Sequence[str], *, layers: Optional[Sequence[int]] = None,
                        flavour: Optional[str] = None, n_tests: int = 200, seed: int = 42, filter_texts: bool = True,
-                       control: bool = True, max_batch: int = 32, progress: bool = True) -> dict:
+                       control: bool = True, max_batch: int = 32, progress: bool = True, out_dir=None,
+                       add_special_tokens: bool = True) -> dict:
     """The paper's per-token ablation table (and routing-weight control) for one model.
 
-    ``texts``: raw corpus rows (e.g. WikiText-2 raw test); with ``filter_texts`` the paper's
-    selection (stripped length > 50, first 100) is applied. ``layers`` default to the paper's
-    layers for the flavour. Returns ``{"summary", "pairs", "stats", "control", "control_pairs",
-    "settings"}`` (DataFrames and a dict)."""
+    ``texts``: raw corpus rows (e.g. WikiText-2 raw test, see :func:`load_rows`); with
+    ``filter_texts`` the paper's selection (stripped length > 50, first 100) is applied. ``layers``
+    default to the paper's layers for the flavour. With ``out_dir`` the run is resumable layer by
+    layer: ``settings.json`` (model and corpus fingerprints and every setting; a rerun with other
+    settings raises :class:`~moelens.audit.run.AuditSettingsError` naming what differs),
+    ``layer_{l}.json`` / ``control_{l}.json`` per finished layer (with the RNG state, so a resumed
+    run draws what an uninterrupted one would), and at the end ``summary.csv``, ``pairs.csv``,
+    ``stats.csv``, ``control.csv``. Returns ``{"summary", "pairs", "stats", "control",
+    "control_pairs", "settings"}``."""
+    import json
+    from pathlib import Path
+
+    from moelens.audit.run import _check_settings, _model_fingerprint, _write_json
+
     flavour = paper_flavour(model, flavour)
     layers = list(PAPER_LAYERS[flavour] if layers is None else layers)
     bad = [l for l in layers if l not in model.cfg.moe_layers]
     if bad:
         raise ValueError(f"layers {bad} are not sparse layers of this model (sparse: {model.cfg.moe_layers})")
+    if n_tests < 1:
+        raise ValueError(f"n_tests must be positive, got {n_tests}")
     if filter_texts:
         texts = select_texts(texts)
-    corpus = paper_tokenize(model, texts, flavour)
+    corpus = paper_tokenize(model, texts, flavour, add_special_tokens=add_special_tokens)
+    import hashlib
+
+    settings = {"protocol": "paper", "flavour": flavour, "layers": layers, "n_tests": n_tests, "seed": seed,
+                "control": control, "filter_texts": filter_texts,
+                "add_special_tokens": add_special_tokens, "dtype": str(model.cfg.dtype),
+                "model": _model_fingerprint(model),
+                "corpus_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(), "n_texts": len(texts)}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out, settings, {"model": getattr(model, "name_or_path", None)})
+
+    def saved(kind: str, layer: int) -> Optional[dict]:
+        path = out / f"{kind}_{layer}.json" if out is not None else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def save(kind: str, layer: int, obj: dict) -> None:
+        if out is not None:
+            _write_json(out / f"{kind}_{layer}.json", obj)
+
     summaries, pairs, all_stats, ctrl, ctrl_pairs = [], [], [], [], []
-    qwen_rng = np.random.default_rng(seed)
-    ctrl_rng = qwen_rng if flavour == "qwen" else np.random.default_rng(seed)
+    main_rng = np.random.default_rng(seed)
+    ctrl_rng = main_rng if flavour == "qwen" else np.random.default_rng(seed)
     bar = layers
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(layers, desc="paper protocol", unit="layer")
+
+    def run_control(layer):
+        rec = saved("control", layer) if control else None
+        if rec is None:
+            c, cp = paper_weight_control(model, corpus, layer, ctrl_rng, n_tests=n_tests, max_batch=max_batch)
+            rec = {"summary": c, "pairs": _frame_records(cp), "rng": _rng_state(ctrl_rng)}
+            save("control", layer, rec)
+        else:
+            ctrl_rng.bit_generator.state = rec["rng"]
+        ctrl.append(rec["summary"])
+        ctrl_pairs.append(pd.DataFrame(rec["pairs"]))
+
     for layer in bar:
-        stats = paper_statistics(model, corpus, layer)
+        rec = saved("layer", layer)
+        if rec is None:
+            stats = paper_statistics(model, corpus, layer)
+            s, p = paper_per_token(model, corpus, layer, stats, n_tests=n_tests, seed=seed, rng=main_rng,
+                                   max_batch=max_batch)
+            rec = {"summary": _frame_records(s), "pairs": _frame_records(p), "stats": _frame_records(stats),
+                   "rng": _rng_state(main_rng)}
+            save("layer", layer, rec)
+        else:
+            main_rng.bit_generator.state = rec["rng"]
+        stats = pd.DataFrame(rec["stats"])
         stats.insert(0, "layer", layer)
         all_stats.append(stats)
-        s, p = paper_per_token(model, corpus, layer, stats, n_tests=n_tests, seed=seed, rng=qwen_rng, max_batch=max_batch)
-        summaries.append(s)
-        pairs.append(p)
+        summaries.append(pd.DataFrame(rec["summary"]))
+        pairs.append(pd.DataFrame(rec["pairs"]))
         if control and flavour == "qwen":  # the Qwen script interleaves the control with the same RNG
-            c, cp = paper_weight_control(model, corpus, layer, ctrl_rng, n_tests=n_tests, max_batch=max_batch)
-            ctrl.append(c)
-            ctrl_pairs.append(cp)
+            run_control(layer)
     if control and flavour != "qwen":  # separate scripts: one RNG through the layers
         for layer in layers:
-            c, cp = paper_weight_control(model, corpus, layer, ctrl_rng, n_tests=n_tests, max_batch=max_batch)
-            ctrl.append(c)
-            ctrl_pairs.append(cp)
+            run_control(layer)
     summary = pd.concat(summaries, ignore_index=True)
     summary.insert(0, "model", PAPER_MODEL_NAMES[flavour])
-    return {
+    result = {
         "summary": summary,
         "pairs": pd.concat(pairs, ignore_index=True),
         "stats": pd.concat(all_stats, ignore_index=True),
         "control": pd.DataFrame(ctrl),
         "control_pairs": pd.concat(ctrl_pairs, ignore_index=True) if ctrl_pairs else pd.DataFrame(),
-        "settings": {"protocol": "paper", "flavour": flavour, "layers": layers, "n_tests": n_tests, "seed": seed,
-                     "n_texts": len(texts), "filter_texts": filter_texts, "dtype": str(model.cfg.dtype)},
+        "settings": settings,
     }
+    if out is not None:
+        for key in ("summary", "pairs", "stats", "control"):
+            result[key].to_csv(out / f"{key}.csv", index=False)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ the other experiments
@@ -598,3 +661,67 @@ def redistribution(model, texts: Sequence[str], layer: int, *, max_length: int =
             "rw_relcomp": rho("mean_routing_weight", "relative_compensation"),
             "cos_gap": rho("compensation_cosine", "mean_gap_norm")}
     return frame, corr
+
+
+# ------------------------------------------------------------------------------------------ corpus rows and runs
+def load_rows(source, *, split: str = "test", text_field: str = "text") -> list[str]:
+    """Raw corpus rows, unstripped, in order (what the paper's scripts iterate over): a ``.jsonl``
+    file (``text_field`` of each record), a text file (one row per line, line ends kept, as
+    WikiText-2 raw rows are), a list of strings, or a Hugging Face dataset ``NAME[:CONFIG]`` /
+    saved directory (``split``, default ``test``; e.g. ``wikitext:wikitext-2-raw-v1``)."""
+    import json
+    from pathlib import Path
+
+    from moelens.audit.corpus import _dataset_texts, _import_datasets
+
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            rows = []
+            for i, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    rec = json.loads(line)
+                    if text_field not in rec:
+                        raise KeyError(f"{path}:{i + 1}: no field {text_field!r} (fields: {sorted(rec)}); pass --text-field")
+                    rows.append(rec[text_field])
+            return rows
+        return path.read_text().splitlines(keepends=True)
+    datasets = _import_datasets(str(source))
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            name, _, config = str(source).partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"could not load corpus {str(source)!r}: not a file, and datasets could not load it "
+            f"({type(exc).__name__}: {exc}); offline, a dataset must already be in the local cache"
+        ) from exc
+    return list(_dataset_texts(ds, split, text_field))
+
+
+def verify_against_transformers(model, directory, texts: Sequence[str], *, n_texts: int = 2, atol: Optional[float] = None) -> list[dict]:
+    """The paper's first verification check, against transformers itself: the mean next-token
+    loss of the first ``n_texts`` texts (tokenizer defaults) from moelens equals transformers'
+    ``labels`` loss on the same checkpoint (tolerance 1e-4 in fp32, 1e-2 in half precision).
+    Raises ``RuntimeError`` naming the text and both losses on a mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = model.cfg.dtype
+    atol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 1e-2)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).to(model.W_E.device).eval()
+    out = []
+    for t in list(texts)[:n_texts]:
+        ids = torch.tensor(model.tokenizer(t, truncation=True, max_length=512)["input_ids"])[None].to(model.W_E.device)
+        with torch.no_grad():
+            ours = float(model(ids, return_type="loss"))
+            theirs = float(hf(input_ids=ids, labels=ids).loss)
+        out.append({"text": t[:60], "moelens": ours, "transformers": theirs})
+        if abs(ours - theirs) > atol:
+            raise RuntimeError(f"verification failed on {t[:40]!r}: moelens loss {ours:.6f}, transformers {theirs:.6f} "
+                               f"(tolerance {atol})")
+    del hf
+    return out

@@ -356,3 +356,88 @@ def test_published_table_and_its_corrections():
     text = pooling.paper_layout(pooling.compare_with_published(pub[["model", "layer", "metric", "d", "p_t", "p_w"]]), "_paper")
     assert "+0.222 (0.002; 0.036)" in text  # Qwen L23 act_std
     assert "-0.071 (0.319; 0.259)" in text  # OLMoE L0 util
+
+
+# ---------------------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def olmoe_dir(tiny_dirs):
+    directory, _ = tiny_dirs("olmoe")
+    toy_tokenizer(256).save_pretrained(directory)
+    return directory
+
+
+def test_cli_paper_protocol_runs_resumes_refuses_and_pools(olmoe_dir, tmp_path, capsys):
+    import json
+
+    from moelens.audit import audit_main
+
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in _texts(8)) + "\n")
+    out = tmp_path / "run"
+    args = ["--protocol", "paper", "--model", str(olmoe_dir), "--corpus", str(corpus), "--layers", "1",
+            "--out", str(out), "--n-tests", "5", "--no-progress", "--first-n", "6"]
+    assert audit_main(args) == 0
+    first = capsys.readouterr().out
+    assert "**OLMoE**" in first and "routing-weight control" in first
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and (summary["n"] == 5).all() and (out / "layer_1.json").is_file()
+    # resume: nothing recomputed, the same table
+    (out / "summary.csv").unlink()
+    assert audit_main(args) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary)
+    capsys.readouterr()
+    # other settings into the same directory: one line, exit 2, naming what differs
+    assert audit_main(args[:-5] + ["--n-tests", "6", "--no-progress", "--first-n", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "n_tests" in err and "5" in err and "6" in err and err.count("\n") == 1
+    # pooling a run: corrections over the family, the paper's layout
+    assert audit_main(["--pool", str(out), "--out", str(tmp_path / "pooled")]) == 0
+    pooled = pd.read_csv(tmp_path / "pooled" / "pooled.csv")
+    assert len(pooled) == 4 and np.allclose(pooled.p_holm, holm_bonferroni(pooled.p_t))
+
+
+def test_cli_paper_verify_against_transformers(olmoe_dir, tmp_path, capsys):
+    from moelens.audit import audit_main
+
+    corpus = tmp_path / "rows.txt"
+    corpus.write_text("".join(_texts(4)))
+    rc = audit_main(["--protocol", "paper", "--model", str(olmoe_dir), "--corpus", str(corpus), "--layers", "0",
+                     "--out", str(tmp_path / "v"), "--n-tests", "3", "--no-progress", "--no-control", "--verify"])
+    assert rc == 0
+    assert capsys.readouterr().out.count("verify: moelens") == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "9"], "not sparse"),
+    (["--corpus", "/nonexistent/rows.txt"], "could not load corpus"),
+    (["--min-chars", "10000"], "no row longer"),
+])
+def test_cli_paper_bad_input(olmoe_dir, tmp_path, capsys, extra, message):
+    from moelens.audit import audit_main
+
+    corpus = tmp_path / "rows.txt"
+    corpus.write_text("".join(_texts(3)))
+    args = ["--protocol", "paper", "--model", str(olmoe_dir), "--corpus", str(corpus), "--out", str(tmp_path / "o"),
+            "--n-tests", "2", "--no-progress", "--layers", "0"]
+    args = args + extra if "--layers" not in extra else args[:-2] + extra
+    if "--corpus" in extra:
+        args = [a for i, a in enumerate(args) if not (a == "--corpus" or (i and args[i - 1] == "--corpus"))][:] + extra
+    assert audit_main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrected_protocol_sequence_scope_equals_removal_everywhere(tiny_dirs):
+    from moelens.audit import expert_effects
+    from moelens.audit.effects import _sequence_effects
+
+    model = HookedMoETransformer.from_pretrained(tiny_dirs("olmoe")[0])
+    x = torch.arange(3, 19)
+    cols = pd.DataFrame(_sequence_effects(model, x, [1], [4, 9], False, 64, "sequence", "zero"))
+    for _, r in cols.iterrows():
+        base = _direct_ce(model, x, None, 1, -1, int(r.position))
+        want = _direct_ce(model, x, None, 1, int(r.expert), int(r.position)) - base
+        assert r.delta_next == pytest.approx(want, abs=1e-4)
+    # the default (position scope, zero) is unchanged by the new path
+    default = expert_effects(model, x, layers=[1], positions=[4, 9])
+    generic = pd.DataFrame(_sequence_effects(model, x, [1], [4, 9], False, 64, "position", "reroute"))
+    assert len(default) == len(generic) and not np.allclose(default.delta_next, generic.delta_next)
