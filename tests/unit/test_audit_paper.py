@@ -441,3 +441,24 @@ def test_corrected_protocol_sequence_scope_equals_removal_everywhere(tiny_dirs):
     default = expert_effects(model, x, layers=[1], positions=[4, 9])
     generic = pd.DataFrame(_sequence_effects(model, x, [1], [4, 9], False, 64, "position", "reroute"))
     assert len(default) == len(generic) and not np.allclose(default.delta_next, generic.delta_next)
+
+
+def test_paper_run_resumes_mid_run_with_the_rng_state(tiny_dirs, tmp_path):
+    """Qwen's script runs one RNG through all layers: a run killed after layer 1 and resumed must
+    draw exactly what an uninterrupted run draws at layer 2."""
+    model = HookedMoETransformer.from_pretrained(tiny_dirs("qwen2_moe")[0])
+    model.tokenizer = toy_tokenizer(256)
+    with pytest.raises(ValueError, match="not sparse"):  # layer 0 is dense in this checkpoint
+        paper.run_paper_protocol(model, _texts(4), layers=[0], progress=False)
+    kw = dict(layers=[1, 2], n_tests=4, progress=False)
+    whole = paper.run_paper_protocol(model, _texts(5), out_dir=tmp_path / "a", **kw)
+    paper.run_paper_protocol(model, _texts(5), out_dir=tmp_path / "b", **kw)
+    for f in ("layer_2.json", "control_2.json", "summary.csv"):  # as if killed after layer 1
+        (tmp_path / "b" / f).unlink()
+    resumed = paper.run_paper_protocol(model, _texts(5), out_dir=tmp_path / "b", **kw)
+    pd.testing.assert_frame_equal(resumed["pairs"], whole["pairs"])
+    pd.testing.assert_frame_equal(resumed["summary"], whole["summary"])
+    from moelens.audit import AuditSettingsError
+
+    with pytest.raises(AuditSettingsError, match="corpus_sha256"):
+        paper.run_paper_protocol(model, _texts(6), out_dir=tmp_path / "b", **kw)
