@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-clean", type=float, default=1.0)
     p.add_argument("--min-drop", type=float, default=0.5)
     p.add_argument("--noise-scale", type=float, default=3.0)
-    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects"],
-                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens (ROME)")
+    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects", "subjects_rome"],
+                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens "
+                        "(subjects_rome: as ROME's collect_embedding_std, special tokens included)")
     p.add_argument("--samples", type=int, default=1, help="noise draws per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None, help="comma-separated candidate layers (default: all sparse)")

@@ -57,7 +57,9 @@ class ProtocolConfig:
     n_permutations: int = 10000
     prepend_bos: Optional[bool] = None
     layers: Optional[tuple[int, ...]] = None  # candidate layers (default: every sparse layer)
-    noise_reference: str = "embedding"  # sigma = noise_scale * std(W_E), or "subjects": ROME's subject-token std
+    # sigma = noise_scale * std(W_E) ("embedding"), or * the subject tokens' embedding std ("subjects": the
+    # noised tokens only; "subjects_rome": ROME's collect_embedding_std, the tokenizer's special tokens included)
+    noise_reference: str = "embedding"
 
 
 def _rescue(value, clean, corrupted):
@@ -215,12 +217,13 @@ def run_protocol(
     if len(set(keys)) != len(keys):
         raise ValueError("case ids are not unique")
     split = _split(keys, cfg.discovery_fraction, cfg.seed)
-    if cfg.noise_reference == "subjects":
-        sigma = cfg.noise_scale * subject_embedding_std(model, cases)
+    if cfg.noise_reference in ("subjects", "subjects_rome"):
+        sigma = cfg.noise_scale * subject_embedding_std(
+            model, cases, tokenization="rome" if cfg.noise_reference == "subjects_rome" else "moelens")
     elif cfg.noise_reference == "embedding":
         sigma = None
     else:
-        raise ValueError(f"noise_reference={cfg.noise_reference!r}: use 'embedding' or 'subjects'")
+        raise ValueError(f"noise_reference={cfg.noise_reference!r}: use 'embedding', 'subjects' or 'subjects_rome'")
     seeds = {k: cfg.seed * 1_000_003 + i for i, k in enumerate(keys)}
 
     mine = {k for i, k in enumerate(keys) if i % world_size == rank}
