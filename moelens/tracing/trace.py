@@ -343,6 +343,7 @@ class CoalitionResult(TraceResult):
     curve: Tensor = None  # [len(greedy)] contrast after adding each
     target_fraction: float = 0.9
     reached: bool = False
+    sign: int = 1  # +1: the search raised the contrast (the layer rescues); -1: lowered it (restoring the layer hurts)
 
     def to_dataframe(self):
         import pandas as pd
@@ -510,9 +511,15 @@ def trace_coalitions(
     **prepare_kwargs,
 ) -> CoalitionResult:
     """Coalition rescue at ``layer``: the clean-routed set, the clean-or-noise-routed union, and a
-    greedy search (each step adds the expert that raises the contrast most) until the coalition
-    recovers ``target_fraction`` of the layer's rescue or reaches ``max_size`` (default
-    ``2 * top_k``). ``candidates`` default: the union."""
+    greedy search until the coalition recovers ``target_fraction`` of the layer's effect
+    ``layer_score - corrupted`` or reaches ``max_size`` (default ``2 * top_k``). ``candidates``
+    default: the union.
+
+    The search follows the sign of the layer's effect (``result.sign``): when restoring the whole
+    layer raises the contrast, each step adds the expert that raises it most and the target is
+    reached once the contrast is ``>= corrupted + target_fraction * (layer_score - corrupted)``;
+    when restoring the layer *lowers* the contrast, each step adds the expert that lowers it most
+    and the target is reached once the contrast is ``<=`` that value. ``reached`` says whether it was."""
     _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
@@ -522,6 +529,9 @@ def trace_coalitions(
     pool = list(union if candidates is None else candidates)
     max_size = min(len(pool), max_size or 2 * model.cfg.top_k)
     target = setup.corrupted + target_fraction * (layer_score - setup.corrupted)
+    # the search moves the contrast the way restoring the whole layer does: up when the layer rescues
+    # (layer_score >= corrupted), down when restoring it hurts
+    sign = 1 if layer_score >= setup.corrupted else -1
     chosen, curve, reached = [], [], False
     from tqdm.auto import tqdm
 
@@ -531,16 +541,16 @@ def trace_coalitions(
             break
         vals = setup.restore_scores(model, layer, [setup.expert_delta(layer, chosen + [e], pos) for e in rest], pos,
                                     max_rows=max_rows)
-        best = int(torch.argmax(vals))
+        best = int(torch.argmax(sign * vals))
         chosen.append(rest[best])
         curve.append(float(vals[best]))
-        if (layer_score - setup.corrupted) * (curve[-1] - target) >= 0:
+        if sign * (curve[-1] - target) >= 0:
             reached = True
             break
     return CoalitionResult(
         layer=layer, positions=pos, layer_score=layer_score, clean_routed=clean_routed,
         clean_routed_score=coalition_score(model, setup, layer, clean_routed, pos), union=union,
         union_score=coalition_score(model, setup, layer, union, pos), greedy=chosen, curve=torch.tensor(curve),
-        target_fraction=target_fraction, reached=reached,
+        target_fraction=target_fraction, reached=reached, sign=sign,
         **{**_common(setup), "settings": {**setup.settings, "positions": positions}},
     )
