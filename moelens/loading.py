@@ -129,6 +129,9 @@ class _Plan:
         self.n_layers = n_layers
         self.skipped: dict[str, int] = defaultdict(int)
 
+    def describe(self, pattern: str) -> str:
+        return pattern.replace("\\..*", ".*").replace("\\.", ".").replace("{MTP_LAYER}", f"{{>={self.n_layers}}}")
+
     def skipped_by(self, key: str) -> Optional[str]:
         """The ``skip_keys`` pattern that drops ``key`` (counted), or None."""
         for pattern, rx in self.skip:
@@ -196,7 +199,7 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
     if plan.skipped:
         n = sum(plan.skipped.values())
         logger.warning(
-            f"moelens: skipped {n} checkpoint tensors matching {', '.join(plan.skipped)} "
+            f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
             f"(not part of the {arch.name} decoder: multi-token prediction layers)"
         )
     if shape_errors:
