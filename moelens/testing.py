@@ -149,3 +149,66 @@ def toy_tokenizer(vocab_size: int = 256):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab_size - 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
+
+
+FP8_PROJECTIONS = r".*\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight"
+
+
+def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-style FP8 block quantisation of a 2-D weight: ``(q float8_e4m3fn, scale_inv fp32
+    [ceil(out/bm), ceil(in/bn)])`` with ``w ~= q * scale_inv`` per block (amax / 448 scaling)."""
+    import math
+
+    rows, cols = w.shape
+    bm, bn = block
+    grid = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn), dtype=torch.float32)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            blk = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            grid[i, j] = s
+            q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (blk / s).to(torch.float8_e4m3fn)
+    return q, grid
+
+
+def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
+                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True) -> list[str]:
+    """Copy the checkpoint in ``src`` to ``dst`` with every 2-D tensor whose key fully matches
+    ``pattern`` stored as FP8 blocks (``<key>`` float8_e4m3fn + ``<key>_scale_inv`` fp32) and
+    ``quantization_config`` added to config.json, as DeepSeek-V3's FP8 checkpoints are laid out.
+    Returns the quantised keys."""
+    import json
+    import re
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  **({"weight_block_size": list(block)} if write_block_size else {})}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    rx, done = re.compile(pattern), []
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.ndim == 2 and rx.fullmatch(key):
+                    out[key], out[key + "_scale_inv"] = fp8_quantize_block(t, block)
+                    done.append(key)
+                else:
+                    out[key] = t
+        save_file(out, dst / shard.name, metadata={"format": "pt"})
+    if (src / "model.safetensors.index.json").is_file():
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        for key in done:
+            index["weight_map"][key + "_scale_inv"] = index["weight_map"][key]
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return done
