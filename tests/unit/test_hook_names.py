@@ -78,8 +78,8 @@ V3_ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_route
 
 
 def _layer(attn, mlp):
-    return ["hook_resid_pre", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
-            "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
+    return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
+            "ln2.hook_scale", "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
 
 
 V3_GOLDEN = {
