@@ -14,7 +14,7 @@ def _load():
     global __all__
     from moelens.cache import MoEActivationCache, expert_names_filter
     from moelens.config import MoEConfig
-    from moelens.hooks import check_shapes
+    from moelens.hooks import HookEditError, check_shapes
     from moelens.model import HookedMoETransformer
     import moelens.tracing as _tracing  # FactCase, trace_layers, trace_experts, ... (all of tracing.__all__)
 

@@ -101,7 +101,16 @@ def _trace(args) -> int:
         seed=args.seed, prepend_bos=args.bos, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
         layers=layers,
     )
-    summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model))
+    from moelens.tracing.fingerprint import ResumeError
+    from moelens.tracing.protocol import ProtocolError
+
+    try:
+        summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model), facts_source=args.facts)
+    except (ResumeError, ProtocolError) as exc:  # one line, exit 2: the results would be wrong or empty
+        if getattr(args, "debug", False):
+            raise
+        print(f"moelens trace: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     from moelens.tracing.protocol import world
 
     if world()[0] != 0:
@@ -117,10 +126,17 @@ def _trace(args) -> int:
 
 
 def _merge(args) -> int:
-    from moelens.tracing.protocol import merge
+    from moelens.tracing.fingerprint import ResumeError
+    from moelens.tracing.protocol import ProtocolError, merge
     from moelens.tracing.report import write_trace_report
 
-    summary = merge(args.trace_dir)
+    try:
+        summary = merge(args.trace_dir)
+    except (ResumeError, ProtocolError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"moelens merge: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     if args.image_format:
         write_trace_report(args.trace_dir, summary, image_format=args.image_format)
     print(summary)
@@ -177,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-clean", type=float, default=1.0, help="keep cases whose clean contrast is at least this")
     p.add_argument("--min-drop", type=float, default=0.5, help="keep cases where noise lowers the contrast by at least this")
     p.add_argument("--noise-scale", type=float, default=3.0, help="noise sigma in units of the reference std")
-    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects"],
-                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens (ROME)")
+    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects", "subjects_rome"],
+                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens "
+                        "(subjects_rome: as ROME's collect_embedding_std, special tokens included)")
     p.add_argument("--samples", type=int, default=1, help="noise draws per case")
     p.add_argument("--seed", type=int, default=0, help="random seed (noise, discovery/validation split)")
     p.add_argument("--layers", default=None, help="comma-separated candidate layers (default: all sparse)")
