@@ -260,9 +260,6 @@ def main(argv=None) -> int:
 def _guarded(command: str, fn, debug: bool) -> int:
     try:
         return fn() or 0
-    except KeyboardInterrupt:
-        print(f"moelens {command}: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:
         if debug or not isinstance(exc, _user_errors()):
             raise
