@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from moelens.loading import bundled_models
 
@@ -23,6 +24,7 @@ def test_getting_started_snippets_print_what_the_page_shows(tmp_path):
     ns: dict = {}
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    grad = torch.is_grad_enabled()  # the page turns gradients off globally: restore for the next tests
     try:
         for code, expected in pairs:
             if "write_image(" in code:  # needs kaleido + Chromium: tests/test_reports.py covers it
@@ -34,3 +36,4 @@ def test_getting_started_snippets_print_what_the_page_shows(tmp_path):
                 assert buf.getvalue().split() == expected.split(), f"\n{code}\nprinted:\n{buf.getvalue()}"
     finally:
         os.chdir(cwd)
+        torch.set_grad_enabled(grad)
