@@ -92,7 +92,8 @@ def remove_saes(model, names=None) -> None:
             continue
         keep = []
         for handle in hp.fwd_hooks:
-            if getattr(handle.user_hook, "_moelens_sae", False):
+            user = getattr(handle.user_hook, "__wrapped__", handle.user_hook)  # hooks.py wraps hooks to check edits
+            if getattr(user, "_moelens_sae", False):
                 handle.hook.remove()
             else:
                 keep.append(handle)
