@@ -20,6 +20,26 @@ class MoEActivationCache(ActivationCache):
     """Activation cache with expert-level views (contributions, routing tables, usage)."""
 
     # ------------------------------------------------------------------ lookups
+    def __getitem__(self, key) -> Tensor:
+        """As :class:`ActivationCache`; a name that is not cached raises a ``KeyError`` suggesting the
+        closest cached names (``cache["blocks.2.mlp.hook_router_logit"]`` -> ``...hook_router_logits``)."""
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            pass
+        from moelens.hooks import suggest_hook_names
+        from moelens.patching import SHORT_NAMES
+
+        name, layer = (key, None) if isinstance(key, str) else (key[0], key[1] if len(key) > 1 else None)
+        if isinstance(layer, int) and layer < 0:
+            layer += self.model.cfg.n_layers
+        close = suggest_hook_names(str(name), self.cache_dict, layer=layer, short_names=SHORT_NAMES)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(
+            f"{key!r} is not in this cache.{hint} `list(cache.keys())` lists what was cached (a names_filter "
+            f"keeps only some hooks; hook names are documented in docs/concepts.md)."
+        ) from None
+
     def _hook(self, layer: int, name: str) -> Tensor:
         self._check_layer(layer, sparse=True)
         key = f"blocks.{layer}.mlp.{name}"

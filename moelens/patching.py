@@ -63,7 +63,7 @@ def hook_name(model, hook: str, layer: Optional[int] = None) -> str:
             template = template.format(layer=layer)
         hook = template
     if hook not in model.hook_dict:
-        raise unknown_hook_error(hook, model.hook_dict)
+        raise unknown_hook_error(hook, model.hook_dict, layer=layer, short_names=SHORT_NAMES)
     return hook
 
 
@@ -471,6 +471,13 @@ class ForceRouting(Intervention):
             if value.shape[-1] != model.cfg.top_k:
                 raise ValueError(f"forced experts need top_k={model.cfg.top_k} ids per position, got shape {tuple(value.shape)}")
             _check_range(value.reshape(-1).tolist(), model.cfg.n_experts, "expert")
+            flat = value.reshape(-1, value.shape[-1])
+            dup = (flat.sort(-1).values.diff(dim=-1) == 0).any(-1)
+            if bool(dup.any()):
+                raise ValueError(
+                    f"forced experts {flat[dup.nonzero()[0, 0]].tolist()} name the same expert twice at a position: "
+                    f"each of the top_k={model.cfg.top_k} slots needs a different expert (the router never picks one twice)"
+                )
 
         def fn(act, rows, hook):
             pos = _positions(self.positions, act.shape[1])

@@ -170,6 +170,14 @@ def prepare(
     device = model.W_E.device
     tokens = tc.tokens.to(device)
     n_subj = len(tc.subject_positions)
+    if tc.target_foil_id is not None and tc.target_foil_id == tc.target_true_id:
+        raise ValueError(
+            f"target_true {case.target_true!r} and target_foil {case.target_foil!r} have the same first token "
+            f"{model.tokenizer.convert_ids_to_tokens(tc.target_true_id)!r}: the contrast is 0 in every "
+            f"run and every rescue would be NaN; give a foil that starts with another token"
+        )
+    if noise is None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+        raise ValueError(f"n_samples={n_samples!r}: give at least 1 noise sample")
     if sigma is None:
         sigma = noise_scale * embedding_std(model)
     if noise is None:
@@ -177,7 +185,7 @@ def prepare(
         z = torch.randn(n_samples, n_subj, model.cfg.d_model, generator=gen)
     else:
         z = torch.as_tensor(noise, dtype=torch.float32)
-        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model):
+        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model) or z.shape[0] < 1:
             raise ValueError(
                 f"noise must be [n_samples, {n_subj} subject tokens, {model.cfg.d_model}], got {tuple(z.shape)} "
                 f"(subject tokens: {[tc.str_tokens[p] for p in tc.subject_positions]})"
