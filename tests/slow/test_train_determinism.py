@@ -46,7 +46,7 @@ def test_comparison_ignores_only_the_transformers_version(tmp_path):
     other = tmp_path / "config.json"
     other.write_text(json.dumps({**cfg, "transformers_version": "99.0.0"}, indent=2))
     assert same_file(shipped, other)
-    other.write_text(json.dumps({**cfg, "transformers_version": "99.0.0", "num_experts": cfg["num_experts"] + 1}))
+    other.write_text(json.dumps({**cfg, "transformers_version": "99.0.0", "hidden_size": cfg["hidden_size"] + 1}))
     assert not same_file(shipped, other)
     weights = tmp_path / "model.safetensors"
     data = (BUNDLED / "model.safetensors").read_bytes()
