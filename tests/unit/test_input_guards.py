@@ -102,3 +102,47 @@ def test_hook_name_suggestions(model):
     _, cache = model.run_with_cache("Tel Mor plays the")
     with pytest.raises(KeyError, match="Did you mean 'blocks.2.mlp.hook_router_logits'"):
         cache["blocks.2.mlp.hook_router_logit"]
+
+
+def test_one_indexing_rule_negative_counts_from_the_end(model):
+    """Layers, experts, slots and positions all follow Python's rule, in every API."""
+    L, E = model.cfg.n_layers, model.cfg.n_experts
+    tokens = model.to_tokens("Tel Mor plays the")
+    _, cache = model.run_with_cache(tokens)
+
+    def run(iv):
+        return P.run_with_interventions(model, tokens, iv)
+
+    same = [
+        ([P.Replace("mlp_out", layer=-1, positions=[-1], source=torch.zeros_like(cache["blocks.3.hook_mlp_out"]))],
+         [P.Replace("mlp_out", layer=L - 1, positions=[tokens.shape[1] - 1],
+                    source=torch.zeros_like(cache["blocks.3.hook_mlp_out"]))]),
+        ([P.AblateExpert(-1, [-1, -3])], [P.AblateExpert(L - 1, [E - 1, E - 3])]),
+        ([P.ForceRouting(-2, [-1, 0])], [P.ForceRouting(L - 2, [E - 1, 0])]),
+        ([P.Replace("router_logits", layer=-1, experts=[-1], source=torch.zeros(1, tokens.shape[1], E))],
+         [P.Replace("router_logits", layer=L - 1, experts=[E - 1], source=torch.zeros(1, tokens.shape[1], E))]),
+        ([P.Replace("expert_weights", layer=-1, slots=[-1], source=torch.zeros(1, tokens.shape[1], model.cfg.top_k))],
+         [P.Replace("expert_weights", layer=L - 1, slots=[model.cfg.top_k - 1],
+                    source=torch.zeros(1, tokens.shape[1], model.cfg.top_k))]),
+    ]
+    base = model(tokens)
+    for neg, pos in same:
+        a, b = run(neg), run(pos)
+        assert torch.equal(a, b) and not torch.equal(a, base)
+    assert P.hook_name(model, "expert_indices", layer=-1) == f"blocks.{L - 1}.mlp.hook_expert_indices"
+    assert torch.equal(cache.expert_contribution(-1, -1), cache.expert_contribution(L - 1, E - 1))
+    assert cache.routing(-1)["score"].notna().all()
+    setup = moelens.prepare(model, CASE, seed=0, n_samples=2)
+    a = moelens.trace_experts(model, setup, -1, experts=[-1], progress=False)
+    b = moelens.trace_experts(model, setup, L - 1, experts=[E - 1], progress=False)
+    assert a.layer == L - 1 and torch.equal(a.scores.nan_to_num(), b.scores.nan_to_num())
+    assert moelens.trace_layers(model, setup, layers=[-1], positions=[-1], progress=False).layers == [L - 1]
+    for bad in (L, -L - 1):
+        with pytest.raises(IndexError, match=f"layer={bad} out of range"):
+            run([P.AblateExpert(bad, [0])])
+        with pytest.raises(IndexError, match=f"layer={bad} out of range"):
+            moelens.trace_experts(model, setup, bad)
+    with pytest.raises(IndexError, match="expert"):
+        run([P.AblateExpert(-1, [-E - 1])])
+    with pytest.raises(IndexError, match="integer"):
+        run([P.AblateExpert(1.0, [0])])
