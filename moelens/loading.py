@@ -252,7 +252,7 @@ def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: tor
     if key_file[scale_key] == key_file[key]:
         scales = f.get_tensor(scale_key)
     else:
-        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+        with _safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
             scales = g.get_tensor(scale_key)
     return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
