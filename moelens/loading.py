@@ -7,6 +7,8 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
@@ -31,6 +33,19 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 class CheckpointError(ValueError):
     """The checkpoint does not fit the model: missing/unexpected keys, shapes, formats."""
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path, **kwargs):
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        with safe_open(path, **kwargs) as f:
+            yield f
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); it is probably truncated (an interrupted "
+            f"download or save) or corrupt: download or save it again"
+        ) from exc
 
 
 def bundled_models() -> dict[str, Path]:
@@ -95,13 +110,13 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
             raise CheckpointError(f"{directory}: shards named in {INDEX} are missing: {', '.join(missing)}")
         return dict(files)
     if (directory / SINGLE).is_file():
-        with safe_open(directory / SINGLE, framework="pt") as f:
+        with _safe_open(directory / SINGLE, framework="pt") as f:
             return {SINGLE: list(f.keys())}
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if shards:
         out = {}
         for s in shards:
-            with safe_open(directory / s, framework="pt") as f:
+            with _safe_open(directory / s, framework="pt") as f:
                 out[s] = list(f.keys())
         return out
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()] + [p.name for p in directory.glob("*.bin")]
@@ -179,7 +194,7 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
 
         iterator = tqdm(list(iterator), desc="loading shards", unit="shard")
     for fname, keys in iterator:
-        with safe_open(directory / fname, framework="pt", device="cpu") as f:
+        with _safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
                 if plan.skipped_by(key) is not None:
                     continue
@@ -237,7 +252,7 @@ def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: tor
     if key_file[scale_key] == key_file[key]:
         scales = f.get_tensor(scale_key)
     else:
-        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+        with _safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
             scales = g.get_tensor(scale_key)
     return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
