@@ -95,6 +95,7 @@ class MoEConfig:
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
     default_prepend_bos: bool = True
+    n_ctx: Optional[int] = None  # max_position_embeddings (what to_tokens(truncate=True) cuts to); None: no limit
     # numerics / implementation
     dtype: torch.dtype = torch.float32
     expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"
@@ -139,6 +140,24 @@ class MoEConfig:
     @property
     def yarn(self) -> Optional[dict]:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    # -- TransformerLens ActivationCache compatibility (read by its analysis methods) -------------
+    @property
+    def normalization_type(self) -> str:
+        """Every supported architecture uses pre-norm RMSNorm with a weight (TransformerLens' "RMS")."""
+        return "RMS"
+
+    @property
+    def final_rms(self) -> bool:
+        return True
+
+    @property
+    def attn_only(self) -> bool:
+        return False
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary"
 
     def replace(self, **changes) -> "MoEConfig":
         """A copy with some fields changed (the config itself is immutable)."""

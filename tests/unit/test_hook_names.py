@@ -9,12 +9,12 @@ ATTN = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.ho
         "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"]
 ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_expert_indices",
           "mlp.hook_expert_weights", "mlp.hook_expert_out", "mlp.hook_routed_out"]
-SPARSE = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-          "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
-DENSE = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-         "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-SHARED_GATED = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-                "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
+SPARSE = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+          "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
+DENSE = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+         "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+SHARED_GATED = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+                "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
                 "mlp.hook_shared_gate", "mlp.hook_shared_out", "hook_mlp_out", "hook_resid_post"]
 
 
@@ -22,7 +22,7 @@ def expand(layers):
     names = ["hook_embed"]
     for l, layer_names in enumerate(layers):
         names += [f"blocks.{l}.{n}" for n in layer_names]
-    return names + ["ln_final.hook_normalized"]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
 
 
 GOLDEN = {
@@ -78,8 +78,8 @@ V3_ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_route
 
 
 def _layer(attn, mlp):
-    return ["hook_resid_pre", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
-            "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
+    return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
+            "ln2.hook_scale", "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
 
 
 V3_GOLDEN = {
