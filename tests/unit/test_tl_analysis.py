@@ -10,7 +10,8 @@ import torch
 from moelens import HookedMoETransformer
 from moelens import analysis as A
 
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"]
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3", "glm4_moe",
+         "glm4_moe_lite"]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
