@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -121,7 +122,23 @@ class _Plan:
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
+        self.skip = [re.compile(p) for p in getattr(arch, "skip_keys", ())]
+        self.prefixes = tuple(getattr(arch, "key_prefixes", ()))
+        self.skipped: list[str] = []
         self.filled: dict[str, set] = defaultdict(set)
+
+    def is_skipped(self, key: str) -> bool:
+        """Keys of the architecture's ``skip_keys`` (full match): not part of the model built."""
+        if any(p.fullmatch(key) for p in self.skip):
+            self.skipped.append(key)
+            return True
+        return False
+
+    def rename(self, key: str) -> str:
+        for old, new in self.prefixes:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
 
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
@@ -138,6 +155,8 @@ class _Plan:
                 return [(fmt(rule.dst), int(m.group("E")), None)]
             if rule.op == "split":
                 return [(fmt(rule.dst[0]), None, (0, 2)), (fmt(rule.dst[1]), None, (1, 2))]
+            if rule.op == "convert":
+                return [(fmt(d), None, ("convert", rule.convert, i)) for i, d in enumerate(rule.dst)]
         return None
 
 
@@ -156,12 +175,21 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
     for fname, keys in iterator:
         with safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
-                targets = plan.targets(key)
+                if plan.is_skipped(key):
+                    continue
+                targets = plan.targets(plan.rename(key))
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
                 for name, expert, split in targets:
+                    if split is not None and split[0] == "convert":
+                        _convert_into(params[name], f.get_slice(key), key, name, split, shape_errors, plan,
+                                      getattr(model, "cfg", None))
+                        continue
                     _copy_into(params[name], f.get_slice(key), key, name, expert, split, shape_errors, plan)
+    if plan.skipped:
+        print(f"moelens: skipped {len(plan.skipped)} checkpoint tensors that are not part of the {arch.name} "
+              f"model built ({_skip_summary(plan.skipped)})", file=sys.stderr)
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
     missing = _missing(params, plan)
@@ -207,6 +235,27 @@ def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> N
         raise CheckpointError(f"{key}: {name}{'' if tag == 'all' else f'[{tag}]'} is filled twice by the checkpoint")
     dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
     plan.filled[name].add(tag)
+
+
+def _skip_summary(keys: list[str]) -> str:
+    """``mtp.* x12, model.visual.* x40``: the skipped keys grouped by their first two name parts."""
+    groups: dict[str, int] = defaultdict(int)
+    for k in keys:
+        parts = k.split(".")
+        groups[".".join(parts[:2 if parts[0] == "model" else 1]) + ".*"] += 1
+    return ", ".join(f"{g} x{n}" for g, n in groups.items())
+
+
+def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
+    _, convert, index = split
+    value = convert(tensor_slice[:], cfg)[index]
+    if tuple(value.shape) != tuple(param.shape):
+        errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")
+        return
+    if "all" in plan.filled[name]:
+        raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+    plan.filled[name].add("all")
 
 
 def _missing(params: dict, plan: _Plan) -> list[str]:

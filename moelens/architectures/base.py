@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 # Fields of any HF config that never change the forward computation.
 GENERIC_IGNORED = frozenset(
@@ -42,11 +42,14 @@ class KeyRule:
     * ``"expert"``: the tensor is slice ``[E]`` of a stacked ``[n_experts, ...]`` parameter;
     * ``"split"``: the tensor is the fused ``[n_experts, 2*I, d]`` gate_up block, whose first half
       along dim 1 goes to ``dst[0]`` (gate) and second half to ``dst[1]`` (up).
+    * ``"convert"``: ``convert(tensor, cfg)`` returns one tensor per ``dst`` (a reshape or a
+      de-interleave of a fused checkpoint tensor, e.g. Qwen3-Next's ``in_proj_qkvz``).
     """
 
     src: str
-    dst: Union[str, tuple[str, str]]
+    dst: Union[str, tuple[str, ...]]
     op: str = "copy"
+    convert: Optional[Callable] = None
 
     def regex(self) -> re.Pattern:
         pattern = re.escape(self.src).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
@@ -68,6 +71,14 @@ class Architecture:
     ignored_keys: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
     hf_config_class: str = ""
     hf_model_class: str = ""
+    # checkpoint keys that are not part of the model moelens builds (e.g. multi-token-prediction or
+    # vision weights): full-match regexes, skipped on load with one note on stderr
+    skip_keys: tuple[str, ...] = ()
+    # (old, new) prefixes rewritten on checkpoint keys before the key rules apply
+    # (e.g. a multimodal wrapper's ``model.language_model.`` -> ``model.``)
+    key_prefixes: tuple[tuple[str, str], ...] = ()
+    # read the model's fields from this sub-dict of config.json (a multimodal wrapper's text_config)
+    sub_config: str = ""
 
 
 def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:

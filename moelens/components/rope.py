@@ -67,7 +67,13 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_factor: float) -
 
 
 def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of ``x [batch, pos, head, d]``: dim ``j`` pairs with ``j + d/2``."""
+    """Half-split rotation of ``x [batch, pos, head, d]``: dim ``j`` pairs with ``j + d/2``.
+
+    Partial RoPE: when ``cos`` covers fewer than ``d/2`` frequencies, only the leading
+    ``2 * cos.shape[-1]`` dims rotate (half-split within that part); the rest pass unchanged."""
+    r = 2 * cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope_half(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     cos = torch.cat([cos, cos], -1).to(x.dtype)[:, :, None, :]
     sin = torch.cat([sin, sin], -1).to(x.dtype)[:, :, None, :]
     x1, x2 = x.chunk(2, dim=-1)
