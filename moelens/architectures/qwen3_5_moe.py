@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from moelens.architectures.base import COMMON_RULES, Architecture, KeyRule
 from moelens.architectures.qwen3_next import (
-    DELTANET_COMMON_RULES, GATED_ATTN_RULES, MOE_RULES, hybrid_settings,
+    DELTANET_COMMON_RULES, GATED_ATTN_RULES, HYBRID_IGNORED, HYBRID_REQUIRED, MOE_RULES, hybrid_settings,
 )
 from moelens.architectures.qwen3_next import DEFAULTS as NEXT_DEFAULTS
 
@@ -33,7 +33,8 @@ ARCH = Architecture(
     model_type="qwen3_5_moe_text",
     translate=translate,
     defaults=DEFAULTS,
-    required={"hidden_act": ("silu",), "attention_bias": (False, None)},
+    required=HYBRID_REQUIRED,
+    ignored=HYBRID_IGNORED,
     key_rules=COMMON_RULES + GATED_ATTN_RULES + DELTANET_COMMON_RULES + (
         KeyRule("model.layers.{L}.linear_attn.in_proj_qkv.weight", "blocks.{L}.attn.W_qkv"),
         KeyRule("model.layers.{L}.linear_attn.in_proj_z.weight", "blocks.{L}.attn.W_z"),

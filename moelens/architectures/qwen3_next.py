@@ -23,6 +23,14 @@ DEFAULTS = {
     "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
 }
 LAYER_TYPES = ("linear_attention", "full_attention")
+# hub text configs carry these; the values moelens (and transformers) implement
+HYBRID_REQUIRED = {
+    "hidden_act": ("silu",), "attention_bias": (False, None), "attn_output_gate": (True, None),
+    "output_gate_type": ("swish", None), "mamba_ssm_dtype": ("float32", None),
+}
+# multi-token-prediction heads (their weights are skipped) and M-RoPE fields (text positions: plain RoPE)
+HYBRID_IGNORED = frozenset({"mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "mrope_section",
+                            "mrope_interleaved"})
 
 
 def layer_types(hf: dict, arch: str) -> list[str]:
@@ -130,7 +138,8 @@ ARCH = Architecture(
     model_type="qwen3_next",
     translate=translate,
     defaults=DEFAULTS,
-    required={"hidden_act": ("silu",), "attention_bias": (False, None)},
+    required=HYBRID_REQUIRED,
+    ignored=HYBRID_IGNORED,
     key_rules=COMMON_RULES + GATED_ATTN_RULES + DELTANET_COMMON_RULES + (
         KeyRule("model.layers.{L}.linear_attn.in_proj_qkvz.weight", ("blocks.{L}.attn.W_qkv", "blocks.{L}.attn.W_z"),
                 "convert", split_qkvz),
