@@ -248,7 +248,11 @@ def _skip_summary(keys: list[str]) -> str:
 
 def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
     _, convert, index = split
-    value = convert(tensor_slice[:], cfg)[index]
+    try:
+        value = convert(tensor_slice[:], cfg)[index]
+    except RuntimeError as exc:  # a reshape that does not fit the config
+        errors.append(f"{key}: shape {tuple(tensor_slice.get_shape())} does not fit the config ({exc}) (for {name})")
+        return
     if tuple(value.shape) != tuple(param.shape):
         errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")
         return
