@@ -8,9 +8,9 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -20,6 +20,8 @@ from safetensors import safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
+
+logger = logging.getLogger("moelens")
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -116,23 +118,33 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
 class _Plan:
     """Which moelens parameter (slice) each checkpoint key fills."""
 
-    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool):
+    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool, n_layers: Optional[int] = None):
         self.arch = arch
         self.params = params
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
-        self.skip = [re.compile(p) for p in getattr(arch, "skip_keys", ())]
         self.prefixes = tuple(getattr(arch, "key_prefixes", ()))
-        self.skipped: list[str] = []
         self.filled: dict[str, set] = defaultdict(set)
+        self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
+        self.n_layers = n_layers
+        self.skipped: dict[str, int] = defaultdict(int)
 
-    def is_skipped(self, key: str) -> bool:
-        """Keys of the architecture's ``skip_keys`` (full match): not part of the model built."""
-        if any(p.fullmatch(key) for p in self.skip):
-            self.skipped.append(key)
-            return True
-        return False
+    def describe(self, pattern: str) -> str:
+        return pattern.replace("\\..*", ".*").replace("\\.", ".").replace("{MTP_LAYER}", f"{{>={self.n_layers}}}")
+
+    def skipped_by(self, key: str) -> Optional[str]:
+        """The ``skip_keys`` pattern that drops ``key`` (counted), or None."""
+        for pattern, rx in self.skip:
+            m = rx.fullmatch(key)
+            if m is None:
+                continue
+            layer = m.groupdict().get("mtp_layer")
+            if layer is not None and (self.n_layers is None or int(layer) < self.n_layers):
+                continue
+            self.skipped[pattern] += 1
+            return pattern
+        return None
 
     def rename(self, key: str) -> str:
         for old, new in self.prefixes:
@@ -164,8 +176,11 @@ class _Plan:
 def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bool, progress: bool = False) -> None:
     """Stream every tensor of the checkpoint into ``model``; raise on any mismatch."""
     params = dict(model.named_parameters())
-    plan = _Plan(arch, params, tied)
+    cfg = getattr(model, "cfg", None)
+    plan = _Plan(arch, params, tied, n_layers=getattr(cfg, "n_layers", None))
     files = checkpoint_files(directory)
+    quant = _quant_format(directory)
+    key_file = {k: fname for fname, keys in files.items() for k in keys} if quant is not None else {}
     unexpected, shape_errors = [], []
     iterator: Iterable = files.items()
     if progress:
@@ -175,21 +190,32 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
     for fname, keys in iterator:
         with safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
-                if plan.is_skipped(key):
+                if plan.skipped_by(key) is not None:
                     continue
+                if quant is not None and quant.is_scale(key):
+                    if key[: -len("_scale_inv")] not in key_file:
+                        unexpected.append(key)
+                    continue  # consumed with its weight
                 targets = plan.targets(plan.rename(key))
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
+                tensor_slice = f.get_slice(key)
+                if quant is not None:
+                    tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
                     if split is not None and split[0] == "convert":
-                        _convert_into(params[name], f.get_slice(key), key, name, split, shape_errors, plan,
+                        _convert_into(params[name], tensor_slice, key, name, split, shape_errors, plan,
                                       getattr(model, "cfg", None))
                         continue
-                    _copy_into(params[name], f.get_slice(key), key, name, expert, split, shape_errors, plan)
+                    _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
     if plan.skipped:
-        print(f"moelens: skipped {len(plan.skipped)} checkpoint tensors that are not part of the {arch.name} "
-              f"model built ({_skip_summary(plan.skipped)})", file=sys.stderr)
+        n = sum(plan.skipped.values())
+        what = getattr(arch, "skip_note", "") or "multi-token prediction layers"
+        logger.warning(
+            f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
+            f"(not part of the {arch.name} decoder: {what})"
+        )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
     missing = _missing(params, plan)
@@ -203,6 +229,31 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
             f"{directory}: checkpoint does not match the config.\n  " + "\n  ".join(parts)
             + "\n  Check that config.json belongs to these weights (layers, experts, tied embeddings)."
         )
+
+
+def _quant_format(directory: Path):
+    from moelens.quant import checkpoint_format
+
+    return checkpoint_format(read_config(directory))
+
+
+def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: torch.dtype):
+    """The tensor ``key`` as the loader should copy it: FP8 weights with a ``weight_scale_inv``
+    sibling dequantised (in ``dtype``), anything else the file's own slice."""
+    from moelens.quant.fp8 import DenseSlice, QuantFormatError
+
+    scale_key = quant.scale_key(key)
+    if scale_key is None or scale_key not in key_file:
+        tensor_slice = f.get_slice(key)
+        if tensor_slice.get_dtype() in ("F8_E4M3", "F8_E5M2"):
+            raise QuantFormatError(f"{key}: an FP8 tensor without a {key}_scale_inv in the checkpoint")
+        return tensor_slice
+    if key_file[scale_key] == key_file[key]:
+        scales = f.get_tensor(scale_key)
+    else:
+        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+            scales = g.get_tensor(scale_key)
+    return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
 
 def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> None:
@@ -237,21 +288,13 @@ def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> N
     plan.filled[name].add(tag)
 
 
-def _skip_summary(keys: list[str]) -> str:
-    """``mtp.* x12, model.visual.* x40``: the skipped keys grouped by their first two name parts."""
-    groups: dict[str, int] = defaultdict(int)
-    for k in keys:
-        parts = k.split(".")
-        groups[".".join(parts[:2 if parts[0] == "model" else 1]) + ".*"] += 1
-    return ", ".join(f"{g} x{n}" for g, n in groups.items())
-
-
 def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
     _, convert, index = split
     try:
         value = convert(tensor_slice[:], cfg)[index]
     except RuntimeError as exc:  # a reshape that does not fit the config
-        errors.append(f"{key}: shape {tuple(tensor_slice.get_shape())} does not fit the config ({exc}) (for {name})")
+        shape = tuple(tensor_slice.get_shape()) if hasattr(tensor_slice, "get_shape") else tuple(tensor_slice.shape)
+        errors.append(f"{key}: shape {shape} does not fit the config ({exc}) (for {name})")
         return
     if tuple(value.shape) != tuple(param.shape):
         errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")

@@ -71,14 +71,18 @@ class Architecture:
     ignored_keys: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
     hf_config_class: str = ""
     hf_model_class: str = ""
-    # checkpoint keys that are not part of the model moelens builds (e.g. multi-token-prediction or
-    # vision weights): full-match regexes, skipped on load with one note on stderr
+    # checkpoint tensors that are not part of the decoder (multi-token prediction layers, ...):
+    # full-match regexes; the loader skips them and prints one line saying how many. The token
+    # ``{MTP_LAYER}`` matches a layer index >= the model's n_layers (the layers a checkpoint
+    # appends after the decoder, e.g. DeepSeek-V3's ``model.layers.61``).
     skip_keys: tuple[str, ...] = ()
     # (old, new) prefixes rewritten on checkpoint keys before the key rules apply
     # (e.g. a multimodal wrapper's ``model.language_model.`` -> ``model.``)
     key_prefixes: tuple[tuple[str, str], ...] = ()
     # read the model's fields from this sub-dict of config.json (a multimodal wrapper's text_config)
     sub_config: str = ""
+    # what the skipped tensors are, for the loader's one-line note (default: multi-token prediction layers)
+    skip_note: str = ""
 
 
 def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:

@@ -54,6 +54,7 @@ MULTIMODAL_ARCH = replace(
     sub_config="text_config",
     key_prefixes=(("model.language_model.", "model."),),
     skip_keys=(r"mtp\..*", r"model\.visual\..*"),
+    skip_note="multi-token prediction layers and the vision tower",
     hf_config_class="Qwen3_5MoeConfig",
     hf_model_class="Qwen3_5MoeForConditionalGeneration",
 )
