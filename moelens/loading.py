@@ -139,6 +139,7 @@ class _Plan:
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
+        self.prefixes = tuple(getattr(arch, "key_prefixes", ()))
         self.filled: dict[str, set] = defaultdict(set)
         self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
         self.n_layers = n_layers
@@ -160,6 +161,12 @@ class _Plan:
             return pattern
         return None
 
+    def rename(self, key: str) -> str:
+        for old, new in self.prefixes:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
         if any(p.match(key) for p in self.ignored) or (self.tied and key == "lm_head.weight"):
@@ -175,6 +182,8 @@ class _Plan:
                 return [(fmt(rule.dst), int(m.group("E")), None)]
             if rule.op == "split":
                 return [(fmt(rule.dst[0]), None, (0, 2)), (fmt(rule.dst[1]), None, (1, 2))]
+            if rule.op == "convert":
+                return [(fmt(d), None, ("convert", rule.convert, i)) for i, d in enumerate(rule.dst)]
         return None
 
 
@@ -202,7 +211,7 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                     if key[: -len("_scale_inv")] not in key_file:
                         unexpected.append(key)
                     continue  # consumed with its weight
-                targets = plan.targets(key)
+                targets = plan.targets(plan.rename(key))
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
@@ -210,12 +219,17 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                 if quant is not None:
                     tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
+                    if split is not None and split[0] == "convert":
+                        _convert_into(params[name], tensor_slice, key, name, split, shape_errors, plan,
+                                      getattr(model, "cfg", None))
+                        continue
                     _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
     if plan.skipped:
         n = sum(plan.skipped.values())
+        what = getattr(arch, "skip_note", "") or "multi-token prediction layers"
         logger.warning(
             f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
-            f"(not part of the {arch.name} decoder: multi-token prediction layers)"
+            f"(not part of the {arch.name} decoder: {what})"
         )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
@@ -287,6 +301,23 @@ def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> N
         raise CheckpointError(f"{key}: {name}{'' if tag == 'all' else f'[{tag}]'} is filled twice by the checkpoint")
     dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
     plan.filled[name].add(tag)
+
+
+def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
+    _, convert, index = split
+    try:
+        value = convert(tensor_slice[:], cfg)[index]
+    except RuntimeError as exc:  # a reshape that does not fit the config
+        shape = tuple(tensor_slice.get_shape()) if hasattr(tensor_slice, "get_shape") else tuple(tensor_slice.shape)
+        errors.append(f"{key}: shape {shape} does not fit the config ({exc}) (for {name})")
+        return
+    if tuple(value.shape) != tuple(param.shape):
+        errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")
+        return
+    if "all" in plan.filled[name]:
+        raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+    plan.filled[name].add("all")
 
 
 def _missing(params: dict, plan: _Plan) -> list[str]:
