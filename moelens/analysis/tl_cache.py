@@ -227,6 +227,21 @@ class TLAnalysisMixin:
             out = out.squeeze(-1)
         return (out, labels) if return_labels else out
 
+    def stack_neuron_results(self, layer: int, *args, **kwargs):
+        """TransformerLens' per-neuron stack; defined for dense layers only (a sparse layer has no
+        single hidden layer: use ``decompose_resid(expert_level=True)`` or
+        ``get_full_resid_decomposition()``, whose sparse-layer components are experts)."""
+        n = self.model.cfg.n_layers
+        upto = n if layer is None or layer == -1 else layer
+        sparse = [l for l in self.model.cfg.moe_layers if l < upto]
+        if sparse:
+            raise ValueError(
+                f"stack_neuron_results(layer={layer}) would include sparse layers {sparse}, which have no single "
+                "MLP hidden layer; use cache.get_full_resid_decomposition() (experts as components) or "
+                "cache.decompose_resid(expert_level=True)"
+            )
+        return super().stack_neuron_results(layer, *args, **kwargs)
+
     def apply_slice_to_batch_dim(self, batch_slice):
         sliced = super().apply_slice_to_batch_dim(batch_slice)
         new = type(self)(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)

@@ -181,6 +181,16 @@ def test_short_keys(runs):
     assert cache["z", 1] is cache["blocks.1.attn.hook_z"]
     with pytest.raises(KeyError, match="blocks.0.mlp.hook_expert_indices"):
         cache["expert_indices", 0]  # a dense layer
+    # dense-only neuron stack works; across a sparse layer it says what to use instead
+    neurons = cache.stack_neuron_results(1, pos_slice=-1)
+    assert neurons.shape[0] == model.cfg.d_mlp
+    torch.testing.assert_close(neurons.sum(0), cache["mlp_out", 0][:, -1], **TOL)
+    with pytest.raises(ValueError, match="expert_level"):
+        cache.stack_neuron_results(2)
+    # batch slicing keeps the MoE cache class and its tokens
+    one = cache.apply_slice_to_batch_dim(1)
+    assert type(one) is type(cache) and one.tokens.shape == (1, tokens.shape[1])
+    assert torch.equal(one["expert_indices", 1], cache["expert_indices", 1][1])
 
 
 def test_hook_scale_edits_take_effect_and_unedited_is_bitwise(runs):
