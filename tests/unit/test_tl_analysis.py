@@ -9,8 +9,9 @@ import torch
 
 from moelens import HookedMoETransformer
 from moelens import analysis as A
+from moelens.testing import TINY_CONFIGS
 
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"]
+ARCHS = sorted(TINY_CONFIGS)  # every architecture with a tiny test config (new ones are picked up)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
