@@ -180,6 +180,11 @@ def test_short_keys(runs):
     assert cache["expert_indices", -1] is cache["blocks.2.mlp.hook_expert_indices"]
     assert cache["scale", 1, "ln2"] is cache["blocks.1.ln2.hook_scale"]
     assert cache["z", 1] is cache["blocks.1.attn.hook_z"]
+    _, _, _, mla = runs("deepseek_v2_lite")
+    assert mla["kv_latent", 1] is mla["blocks.1.attn.hook_kv_latent"]
+    assert mla["k_pe", -1] is mla["blocks.2.attn.hook_k_pe"]
+    with pytest.raises(KeyError):
+        cache["pre", 1]  # TransformerLens' blocks.1.mlp.hook_pre: a sparse layer has none (no guessing)
     with pytest.raises(KeyError, match="blocks.0.mlp.hook_expert_indices"):
         cache["expert_indices", 0]  # a dense layer
     # dense-only neuron stack works; across a sparse layer it says what to use instead
