@@ -408,6 +408,8 @@ class HookedMoETransformer(HookedRootModule):
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
                 continue
+            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
+                continue
             n = p.numel()
             if active and ".experts.W_" in name:
                 n = n // self.cfg.n_experts * self.cfg.top_k
