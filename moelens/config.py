@@ -61,6 +61,10 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN parameters (sorted items)
+    attn_o_bias: bool = False  # gpt-oss: bias on the output projection W_O
+    attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
+    sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
+    layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
     # MLA (DeepSeek-V2)
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0
@@ -76,6 +80,16 @@ class MoEConfig:
     topk_sorted: bool = True
     n_group: int = 1
     topk_group: int = 1
+    router_bias: bool = False  # gpt-oss: the router linear has a bias
+    # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
+    # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
+    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # experts
+    expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
+    expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
@@ -98,6 +112,15 @@ class MoEConfig:
         if bad:
             raise ValueError(f"moe_layers {bad} out of range for n_layers={self.n_layers}")
         object.__setattr__(self, "moe_layers", sorted(set(int(l) for l in self.moe_layers)))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            bad_types = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad_types:
+                raise ValueError(f"layer_types {bad_types} not supported (full_attention, sliding_attention)")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.topk_method == "group_limited_greedy" and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
@@ -122,6 +145,12 @@ class MoEConfig:
     @property
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.attention == "mla" else self.d_head
+
+    def attention_window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (keys ``q - window < k <= q``), or None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def yarn(self) -> Optional[dict]:

@@ -68,7 +68,7 @@ class HookedMoETransformer(HookedRootModule):
         self.embed = Embed(cfg)
         self.hook_embed = ShapedHookPoint("batch pos d_model")
         self.blocks = nn.ModuleList([TransformerBlock(cfg, l) for l in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, weight_fp32=cfg.norm_weight_fp32)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)

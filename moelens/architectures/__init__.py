@@ -27,6 +27,9 @@ def _register_optional() -> None:
     except ImportError:  # pragma: no cover - module under construction
         return
     ARCHITECTURES[deepseek_v2.ARCH.name] = deepseek_v2.ARCH
+    from moelens.architectures import gpt_oss
+
+    ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
 
 
 _register_optional()

@@ -1,0 +1,1 @@
+"""Quantised checkpoint formats, dequantised at load time (see :mod:`moelens.quant.mxfp4`)."""
