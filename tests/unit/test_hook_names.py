@@ -17,6 +17,11 @@ SHARED_GATED = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out",
                 "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
                 "mlp.hook_shared_gate", "mlp.hook_shared_out", "hook_mlp_out", "hook_resid_post"]
 
+ATTN_SINKS = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+              "attn.hook_attn_scores", "attn.hook_sink_weight", "attn.hook_pattern", "attn.hook_z"]
+SPARSE_SINKS = ["hook_resid_pre", "ln1.hook_normalized", *ATTN_SINKS, "hook_attn_out", "hook_resid_mid",
+                "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
+
 
 def expand(layers):
     names = ["hook_embed"]
@@ -30,6 +35,7 @@ GOLDEN = {
     "olmoe": expand([SPARSE, SPARSE]),
     "qwen3_moe": expand([DENSE, SPARSE, SPARSE]),
     "qwen2_moe": expand([DENSE, SHARED_GATED, SHARED_GATED]),
+    "gpt_oss": expand([SPARSE_SINKS] * 4),
 }
 
 
@@ -37,7 +43,8 @@ GOLDEN = {
 def test_ordered_hook_names(arch):
     cfg = tiny_hf_config(arch).to_dict()
     cfg["architectures"] = [{"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
-                             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[arch]]
+                             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                             "gpt_oss": "GptOssForCausalLM"}[arch]]
     model = HookedMoETransformer.from_config(cfg, device="meta")
     assert list(model.hook_dict) == GOLDEN[arch]
 
@@ -54,7 +61,8 @@ def test_hook_shapes_are_declared():
     assert all(d.split()[0] == "batch" for d in dims.values())
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
+                                  "gpt_oss"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers
