@@ -361,13 +361,14 @@ class HookedMoETransformer(HookedRootModule):
         return self.unembed.W_U
 
     def n_params(self, active: bool = False, include_embeddings: bool = True) -> int:
-        """Parameter count (total, or active per token: only ``top_k`` of the routed experts)."""
+        """Parameter count (total, or active per token: only ``top_k`` of the routed experts, their
+        weights and, where they have them, biases)."""
         total = 0
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
                 continue
             n = p.numel()
-            if active and ".experts.W_" in name:
+            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

@@ -21,6 +21,9 @@ DOC_ACTIVE = {
     "allenai/OLMoE-1B-7B-0924": (1.28e9, 1.08e9),
     "Qwen/Qwen1.5-MoE-A2.7B": (2.69e9, 2.07e9),
     "deepseek-ai/DeepSeek-V2-Lite": (2.66e9, 2.24e9),
+    # MOE_ARCHITECTURES_2026.md §9 (expert biases count k/E); without both embedding matrices
+    "openai/gpt-oss-20b": (4.19e9, 3.03e9),
+    "openai/gpt-oss-120b": (5.71e9, 4.55e9),
 }
 
 
@@ -48,12 +51,12 @@ def moelens_meta(name):
 
 def hf_active(model, cfg: dict) -> int:
     """Active parameters per token of a transformers model: routed expert banks
-    (``mlp.experts.gate_up_proj`` / ``down_proj``, shape ``[E, ...]``) count ``k/E``."""
+    (``mlp.experts.gate_up_proj`` / ``down_proj`` and gpt-oss's ``*_bias``, shape ``[E, ...]``) count ``k/E``."""
     k = cfg["num_experts_per_tok"]
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
+        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -71,10 +74,11 @@ def _rss_bytes() -> int:
 def test_names_and_aliases():
     assert ALL == [
         "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B-Base", "allenai/OLMoE-1B-7B-0924",
-        "Qwen/Qwen1.5-MoE-A2.7B", "deepseek-ai/DeepSeek-V2-Lite",
+        "Qwen/Qwen1.5-MoE-A2.7B", "deepseek-ai/DeepSeek-V2-Lite", "openai/gpt-oss-20b", "openai/gpt-oss-120b",
     ]
     assert presets.list_presets(aliases=True) == [
-        "mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite",
+        "mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite", "gpt-oss-20b",
+        "gpt-oss-120b",
     ]
     for alias, hub in presets.ALIASES.items():
         assert presets.get_preset(alias) == presets.get_preset(hub)
@@ -237,3 +241,7 @@ def test_translated_semantics_of_the_presets():
     if "DeepseekV2ForCausalLM" in archs.ARCHITECTURES:
         ds = moelens_meta("deepseek-ai/DeepSeek-V2-Lite").cfg
         assert ds.attention == "mla" and ds.moe_layers == list(range(1, 27)) and ds.yarn["factor"] == 40
+    go = moelens_meta("openai/gpt-oss-120b").cfg
+    assert go.moe_layers == list(range(36)) and go.n_experts == 128 and go.top_k == 4
+    assert go.attention_window(0) == 128 and go.attention_window(1) is None and go.yarn["truncate"] is False
+    assert go.router_order == "topk_softmax" and go.expert_act == "clamped_swiglu" and go.attn_sinks
