@@ -321,3 +321,17 @@ def test_mxfp4_bad_input(tmp_path):
         mxfp4.dequantize(torch.zeros(2, 3, 16, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.uint8))
     with pytest.raises(mxfp4.QuantizationError, match="uint8"):
         mxfp4.dequantize(torch.zeros(2, 3, 16), torch.zeros(2, 3, dtype=torch.uint8))
+
+
+def test_gpt_oss_120b_needs_two_h200s_in_bf16():
+    """The device_map plan of docs/gpu.md: 217.6 GiB of bf16 weights, 18 blocks per H200."""
+    from moelens.placement import infer_device_map, unit_sizes
+
+    skeleton = HookedMoETransformer.from_config("gpt-oss-120b", device="meta", dtype=torch.bfloat16)
+    total = sum(unit_sizes(skeleton).values())
+    assert 217 * 2**30 < total < 218 * 2**30
+    with pytest.raises(ValueError):
+        infer_device_map(skeleton, {0: "131GiB"})  # one H200
+    plan = infer_device_map(skeleton, {0: "120GiB", 1: "120GiB"}, strategy="balanced")
+    on = lambda dev: sorted(int(k.split(".")[1]) for k, v in plan.items() if k.startswith("blocks.") and v == dev)  # noqa: E731
+    assert on("cuda:0") == list(range(18)) and on("cuda:1") == list(range(18, 36))
