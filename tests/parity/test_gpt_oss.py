@@ -335,3 +335,39 @@ def test_gpt_oss_120b_needs_two_h200s_in_bf16():
     plan = infer_device_map(skeleton, {0: "120GiB", 1: "120GiB"}, strategy="balanced")
     on = lambda dev: sorted(int(k.split(".")[1]) for k, v in plan.items() if k.startswith("blocks.") and v == dev)  # noqa: E731
     assert on("cuda:0") == list(range(18)) and on("cuda:1") == list(range(18, 36))
+
+
+def test_audit_effects_and_placement_on_gpt_oss(tiny):
+    """The audit's batched ablations equal direct hooks on a sequence longer than the window, and
+    an all-"cpu" device map with the device hooks gives exactly the plain model."""
+    import torch.nn.functional as F
+
+    from moelens import placement as P
+    from moelens.audit import expert_effects
+
+    d, _, model = tiny
+    tokens = ids_of(1, 12, seed=5)[0]
+    eff = expert_effects(model, tokens, layers=[0, 1], positions=[2, 9], max_batch=5)
+    assert len(eff) == 2 * 2 * model.cfg.top_k
+
+    def nll(logits):
+        return F.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
+
+    with torch.no_grad():
+        clean = nll(model(tokens[None]))
+        for row in list(eff.itertuples())[::3]:
+            def zero(w, hook, row=row):
+                w = w.clone()
+                w[0, row.position, row.slot] = 0
+                return w
+
+            hooked = model.run_with_hooks(tokens[None], fwd_hooks=[(f"blocks.{row.layer}.mlp.hook_expert_weights", zero)])
+            delta = nll(hooked) - clean
+            assert row.delta_next == pytest.approx(float(delta[row.position]), abs=1e-5)
+            assert row.delta_suffix == pytest.approx(float(delta[row.position:].sum()), abs=1e-5)
+    assert eff["delta_next"].abs().max() > 1e-3
+
+    placed = HookedMoETransformer.from_pretrained(d, device_map={u: "cpu" for u in P.placement_units(model)})
+    ids = ids_of(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(ids), model(ids), rtol=0, atol=0)

@@ -163,7 +163,7 @@ def test_add_delta_of_expert_contributions_matches_restore_experts(model):
     assert (a - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "gpt_oss"])
 def test_cache_decompositions(arch, tiny_dirs):
     if arch.startswith("deepseek") and "DeepseekV2ForCausalLM" not in ARCHITECTURES:
         pytest.skip("DeepSeek-V2 support not registered")
