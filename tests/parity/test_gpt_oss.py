@@ -371,3 +371,23 @@ def test_audit_effects_and_placement_on_gpt_oss(tiny):
     ids = ids_of(2, 11)
     with torch.no_grad():
         torch.testing.assert_close(placed(ids), model(ids), rtol=0, atol=0)
+
+
+def test_tracing_past_the_window_equals_full_forwards(tiny):
+    """Suffix engine (prefix K/V of earlier positions, window mask in absolute positions) vs one
+    full forward per cell, on a prompt three windows long; restoring early positions matters."""
+    import moelens
+    from moelens import FactCase
+    from moelens.testing import toy_tokenizer
+    from moelens.tracing.trace import prepare
+
+    _, _, model = tiny
+    model.tokenizer = toy_tokenizer(256)
+    case = FactCase("w5 w9 w14 w3 w77 w21 w8 w30 w31 w32 w33", "w9 w14", "w40", "w41")
+    setup = prepare(model, case, seed=0, n_samples=2)
+    assert setup.tokens.shape[1] >= 3 * WINDOW
+    for kind in ("resid", "attn"):
+        fast = moelens.trace_layers(model, setup, kind=kind, progress=False)
+        ref = moelens.trace_layers(model, setup, kind=kind, engine="full", progress=False)
+        assert (fast.scores - ref.scores).abs().max() < 1e-4
+        assert (ref.scores - ref.corrupted).abs().max() > 1e-3
