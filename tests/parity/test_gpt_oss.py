@@ -391,3 +391,24 @@ def test_tracing_past_the_window_equals_full_forwards(tiny):
         ref = moelens.trace_layers(model, setup, kind=kind, engine="full", progress=False)
         assert (fast.scores - ref.scores).abs().max() < 1e-4
         assert (ref.scores - ref.corrupted).abs().max() > 1e-3
+
+
+def test_mxfp4_blocks_and_scales_in_different_shards(tmp_path):
+    """A sharded MXFP4 checkpoint whose *_blocks and *_scales sit in different shards loads like
+    the single-file one."""
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    single.mkdir()
+    sharded.mkdir()
+    sd = make_mxfp4_checkpoint(single)
+    first = {k: v for k, v in sd.items() if not k.endswith("_scales")}
+    second = {k: v for k, v in sd.items() if k.endswith("_scales")}
+    save_file(first, sharded / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(second, sharded / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in second})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "config.json").write_text((single / "config.json").read_text())
+    a = HookedMoETransformer.from_pretrained(single, dtype=torch.bfloat16)
+    b = HookedMoETransformer.from_pretrained(sharded, dtype=torch.bfloat16)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
