@@ -8,6 +8,7 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -20,6 +21,8 @@ from torch import nn
 
 from moelens.architectures.base import Architecture
 from moelens.quant import mxfp4
+
+logger = logging.getLogger("moelens")
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -116,13 +119,32 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
 class _Plan:
     """Which moelens parameter (slice) each checkpoint key fills."""
 
-    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool):
+    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool, n_layers: Optional[int] = None):
         self.arch = arch
         self.params = params
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
         self.filled: dict[str, set] = defaultdict(set)
+        self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
+        self.n_layers = n_layers
+        self.skipped: dict[str, int] = defaultdict(int)
+
+    def describe(self, pattern: str) -> str:
+        return pattern.replace("\\..*", ".*").replace("\\.", ".").replace("{MTP_LAYER}", f"{{>={self.n_layers}}}")
+
+    def skipped_by(self, key: str) -> Optional[str]:
+        """The ``skip_keys`` pattern that drops ``key`` (counted), or None."""
+        for pattern, rx in self.skip:
+            m = rx.fullmatch(key)
+            if m is None:
+                continue
+            layer = m.groupdict().get("mtp_layer")
+            if layer is not None and (self.n_layers is None or int(layer) < self.n_layers):
+                continue
+            self.skipped[pattern] += 1
+            return pattern
+        return None
 
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
@@ -150,24 +172,33 @@ class _Plan:
 def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bool, progress: bool = False) -> None:
     """Stream every tensor of the checkpoint into ``model``; raise on any mismatch."""
     params = dict(model.named_parameters())
-    plan = _Plan(arch, params, tied)
+    cfg = getattr(model, "cfg", None)
+    plan = _Plan(arch, params, tied, n_layers=getattr(cfg, "n_layers", None))
     files = checkpoint_files(directory)
+    quant = _quant_format(directory)
+    key_file = {k: fname for fname, keys in files.items() for k in keys} if quant is not None else {}
     unexpected, shape_errors = [], []
     iterator: Iterable = files.items()
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(list(iterator), desc="loading shards", unit="shard")
-    quant = mxfp4.quant_method(read_config(directory)) if (directory / CONFIG).is_file() else None
+    mx_quant = mxfp4.is_mxfp4(read_config(directory)) if (directory / CONFIG).is_file() else False
     file_of = {k: fname for fname, keys in files.items() for k in keys}
     for fname, keys in iterator:
         with safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
+                if plan.skipped_by(key) is not None:
+                    continue
+                if quant is not None and quant.is_scale(key):
+                    if key[: -len("_scale_inv")] not in key_file:
+                        unexpected.append(key)
+                    continue  # consumed with its weight
                 source = None
                 base = key[: -len(mxfp4.BLOCKS)] if key.endswith((mxfp4.BLOCKS, mxfp4.SCALES)) else None
                 pair = base is not None and base + mxfp4.BLOCKS in file_of and base + mxfp4.SCALES in file_of
-                if base is not None and (pair or quant is not None):
-                    if quant is None:
+                if base is not None and (pair or mx_quant):
+                    if not mx_quant:
                         raise CheckpointError(
                             f"{directory}: {key} is an MXFP4-packed tensor but config.json has no "
                             f"quantization_config (quant_method 'mxfp4'); the checkpoint and its config do not match"
@@ -183,9 +214,19 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
+                tensor_slice = source
+                if source is None:
+                    tensor_slice = f.get_slice(key)
+                    if quant is not None:
+                        tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
-                    src = source if source is not None else f.get_slice(key)
-                    _copy_into(params[name], src, key, name, expert, split, shape_errors, plan)
+                    _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
+    if plan.skipped:
+        n = sum(plan.skipped.values())
+        logger.warning(
+            f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
+            f"(not part of the {arch.name} decoder: multi-token prediction layers)"
+        )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
     missing = _missing(params, plan)
@@ -251,6 +292,29 @@ def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> Non
             src = src[:, half::2].T if op == "interleaved_t" else src.T
             param[i].copy_(src.to(device=param.device, dtype=param.dtype))
     plan.filled[name].add("all")
+def _quant_format(directory: Path):
+    from moelens.quant import checkpoint_format
+
+    return checkpoint_format(read_config(directory))
+
+
+def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: torch.dtype):
+    """The tensor ``key`` as the loader should copy it: FP8 weights with a ``weight_scale_inv``
+    sibling dequantised (in ``dtype``), anything else the file's own slice."""
+    from moelens.quant.fp8 import DenseSlice, QuantFormatError
+
+    scale_key = quant.scale_key(key)
+    if scale_key is None or scale_key not in key_file:
+        tensor_slice = f.get_slice(key)
+        if tensor_slice.get_dtype() in ("F8_E4M3", "F8_E5M2"):
+            raise QuantFormatError(f"{key}: an FP8 tensor without a {key}_scale_inv in the checkpoint")
+        return tensor_slice
+    if key_file[scale_key] == key_file[key]:
+        scales = f.get_tensor(scale_key)
+    else:
+        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+            scales = g.get_tensor(scale_key)
+    return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
 
 def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> None:

@@ -30,18 +30,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moelens.quant.fp8 import QuantFormatError
+
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCKS, SCALES = "_blocks", "_scales"
 SUPPORTED_METHODS = ("mxfp4",)
 
 
-class QuantizationError(ValueError):
-    """A quantised checkpoint moelens cannot read (unknown method, inconsistent tensors)."""
+class QuantizationError(QuantFormatError):
+    """An MXFP4 checkpoint moelens cannot read (unknown method, inconsistent tensors)."""
+
+
+def is_mxfp4(hf_config: dict) -> bool:
+    """Whether ``config.json`` declares ``quantization_config.quant_method == "mxfp4"``."""
+    qc = hf_config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
 
 
 def quant_method(hf_config: dict) -> Optional[str]:
-    """``quantization_config.quant_method`` of a ``config.json`` (None when not quantised); raises
-    :class:`QuantizationError` for a method moelens does not dequantise."""
+    """``quantization_config.quant_method`` of a gpt-oss ``config.json`` (None when not quantised);
+    raises :class:`QuantizationError` for any method but MXFP4 (the only one gpt-oss ships in)."""
     qc = hf_config.get("quantization_config")
     if not qc:
         return None
