@@ -9,7 +9,11 @@ import sys
 def _demo(args) -> int:
     from moelens.demo import run_demo
 
-    run_demo(args.out, n_facts=args.facts, n_samples=args.samples, seed=args.seed)
+    try:
+        run_demo(args.out, n_facts=args.facts, n_samples=args.samples, seed=args.seed)
+    except ValueError as exc:  # bad --facts / --samples: one line, exit 2
+        print(f"moelens demo: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,8 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
@@ -32,6 +34,19 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 class CheckpointError(ValueError):
     """The checkpoint does not fit the model: missing/unexpected keys, shapes, formats."""
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path, **kwargs):
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        with safe_open(path, **kwargs) as f:
+            yield f
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); it is probably truncated (an interrupted "
+            f"download or save) or corrupt: download or save it again"
+        ) from exc
 
 
 def bundled_models() -> dict[str, Path]:
@@ -96,13 +111,13 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
             raise CheckpointError(f"{directory}: shards named in {INDEX} are missing: {', '.join(missing)}")
         return dict(files)
     if (directory / SINGLE).is_file():
-        with safe_open(directory / SINGLE, framework="pt") as f:
+        with _safe_open(directory / SINGLE, framework="pt") as f:
             return {SINGLE: list(f.keys())}
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if shards:
         out = {}
         for s in shards:
-            with safe_open(directory / s, framework="pt") as f:
+            with _safe_open(directory / s, framework="pt") as f:
                 out[s] = list(f.keys())
         return out
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()] + [p.name for p in directory.glob("*.bin")]
@@ -125,6 +140,7 @@ class _Plan:
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
+        self.prefixes = tuple(getattr(arch, "key_prefixes", ()))
         self.filled: dict[str, set] = defaultdict(set)
         self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
         self.n_layers = n_layers
@@ -146,6 +162,12 @@ class _Plan:
             return pattern
         return None
 
+    def rename(self, key: str) -> str:
+        for old, new in self.prefixes:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
         if any(p.match(key) for p in self.ignored) or (self.tied and key == "lm_head.weight"):
@@ -165,6 +187,8 @@ class _Plan:
                 return [(fmt(rule.dst[0]), None, (rule.op, 0)), (fmt(rule.dst[1]), None, (rule.op, 1))]
             if rule.op == "transpose":  # gpt-oss: [E, in, out] bank -> moelens' [E, out, in]
                 return [(fmt(rule.dst), None, ("transpose", 0))]
+            if rule.op == "convert":
+                return [(fmt(d), None, ("convert", rule.convert, i)) for i, d in enumerate(rule.dst)]
         return None
 
 
@@ -186,7 +210,7 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
     mx_quant = mxfp4.is_mxfp4(read_config(directory)) if (directory / CONFIG).is_file() else False
     file_of = {k: fname for fname, keys in files.items() for k in keys}
     for fname, keys in iterator:
-        with safe_open(directory / fname, framework="pt", device="cpu") as f:
+        with _safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
                 if plan.skipped_by(key) is not None:
                     continue
@@ -210,7 +234,7 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                         continue  # read together with its *_blocks partner
                     key = base
                     source = _mxfp4_source(directory, f, fname, key, file_of, plan, params)
-                targets = plan.targets(key)
+                targets = plan.targets(plan.rename(key))
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
@@ -220,12 +244,17 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                     if quant is not None:
                         tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
+                    if split is not None and split[0] == "convert":
+                        _convert_into(params[name], tensor_slice, key, name, split, shape_errors, plan,
+                                      getattr(model, "cfg", None))
+                        continue
                     _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
     if plan.skipped:
         n = sum(plan.skipped.values())
+        what = getattr(arch, "skip_note", "") or "multi-token prediction layers"
         logger.warning(
             f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
-            f"(not part of the {arch.name} decoder: multi-token prediction layers)"
+            f"(not part of the {arch.name} decoder: {what})"
         )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
@@ -312,7 +341,7 @@ def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: tor
     if key_file[scale_key] == key_file[key]:
         scales = f.get_tensor(scale_key)
     else:
-        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+        with _safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
             scales = g.get_tensor(scale_key)
     return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
@@ -349,6 +378,23 @@ def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> N
         raise CheckpointError(f"{key}: {name}{'' if tag == 'all' else f'[{tag}]'} is filled twice by the checkpoint")
     dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
     plan.filled[name].add(tag)
+
+
+def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
+    _, convert, index = split
+    try:
+        value = convert(tensor_slice[:], cfg)[index]
+    except RuntimeError as exc:  # a reshape that does not fit the config
+        shape = tuple(tensor_slice.get_shape()) if hasattr(tensor_slice, "get_shape") else tuple(tensor_slice.shape)
+        errors.append(f"{key}: shape {shape} does not fit the config ({exc}) (for {name})")
+        return
+    if tuple(value.shape) != tuple(param.shape):
+        errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")
+        return
+    if "all" in plan.filled[name]:
+        raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+    plan.filled[name].add("all")
 
 
 def _missing(params: dict, plan: _Plan) -> list[str]:

@@ -659,6 +659,154 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
     },
 }
 
+# ---------------------------------------------------------------- Qwen3.5 / 3.6-MoE, Qwen3-Next (MOE_ARCHITECTURES_2026.md §3)
+_QWEN35_LAYER_TYPES = (["linear_attention"] * 3 + ["full_attention"]) * 10
+
+
+def _qwen3_5_moe_text(**changes: Any) -> dict[str, Any]:
+    """The ``text_config`` of the Qwen3.5/3.6-35B-A3B hub config.json (a multimodal
+    ``Qwen3_5MoeForConditionalGeneration`` file), as the text model ``Qwen3_5MoeForCausalLM``."""
+    cfg = {
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_output_gate": True,
+        "dtype": "bfloat16",
+        "eos_token_id": 248044,
+        "full_attention_interval": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "layer_types": list(_QWEN35_LAYER_TYPES),
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144,
+        "model_type": "qwen3_5_moe_text",
+        "moe_intermediate_size": 512,
+        "mtp_num_hidden_layers": 1,
+        "mtp_use_dedicated_embeddings": False,
+        "num_attention_heads": 16,
+        "num_experts": 256,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "mrope_interleaved": True,
+            "mrope_section": [11, 11, 10],
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 10000000,
+            "rope_type": "default",
+        },
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": 248320,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+PRESETS.update({
+    "Qwen/Qwen3.5-35B-A3B": _qwen3_5_moe_text(),
+    "Qwen/Qwen3.6-35B-A3B": _qwen3_5_moe_text(),
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 151645,
+        "full_attention_interval": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144,
+        "mlp_only_layers": [],
+        "model_type": "qwen3_next",
+        "moe_intermediate_size": 512,
+        "norm_topk_prob": True,
+        "num_attention_heads": 16,
+        "num_experts": 512,
+        "num_experts_per_tok": 10,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 2,
+        "output_router_logits": False,
+        "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 10000000,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+})
+ALIASES.update({
+    "qwen3.5-35b-a3b": "Qwen/Qwen3.5-35B-A3B",
+    "qwen3.6-35b-a3b": "Qwen/Qwen3.6-35B-A3B",
+    "qwen3-next-80b-a3b": "Qwen/Qwen3-Next-80B-A3B-Instruct",
+})
+_HYBRID_SOURCES = (
+    "layers, widths, heads, experts and the linear-attention heads (16 key / 32 value heads of 128) are the "
+    "transformers class defaults whose docstring names this checkpoint and match the public Megatron configs "
+    "of the model (THUDM/slime scripts/models: 40 layers, 16/2 heads of 256, 256 experts top-8, moe and "
+    "shared width 512, rotary 0.25, rope base 1e7, vocab 248320); meta-device total equals transformers'"
+)
+PRESET_INFO.update({
+    "Qwen/Qwen3.5-35B-A3B": {
+        "alias": "qwen3.5-35b-a3b",
+        "published_params": 35_000_000_000,  # "35B total, 3B activated" (model card), vision encoder and MTP included
+        "published_tolerance": 0.015,
+        "exact_params": 34_660_610_688,  # text model (Qwen3_5MoeForCausalLM), meta-device count, = transformers
+        "doc_active_params": 3_000_000_000,  # model card "3B activated" (moelens: 3.45 B incl. embeddings, 2.44 B without)
+        "notes": (
+            f"the hub config.json is the multimodal Qwen3_5MoeForConditionalGeneration; this preset is its "
+            f"text_config as the text model Qwen3_5MoeForCausalLM. {_HYBRID_SOURCES}. The published 35B counts "
+            "the vision encoder and the MTP layer, which moelens skips (34.66 B text model); eos 248044, "
+            "mtp_* and the M-RoPE fields as in public copies of the text_config"
+        ),
+    },
+    "Qwen/Qwen3.6-35B-A3B": {
+        "alias": "qwen3.6-35b-a3b",
+        "published_params": 35_000_000_000,
+        "published_tolerance": 0.015,
+        "exact_params": 34_660_610_688,
+        "doc_active_params": 3_000_000_000,  # model card "3B activated"
+        "notes": (
+            "same language/MoE topology as Qwen3.5-35B-A3B (THUDM/slime reuses the 3.5 script for 3.6; "
+            f"third-party Qwen3.6 loaders use the same keys); text_config of the multimodal hub file. {_HYBRID_SOURCES}"
+        ),
+    },
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "alias": "qwen3-next-80b-a3b",
+        "published_params": 80_000_000_000,  # "80B total, 3B activated" (model card)
+        "exact_params": 79_674_391_296,  # meta-device count, = transformers
+        "doc_active_params": 3_000_000_000,  # model card "3B activated" (moelens: 3.87 B incl. embeddings, 3.25 B without)
+        "notes": (
+            "48 layers (3 linear : 1 full), 512 experts top-10, moe/shared width 512, 16/2 heads of 256, rotary "
+            "0.25, rope base 1e7, vocab 151936, norm_topk_prob true: class defaults (docstring checkpoint "
+            "Qwen/Qwen3-Next-80B-A3B-Instruct) and the public Megatron config (THUDM/slime); intermediate_size "
+            "5120 (no dense layers, so inert), bos/eos 151643/151645 as in the Qwen3 family. MTP weights skipped"
+        ),
+    },
+})
+
 
 def resolve_name(name: str) -> str:
     """The hub id of a preset given its hub id or alias (case-insensitive); KeyError otherwise."""

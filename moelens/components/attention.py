@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from moelens.components.norm import rms_norm
+from moelens.components.norm import norm_fn, rms_norm
 from moelens.components.rope import apply_rope_half, apply_rope_interleaved, apply_rope_partial
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
@@ -154,6 +154,8 @@ class Attention(nn.Module):
             self.k_norm_w = nn.Parameter(torch.ones(kv * d))
         self.b_O = nn.Parameter(torch.zeros(dm)) if cfg.attn_o_bias else None
         self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
+        if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = W_O (z * sigmoid(W_G x)), per head
+            self.W_G = nn.Parameter(torch.empty(h * d, dm))
         self.scale = d**-0.5
         self.hook_q = ShapedHookPoint("batch pos head d_head")
         self.hook_k = ShapedHookPoint("batch pos kv_head d_head")
@@ -165,6 +167,8 @@ class Attention(nn.Module):
             self.hook_sink_weight = ShapedHookPoint("batch head query_pos")
         self.hook_pattern = ShapedHookPoint("batch head query_pos key_pos")
         self.hook_z = ShapedHookPoint("batch pos head d_head")
+        if cfg.attn_output_gate:
+            self.hook_attn_gate = ShapedHookPoint("batch pos head d_head")  # sigmoid(W_G x), multiplies z
 
     def forward(
         self,
@@ -185,7 +189,8 @@ class Attention(nn.Module):
         k = k.view(b, p, cfg.n_kv_heads, cfg.d_head)
         v = v.view(b, p, cfg.n_kv_heads, cfg.d_head)
         if cfg.qk_norm == "per_head":
-            q, k = rms_norm(q, self.q_norm_w, cfg.rms_norm_eps), rms_norm(k, self.k_norm_w, cfg.rms_norm_eps)
+            qk_norm = norm_fn(cfg.norm_zero_centered)
+            q, k = qk_norm(q, self.q_norm_w, cfg.rms_norm_eps), qk_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         rope = apply_rope_interleaved if cfg.rope_interleaved else apply_rope_half
         # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
@@ -194,4 +199,6 @@ class Attention(nn.Module):
         if kv_prefix is not None:
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
+        if cfg.attn_output_gate:
+            z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
         return F.linear(z.reshape(b, p, -1), self.W_O, self.b_O)

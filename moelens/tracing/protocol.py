@@ -528,7 +528,8 @@ def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: Prot
         "total": len(keys), "kept": sum(bool(r.get("kept")) for r in all_screened),
         "discovery": len(disc), "validation": len(val), "errors": sum("error" in r for r in all_screened),
         "multi_token_targets": sum(" tokens [" in w and "the metric uses the first" in w for w in warn),
-        "same_first_token": sum("share their first token" in w for w in warn),
+        "same_first_token": sum("share their first token" in w for w in warn)
+        + sum("have the same first token" in r.get("error", "") for r in all_screened),
     }
     return ProtocolSummary(table=pd.DataFrame(table), layer=best_layer, expert=expert,
                            layer_means={str(l): v for l, v in layer_means.items()}, expert_means=means,

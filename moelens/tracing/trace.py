@@ -170,6 +170,14 @@ def prepare(
     device = model.W_E.device
     tokens = tc.tokens.to(device)
     n_subj = len(tc.subject_positions)
+    if tc.target_foil_id is not None and tc.target_foil_id == tc.target_true_id:
+        raise ValueError(
+            f"target_true {case.target_true!r} and target_foil {case.target_foil!r} have the same first token "
+            f"{model.tokenizer.convert_ids_to_tokens(tc.target_true_id)!r}: the contrast is 0 in every "
+            f"run and every rescue would be NaN; give a foil that starts with another token"
+        )
+    if noise is None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+        raise ValueError(f"n_samples={n_samples!r}: give at least 1 noise sample")
     if sigma is None:
         sigma = noise_scale * embedding_std(model)
     if noise is None:
@@ -177,7 +185,7 @@ def prepare(
         z = torch.randn(n_samples, n_subj, model.cfg.d_model, generator=gen)
     else:
         z = torch.as_tensor(noise, dtype=torch.float32)
-        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model):
+        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model) or z.shape[0] < 1:
             raise ValueError(
                 f"noise must be [n_samples, {n_subj} subject tokens, {model.cfg.d_model}], got {tuple(z.shape)} "
                 f"(subject tokens: {[tc.str_tokens[p] for p in tc.subject_positions]})"
@@ -230,11 +238,14 @@ def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, int]:
     return max(0, layer - window // 2), min(n_layers, layer - (-window // 2))
 
 
-def _check_layer(model, layer: int, sparse: bool = False) -> None:
-    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-        raise IndexError(f"layer={layer!r} out of range: the model has {model.cfg.n_layers} layers")
+def _check_layer(model, layer: int, sparse: bool = False) -> int:
+    """The layer, normalised (one indexing rule: negative counts from the last layer)."""
+    from moelens.patching import normalize_index
+
+    layer = normalize_index(layer, model.cfg.n_layers, "layer")
     if sparse and layer not in model.cfg.moe_layers:
         raise ValueError(f"layer {layer} is dense: expert tracing needs a sparse layer {list(model.cfg.moe_layers)}")
+    return layer
 
 
 # ---------------------------------------------------------------------------------- results
@@ -407,9 +418,7 @@ def trace_layers(
     if direction not in ("restore", "necessity"):
         raise ValueError("direction must be 'restore' or 'necessity'")
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    for l in layers:
-        _check_layer(model, l)
+    layers = list(range(model.cfg.n_layers)) if layers is None else [_check_layer(model, l) for l in layers]
     pos = resolve_positions(positions, setup.tokenized)
     hook = KIND_HOOKS[kind]
     settings = {**setup.settings, "kind": kind, "window": window, "direction": direction, "positions": positions}
@@ -465,10 +474,12 @@ def trace_experts(
 ) -> ExpertTraceResult:
     """Per-expert rescue ``scores [n_experts]`` at ``layer`` (see module docstring). Experts not in
     ``experts`` (default: all) get NaN."""
-    _check_layer(model, layer, sparse=True)
+    layer = _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
-    experts = list(range(model.cfg.n_experts)) if experts is None else [int(e) for e in experts]
+    from moelens.patching import _check_range
+
+    experts = list(range(model.cfg.n_experts)) if experts is None else _check_range(experts, model.cfg.n_experts, "expert")
     if engine == "suffix":
         deltas = [setup.layer_delta(layer, pos)] + [setup.expert_delta(layer, [e], pos) for e in experts]
         values = setup.restore_scores(model, layer, deltas, pos, max_rows=max(max_rows, 1))
@@ -520,13 +531,15 @@ def trace_coalitions(
     reached once the contrast is ``>= corrupted + target_fraction * (layer_score - corrupted)``;
     when restoring the layer *lowers* the contrast, each step adds the expert that lowers it most
     and the target is reached once the contrast is ``<=`` that value. ``reached`` says whether it was."""
-    _check_layer(model, layer, sparse=True)
+    layer = _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     clean_routed, noise_routed, _ = routed_sets(setup, layer, pos)
     union = sorted(set(clean_routed) | set(noise_routed))
     layer_score = float(setup.restore_scores(model, layer, [setup.layer_delta(layer, pos)], pos)[0])
-    pool = list(union if candidates is None else candidates)
+    from moelens.patching import _check_range
+
+    pool = list(union if candidates is None else dict.fromkeys(_check_range(candidates, model.cfg.n_experts, "expert")))
     max_size = min(len(pool), max_size or 2 * model.cfg.top_k)
     target = setup.corrupted + target_fraction * (layer_score - setup.corrupted)
     # the search moves the contrast the way restoring the whole layer does: up when the layer rescues
