@@ -63,6 +63,10 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN parameters (sorted items)
+    attn_o_bias: bool = False  # gpt-oss: bias on the output projection W_O
+    attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
+    sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
+    layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
     # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
     # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
     rotary_dim: Optional[int] = None
@@ -84,6 +88,16 @@ class MoEConfig:
     topk_sorted: bool = True
     n_group: int = 1
     topk_group: int = 1
+    router_bias: bool = False  # gpt-oss: the router linear has a bias
+    # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
+    # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
+    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # experts
+    expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
+    expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
     router_score_func: Literal["softmax", "sigmoid"] = "softmax"
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
@@ -123,6 +137,15 @@ class MoEConfig:
         if bad:
             raise ValueError(f"moe_layers {bad} out of range for n_layers={self.n_layers}")
         object.__setattr__(self, "moe_layers", sorted(set(int(l) for l in self.moe_layers)))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            bad_types = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad_types:
+                raise ValueError(f"layer_types {bad_types} not supported (full_attention, sliding_attention)")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         bad = [l for l in self.linear_attn_layers if not 0 <= l < self.n_layers]
         if bad:
             raise ValueError(f"linear_attn_layers {bad} out of range for n_layers={self.n_layers}")
@@ -160,6 +183,12 @@ class MoEConfig:
         if self.rotary_dim is not None:
             return self.rotary_dim
         return self.qk_rope_head_dim if self.attention == "mla" else self.d_head
+
+    def attention_window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (keys ``q - window < k <= q``), or None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def linear_d_conv(self) -> int:

@@ -68,7 +68,8 @@ class HookedMoETransformer(HookedRootModule):
         self.embed = Embed(cfg)
         self.hook_embed = ShapedHookPoint("batch pos d_model")
         self.blocks = nn.ModuleList([TransformerBlock(cfg, l) for l in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                                weight_fp32=cfg.norm_weight_fp32)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
@@ -409,7 +410,8 @@ class HookedMoETransformer(HookedRootModule):
         return out
 
     def n_params(self, active: bool = False, include_embeddings: bool = True) -> int:
-        """Parameter count (total, or active per token: only ``top_k`` of the routed experts)."""
+        """Parameter count (total, or active per token: only ``top_k`` of the routed experts, their
+        weights and, where they have them, biases)."""
         total = 0
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
@@ -417,7 +419,7 @@ class HookedMoETransformer(HookedRootModule):
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue
             n = p.numel()
-            if active and ".experts.W_" in name:
+            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

@@ -1,5 +1,6 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
-first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash.
+first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
+gpt-oss-120b.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -33,6 +34,56 @@ from typing import Any
 
 __all__ = ["PRESETS", "ALIASES", "PRESET_INFO", "get_preset", "list_presets", "resolve_name", "preset_summary",
            "transformers_meta_model"]
+
+def _gpt_oss_config(n_layers: int, n_experts: int) -> dict:
+    """openai/gpt-oss-20b and -120b share every field but the layer and expert counts."""
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": 200002,
+        "experts_per_token": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * (n_layers // 2),
+        "max_position_embeddings": 131072,
+        "model_type": "gpt_oss",
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": n_layers,
+        "num_key_value_heads": 8,
+        "num_local_experts": n_experts,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "quantization_config": {
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+            ],
+            "quant_method": "mxfp4",
+        },
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.55.0.dev0",
+        "use_cache": True,
+        "vocab_size": 201088,
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ---------------------------------------------------------------- Mixtral (MOE_ARCHITECTURES.md §2.6)
@@ -436,6 +487,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "v_head_dim": 256,
         "vocab_size": 154880,
     },
+    # ---------------------------------------------------------------- gpt-oss (MOE_ARCHITECTURES_2026.md §2)
+    "openai/gpt-oss-20b": _gpt_oss_config(24, 32),
+    "openai/gpt-oss-120b": _gpt_oss_config(36, 128),
 }
 
 ALIASES: dict[str, str] = {
@@ -449,6 +503,8 @@ ALIASES: dict[str, str] = {
     "glm-4.5": "zai-org/GLM-4.5",
     "glm-4.5-air": "zai-org/GLM-4.5-Air",
     "glm-4.7-flash": "zai-org/GLM-4.7-Flash",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
 }
 
 _STRUCTURAL = "structural fields confirmed by the exact meta-device parameter count"
@@ -575,6 +631,30 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
             f"{_STRUCTURAL}; MLA q_lora 768 / kv_lora 512 / nope 192 / rope 64 / v 256, 20 heads, 64 experts + 1 "
             "shared, top-4, routed_scaling_factor 1.8, layer 0 dense, rope_theta 1e6 (no YaRN), rms_norm_eps 1e-5, "
             "max_position 202752: §5 (derivatives with identical shapes). Token ids recalled, not verified"
+        ),
+    },
+    "openai/gpt-oss-20b": {
+        "alias": "gpt-oss-20b",
+        "published_params": 21_000_000_000,  # "21B parameters, 3.6B active" (OpenAI model card: 20.91 B)
+        "exact_params": 20_914_757_184,  # MOE_ARCHITECTURES_2026.md §9 (20.915 B), meta-device count
+        "doc_active_params": 4_190_000_000,  # §9: 4.19 B incl. embeddings (OpenAI's 3.6 B excludes the input embedding only)
+        "notes": (
+            f"{_STRUCTURAL} (24 layers, 32 experts, 2880 wide, 64 q / 8 kv heads of 64, biases, sinks); "
+            "num_experts_per_tok 4, sliding_window 128 on the even layers (layer_types), rope_theta 150000 with YaRN "
+            "(factor 32, original 4096, beta 32/1, truncate false), swiglu_limit 7, rms_norm_eps 1e-5, eos/pad "
+            "200002/199999, quantization_config mxfp4: the hub config.json as quoted in MOE_ARCHITECTURES_2026.md §2 and "
+            "identical in public copies of the file (the 120b file differs only in layers and experts)"
+        ),
+    },
+    "openai/gpt-oss-120b": {
+        "alias": "gpt-oss-120b",
+        "published_params": 116_800_000_000,  # "117B parameters, 5.1B active" (OpenAI model card: 116.83 B)
+        "exact_params": 116_829_156_672,  # §9 (116.829 B)
+        "doc_active_params": 5_710_000_000,  # §9: 5.71 B incl. embeddings (OpenAI's 5.1 B excludes the input embedding)
+        "notes": (
+            f"{_STRUCTURAL} (36 layers, 128 experts, otherwise as gpt-oss-20b); the other fields as gpt-oss-20b: "
+            "hub config.json (https://huggingface.co/openai/gpt-oss-120b/raw/main/config.json) as quoted in public "
+            "copies and MOE_ARCHITECTURES_2026.md §2"
         ),
     },
 }

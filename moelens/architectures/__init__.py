@@ -32,6 +32,9 @@ def _register_optional() -> None:
 
     for arch in (deepseek_v3.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH):
         ARCHITECTURES[arch.name] = arch
+    from moelens.architectures import gpt_oss
+
+    ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
 
 
 _register_optional()

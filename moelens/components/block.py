@@ -24,7 +24,7 @@ def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
         from moelens.components.mla import MLAttention
 
         return MLAttention(cfg)
-    return Attention(cfg)
+    return Attention(cfg, layer)
 
 
 class TransformerBlock(nn.Module):
@@ -34,12 +34,14 @@ class TransformerBlock(nn.Module):
         self.is_moe = layer in cfg.moe_layers
         # registration order = execution order, so `model.hook_dict` lists hooks as they fire
         self.hook_resid_pre = ShapedHookPoint("batch pos d_model")
-        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                           weight_fp32=cfg.norm_weight_fp32)
         self.is_linear_attn = layer in cfg.linear_attn_layers  # mixer = Gated DeltaNet, not attention
         self.attn = make_attention(cfg, layer)
         self.hook_attn_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_mid = ShapedHookPoint("batch pos d_model")
-        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                           weight_fp32=cfg.norm_weight_fp32)
         self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_post = ShapedHookPoint("batch pos d_model")

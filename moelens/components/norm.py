@@ -16,6 +16,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * y.to(x.dtype)
 
 
+def rms_norm_weight_fp32(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """gpt-oss's RMSNorm: the weight multiplies the fp32 statistics, then one cast to ``x.dtype``."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
 def rms_norm_zero_centered(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Qwen3.5 / Qwen3-Next: ``(x / rms(x)) * (1 + weight)`` all in fp32, cast to ``x.dtype`` after the
     multiply (weights are stored zero-centred, so 0 is the identity scale)."""
@@ -40,10 +47,11 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, d: int, eps: float, hooked: bool = True, dims: str = "batch pos d_model",
-                 zero_centered: bool = False):
+                 zero_centered: bool = False, weight_fp32: bool = False):
         super().__init__()
         self.eps = eps
         self.zero_centered = zero_centered  # scale by (1 + w) in fp32 (Qwen3.5 / Qwen3-Next)
+        self.weight_fp32 = weight_fp32  # gpt-oss: multiply the weight before the cast
         self.w = nn.Parameter(torch.zeros(d) if zero_centered else torch.ones(d))
         if hooked:
             self.hook_scale = ShapedHookPoint(" ".join(dims.split()[:-1] + ["1"]))
@@ -59,6 +67,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if self.hook_normalized is None:
+            if self.weight_fp32:
+                return rms_norm_weight_fp32(x, self.w, self.eps)
             return norm_fn(self.zero_centered)(x, self.w, self.eps)
         x32 = x.float()
         var = x32.pow(2).mean(-1, keepdim=True) + self.eps
@@ -76,6 +86,8 @@ class RMSNorm(nn.Module):
                 y = x32 / seen
         if y is None:
             y = x32 * torch.rsqrt(var)
+        if self.weight_fp32:  # gpt-oss: (w * y) in fp32, one cast
+            return self.hook_normalized((self.w.float() * y).to(x.dtype))
         if self.zero_centered:  # (1 + w) multiplied in fp32, cast after (Qwen3.5 / Qwen3-Next)
             return self.hook_normalized((y * (1.0 + self.w.float())).to(x.dtype))
         return self.hook_normalized(self.w * y.to(x.dtype))

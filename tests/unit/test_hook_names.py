@@ -26,6 +26,11 @@ def hybrid(mixer, mlp):
     return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *mixer, "hook_attn_out", "hook_resid_mid",
             "ln2.hook_scale", "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
 
+ATTN_SINKS = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+              "attn.hook_attn_scores", "attn.hook_sink_weight", "attn.hook_pattern", "attn.hook_z"]
+SPARSE_SINKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN_SINKS, "hook_attn_out",
+                "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
+
 
 def expand(layers):
     names = ["hook_embed"]
@@ -39,6 +44,7 @@ GOLDEN = {
     "olmoe": expand([SPARSE, SPARSE]),
     "qwen3_moe": expand([DENSE, SPARSE, SPARSE]),
     "qwen2_moe": expand([DENSE, SHARED_GATED, SHARED_GATED]),
+    "gpt_oss": expand([SPARSE_SINKS] * 4),
     # layer types [linear, full, linear, linear], layer 2 dense (mlp_only_layers)
     "qwen3_next": expand([hybrid(DELTANET, ROUTED + SHARED), hybrid(GATED_ATTN, ROUTED + SHARED),
                           hybrid(DELTANET, ["mlp.hook_pre", "mlp.hook_post"]), hybrid(DELTANET, ROUTED + SHARED)]),
@@ -46,7 +52,7 @@ GOLDEN = {
 }
 ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
               "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-              "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+              "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 @pytest.mark.parametrize("arch", sorted(GOLDEN))
@@ -80,7 +86,7 @@ def test_hybrid_hook_shapes_are_declared():
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
-                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe"])
+                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers

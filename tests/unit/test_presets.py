@@ -28,6 +28,9 @@ DOC_ACTIVE = {
     "zai-org/GLM-4.5": (33.63e9, 33.63e9 - 2 * 151552 * 5120),
     "zai-org/GLM-4.5-Air": (13.42e9, 12.18e9),
     "zai-org/GLM-4.7-Flash": (3.90e9, 3.90e9 - 2 * 154880 * 2048),
+    # MOE_ARCHITECTURES_2026.md §9 (expert biases count k/E); without both embedding matrices
+    "openai/gpt-oss-20b": (4.19e9, 3.03e9),
+    "openai/gpt-oss-120b": (5.71e9, 4.55e9),
 }
 
 
@@ -55,12 +58,12 @@ def moelens_meta(name):
 
 def hf_active(model, cfg: dict) -> int:
     """Active parameters per token of a transformers model: routed expert banks
-    (``mlp.experts.gate_up_proj`` / ``down_proj``, shape ``[E, ...]``) count ``k/E``."""
+    (``mlp.experts.gate_up_proj`` / ``down_proj`` and gpt-oss's ``*_bias``, shape ``[E, ...]``) count ``k/E``."""
     k = cfg["num_experts_per_tok"]
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
+        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -84,7 +87,8 @@ def test_names_and_aliases():
         "mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite",
     ]
     for alias in ("deepseek-v3", "kimi-k2", "glm-4.5", "glm-4.5-air", "glm-4.7-flash", "qwen3.5-35b-a3b",
-                  "qwen3.6-35b-a3b", "qwen3-next-80b-a3b"):
+                  "qwen3.6-35b-a3b", "qwen3-next-80b-a3b",
+                  "gpt-oss-20b", "gpt-oss-120b"):
         assert alias in presets.list_presets(aliases=True)
     for alias, hub in presets.ALIASES.items():
         assert presets.get_preset(alias) == presets.get_preset(hub)
@@ -264,6 +268,10 @@ def test_translated_semantics_of_the_presets():
     if "DeepseekV2ForCausalLM" in archs.ARCHITECTURES:
         ds = moelens_meta("deepseek-ai/DeepSeek-V2-Lite").cfg
         assert ds.attention == "mla" and ds.moe_layers == list(range(1, 27)) and ds.yarn["factor"] == 40
+    go = moelens_meta("openai/gpt-oss-120b").cfg
+    assert go.moe_layers == list(range(36)) and go.n_experts == 128 and go.top_k == 4
+    assert go.attention_window(0) == 128 and go.attention_window(1) is None and go.yarn["truncate"] is False
+    assert go.router_order == "topk_softmax" and go.expert_act == "clamped_swiglu" and go.attn_sinks
 
 
 def test_translated_semantics_of_the_v3_family_presets():
