@@ -57,6 +57,7 @@ class TraceSetup:
     clean_cache: Any
     corrupted_cache: Any  # batch n_samples
     settings: dict
+    _slots: dict = field(default_factory=dict, repr=False, compare=False)  # memo of _slots_at per layer/positions
 
     @property
     def metric(self):
@@ -81,12 +82,19 @@ class TraceSetup:
     def expert_delta(self, layer: int, experts, positions: list[int]) -> Tensor:
         """``sum_e c_e(clean) - c_e(corrupted)`` ``[n_samples, T - min(positions), d]``, zero off ``positions``."""
         p0 = min(positions)
-        delta = torch.zeros(self.n_samples, self.tokens.shape[1], self.clean_cache.model.cfg.d_model,
+        delta = torch.zeros(self.n_samples, self.tokens.shape[1] - p0, self.clean_cache.model.cfg.d_model,
                             device=self.tokens.device)
+        rel = [p - p0 for p in positions]
+        # the contributions at ``positions`` only (not rebuilt over the whole sequence per expert)
+        key = (layer, tuple(positions))
+        if key not in self._slots:
+            self._slots = {key: (_slots_at(self.clean_cache, layer, positions),
+                                 _slots_at(self.corrupted_cache, layer, positions))}  # keep one: bounded memory
+        clean, corrupted = self._slots[key]
         for e in experts:
-            d = self.clean_cache.expert_contribution(layer, int(e)) - self.corrupted_cache.expert_contribution(layer, int(e))
-            delta[:, positions] += d[:, positions].float().to(delta.device).expand(self.n_samples, -1, -1)
-        return delta[:, p0:]
+            d = _contribution(*clean, int(e)) - _contribution(*corrupted, int(e))
+            delta[:, rel] += d.float().to(delta.device).expand(self.n_samples, -1, -1)
+        return delta
 
     def layer_delta(self, layer: int, positions: list[int]) -> Tensor:
         """clean minus corrupted ``hook_mlp_out`` at ``positions`` (restoring the whole MoE output)."""
@@ -106,6 +114,19 @@ class TraceSetup:
         with torch.no_grad():
             vals = eng.run_from_resid_post(layer, min(positions), stacked, samples)
         return vals.reshape(len(deltas), n).mean(-1).cpu()
+
+
+def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, weights, expert_out) of ``layer`` at ``positions`` (for :func:`_contribution`)."""
+    name = f"blocks.{layer}.mlp."
+    return tuple(cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+
+
+def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
+    """``expert``'s weighted update at the sliced positions: the arithmetic of
+    ``MoEActivationCache.expert_contribution`` on a slice."""
+    slot_w = torch.where(idx == expert, w, torch.zeros_like(w))
+    return (out * slot_w.unsqueeze(-1)).sum(-2).to(out.dtype)
 
 
 def embedding_std(model) -> float:
