@@ -70,13 +70,11 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
-def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",)) -> dict[str, Tensor]:
-    """Gradients ``[n_samples, pos, d_model]`` (fp32) of each corrupted run's metric with respect to
-    ``blocks.{l}.hook_{mlp_out|attn_out|resid_post}`` for every layer, from one forward and one backward.
-
-    Each hook adds a zero leaf that requires grad (so the gradient is that of the hooked activation,
-    whatever ``requires_grad`` the parameters have); parameters are frozen during the pass, so the
-    autograd graph holds only what input gradients need and nothing else is cached."""
+def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_filter, kinds: Sequence[str],
+                                 cache_device=None):
+    """The corrupted run, cached as ``prepare`` caches it, and in the same forward (one backward more)
+    the gradients of each row's metric with respect to the ``kinds`` hooks of every layer:
+    ``(logits, cache, {hook name: [n_samples, pos, d_model] fp32})``. See :func:`corrupted_gradients`."""
     from moelens import patching as P
 
     names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
@@ -87,19 +85,37 @@ def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",
         leaves[hook.name] = z
         return act + z
 
-    batch = setup.tokens.expand(setup.n_samples, -1)
-    hooks = P.to_hooks(model, [setup.corrupt()]) + [(n, add_leaf) for n in names]
+    hooks = P.to_hooks(model, [corrupt]) + [(n, add_leaf) for n in names]
     with _frozen(model), torch.enable_grad():
-        logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-        metric = setup.metric(logits)  # [n_samples]; rows are independent, so d(sum)/d(row s) = g_s
+        logits, cache = model.run_with_cache(batch, names_filter=names_filter, fwd_hooks=hooks, device=cache_device)
+        value = metric(logits)  # [n_samples]; rows are independent, so d(sum)/d(row s) = g_s
         missing = [n for n in names if n not in leaves]
         if missing:
             raise RuntimeError(f"hooks {missing[:3]} did not fire: cannot take their gradients")
-        grads = torch.autograd.grad(metric.sum(), [leaves[n] for n in names], allow_unused=True)
-    out = {}
-    for n, g in zip(names, grads):
-        out[n] = torch.zeros_like(leaves[n], dtype=torch.float32) if g is None else g.float()
-    return out
+        grads = torch.autograd.grad(value.sum(), [leaves[n] for n in names], allow_unused=True)
+    out = {n: (torch.zeros_like(leaves[n], dtype=torch.float32) if g is None else g.float())
+           for n, g in zip(names, grads)}
+    return logits.detach(), cache, out
+
+
+def _gradients(model, setup: TraceSetup, kinds: Sequence[str]) -> dict[str, Tensor]:
+    """The setup's gradients when ``prepare(..., gradients=kinds)`` took them, else a new pass."""
+    have = getattr(setup, "gradients", None) or {}
+    names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
+    if all(n in have for n in names):
+        return have
+    return corrupted_gradients(model, setup, kinds)
+
+
+def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",)) -> dict[str, Tensor]:
+    """Gradients ``[n_samples, pos, d_model]`` (fp32) of each corrupted run's metric with respect to
+    ``blocks.{l}.hook_{mlp_out|attn_out|resid_post}`` for every layer, from one forward and one backward.
+
+    Each hook adds a zero leaf that requires grad (so the gradient is that of the hooked activation,
+    whatever ``requires_grad`` the parameters have); parameters are frozen during the pass, so the
+    autograd graph holds only what input gradients need and nothing else is cached."""
+    batch = setup.tokens.expand(setup.n_samples, -1)
+    return corrupted_run_with_gradients(model, batch, setup.corrupt(), setup.metric, lambda name: False, kinds)[2]
 
 
 def _slot_dots(cache, layer: int, grad: Tensor, positions: list[int]) -> Tensor:
@@ -294,10 +310,10 @@ def attribute_experts(
     :func:`~moelens.trace_experts`) or a :class:`~moelens.TraceSetup` from :func:`moelens.tracing.prepare`.
     """
     setup = case if isinstance(case, TraceSetup) else prepare(
-        model, case, names_filter=attribution_names_filter, **prepare_kwargs)
+        model, case, names_filter=attribution_names_filter, gradients=("mlp",), **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     single = _check_single(positions)
-    grads = corrupted_gradients(model, setup, ("mlp",))
+    grads = _gradients(model, setup, ("mlp",))
     L, E = model.cfg.n_layers, model.cfg.n_experts
     scores = torch.full((L, len(pos), E), float("nan"))
     layer_scores = torch.empty(L, len(pos))
@@ -336,9 +352,9 @@ def attribute_layers(
     if kind not in KIND_HOOKS:
         raise ValueError(f"kind={kind!r}: use one of {sorted(KIND_HOOKS)}")
     setup = case if isinstance(case, TraceSetup) else prepare(
-        model, case, names_filter=attribution_names_filter, **prepare_kwargs)
+        model, case, names_filter=attribution_names_filter, gradients=(kind,), **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
-    grads = corrupted_gradients(model, setup, (kind,))
+    grads = _gradients(model, setup, (kind,))
     L = model.cfg.n_layers
     scores = torch.empty(L, len(pos))
     with torch.no_grad():
@@ -383,7 +399,7 @@ def screen_experts(
     highest estimates exactly (suffix runs, equal to :func:`~moelens.trace_experts`). ``layers``:
     screen only these sparse layers (default: all). ``positions``: as for ``trace_experts`` (a set of
     positions is restored jointly; its estimate is the sum of the per-position first-order terms)."""
-    setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
+    setup = case if isinstance(case, TraceSetup) else prepare(model, case, gradients=("mlp",), **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     a = attribute_experts(model, setup, positions=pos)  # [L, P, E] per position
     est = setup.corrupted + (a.scores - setup.corrupted).sum(1)  # joint first-order estimate

@@ -58,6 +58,7 @@ class TraceSetup:
     corrupted_cache: Any  # batch n_samples
     settings: dict
     _slots: dict = field(default_factory=dict, repr=False, compare=False)  # memo of _slots_at per layer/positions
+    gradients: Optional[dict] = field(default=None, repr=False, compare=False)  # prepare(..., gradients=kinds)
 
     @property
     def metric(self):
@@ -160,6 +161,7 @@ def prepare(
     prepend_bos: Optional[bool] = None,
     names_filter=tracing_names_filter,
     cache_device=None,
+    gradients: Sequence[str] = (),
 ) -> TraceSetup:
     """Tokenize the case, draw (or take) the noise, and run the clean and corrupted runs with caches.
 
@@ -169,6 +171,9 @@ def prepare(
     ``noise_scale * std(W_E)``; for ROME's reference pass
     ``sigma=noise_scale * subject_embedding_std(model, cases)``. ``cache_device`` stores the clean
     and corrupted caches elsewhere (e.g. ``"cpu"`` to spare GPU memory; slower sweeps).
+    ``gradients``: kinds (``"mlp"``, ``"attn"``, ``"resid"``) whose per-layer gradients of each
+    corrupted run's metric the corrupted run also takes (one backward more; ``setup.gradients``,
+    used by :mod:`moelens.tracing.attribution`).
     """
     if model.tokenizer is None:
         raise ValueError("causal tracing on a FactCase needs the model's tokenizer")
@@ -197,13 +202,20 @@ def prepare(
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(tokens, names_filter=names_filter, device=cache_device)
         batch = tokens.expand(z.shape[0], -1)
-        corrupted_logits, corrupted_cache = model.run_with_cache(
-            batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
-        )
+        grads = None
+        if gradients:
+            from moelens.tracing.attribution import corrupted_run_with_gradients
+
+            corrupted_logits, corrupted_cache, grads = corrupted_run_with_gradients(
+                model, batch, corrupt, metric, names_filter, gradients, cache_device)
+        else:
+            corrupted_logits, corrupted_cache = model.run_with_cache(
+                batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
+            )
     return TraceSetup(
         case=case, tokenized=tc, tokens=tokens, noise=scaled, sigma=float(sigma),
         clean=float(metric(clean_logits).mean()), corrupted=float(metric(corrupted_logits).mean()),
-        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings,
+        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings, gradients=grads,
     )
 
 

@@ -191,3 +191,17 @@ def test_results_roundtrip_and_layers_filter(tiny_dirs, tmp_path):
         moelens.screen_experts(model, CASE, seed=0, n_samples=2, layers=[0])
     s = moelens.screen_experts(model, CASE, seed=0, n_samples=2, layers=[2], n_verify=3)
     assert s.verified[2].sum() == 3 and s.verified.sum() == 3 and torch.isnan(s.scores[1]).all()
+
+
+def test_gradients_taken_in_the_corrupted_run_equal_a_separate_pass(tiny_dirs):
+    model = _load(tiny_dirs, "qwen2_moe")
+    z = torch.randn(2, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    plain = prepare(model, CASE, noise=z)
+    joint = prepare(model, CASE, noise=z, gradients=("mlp", "attn"))
+    assert plain.gradients is None and joint.corrupted == pytest.approx(plain.corrupted, abs=1e-6)
+    for name, value in plain.corrupted_cache.cache_dict.items():
+        torch.testing.assert_close(joint.corrupted_cache[name], value, atol=1e-6, rtol=0)
+    torch.testing.assert_close(moelens.attribute_experts(model, joint).scores,
+                               moelens.attribute_experts(model, plain).scores, equal_nan=True, atol=1e-5, rtol=0)
+    torch.testing.assert_close(moelens.attribute_layers(model, joint, kind="attn").scores,
+                               moelens.attribute_layers(model, plain, kind="attn").scores, atol=1e-5, rtol=0)
