@@ -60,7 +60,7 @@ def expert_attribution_heatmap(
                 xs.append(int(e))
                 ys.append(f"L{l}")
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="verified exactly",
-                                 marker=dict(symbol="x-thin-open", size=9, color="black", line=dict(width=2)),
+                                 marker=dict(symbol="x", size=10, color="black", line=dict(width=1, color="white")),
                                  hoverinfo="skip"))
     height = int(min(1400, max(360, 160 + 18 * len(rows))))
     fig.update_layout(
