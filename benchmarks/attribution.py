@@ -83,11 +83,19 @@ def main():
         return moelens.screen_experts(model, case, n_verify=10, **kw)
 
     if args.memory_of:  # a fresh process: the allocator holds nothing from other measurements
-        def naive():  # what attribution avoids: a cache of every hook, forward and backward
+        def naive():  # what attribution avoids: every hook kept with its gradient, and parameter gradients
+            kept = {}
+
+            def keep(act, hook):
+                if act.requires_grad:
+                    act.retain_grad()
+                kept[hook.name] = act
+
             with torch.enable_grad():
-                logits, cache = model.run_with_cache(tokens.expand(n, -1), incl_bwd=True,
-                                                     fwd_hooks=P.to_hooks(model, [setup.corrupt()]))
-            return cache
+                logits = model.run_with_hooks(tokens.expand(n, -1), fwd_hooks=P.to_hooks(model, [setup.corrupt()])
+                                              + [(lambda name: True, keep)])
+                setup.metric(logits).sum().backward()
+            return kept
 
         fn = {"attribution": lambda: moelens.attribute_experts(model, case, **kw), "exhaustive": exhaustive,
               "screen": screen, "naive": naive}[args.memory_of]
@@ -110,7 +118,7 @@ def main():
     t_att, _ = best_of(lambda: moelens.attribute_experts(model, case, **kw), r)
     t_screen, sc = best_of(screen, r)
     t_exh, ex = best_of(exhaustive, 1)
-    mem = {what: memory_of(what) for what in ("attribution", "screen", "exhaustive", "naive")}
+    mem = {}
     exact = torch.stack([ex[l] for l in range(L)])
     top_exact = set(torch.argsort(exact.flatten(), descending=True)[:5].tolist())
     top_screen = {l * model.cfg.n_experts + e for l, e, _ in sc.top(5)}
@@ -127,6 +135,8 @@ def main():
           f"{model.cfg.n_experts} experts): {t_exh * 1e3:.0f} ms -> {t_exh / t_screen:.1f}x faster")
     print(f"  this prompt: verified top-5 == exhaustive top-5: {top_screen == top_exact}; "
           f"correlation(estimate, exact) over all pairs {corr:.3f}")
+    sys.stdout.flush()
+    mem = {what: memory_of(what) for what in ("attribution", "screen", "exhaustive", "naive")}
     print(f"memory (extra peak RSS over the loaded model, each in a fresh process): attribution "
           f"{mem['attribution'] / mib:.0f} MiB, screen + verify {mem['screen'] / mib:.0f} MiB, exhaustive exact "
           f"{mem['exhaustive'] / mib:.0f} MiB; a backward through run_with_cache(incl_bwd=True) of every hook "
