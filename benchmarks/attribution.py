@@ -139,7 +139,8 @@ def main():
     mem = {what: memory_of(what) for what in ("attribution", "screen", "exhaustive", "naive")}
     print(f"memory (extra peak RSS over the loaded model, each in a fresh process): attribution "
           f"{mem['attribution'] / mib:.0f} MiB, screen + verify {mem['screen'] / mib:.0f} MiB, exhaustive exact "
-          f"{mem['exhaustive'] / mib:.0f} MiB; a backward through run_with_cache(incl_bwd=True) of every hook "
+          f"{mem['exhaustive'] / mib:.0f} MiB; a plain backward keeping every hook with its gradient (and the "
+          f"parameters' gradients) "
           f"{mem['naive'] / mib:.0f} MiB (model {sum(p.numel() * p.element_size() for p in model.parameters()) / mib:.0f} MiB)")
 
 
