@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from moelens.cache import MoEActivationCache, expert_names_filter
 from moelens.config import MoEConfig
-from moelens.hooks import check_shapes
+from moelens.hooks import HookEditError, check_shapes
 from moelens.model import HookedMoETransformer
 from moelens.tracing import *  # noqa: F401,F403  (FactCase, trace_layers, trace_experts, ...)
 from moelens.tracing import __all__ as _tracing_all
