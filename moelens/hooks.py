@@ -150,6 +150,11 @@ def check_shapes(model):
         "kv_lora_rank": cfg.kv_lora_rank,
         "q_lora_rank": cfg.q_lora_rank or 0,
         "d_rope": cfg.qk_rope_head_dim,
+        "k_head": getattr(cfg, "linear_n_k_heads", 0),
+        "v_head": getattr(cfg, "linear_n_v_heads", 0),
+        "d_k": getattr(cfg, "linear_d_k", 0),
+        "d_v": getattr(cfg, "linear_d_v", 0),
+        "d_conv": cfg.linear_d_conv if hasattr(cfg, "linear_d_conv") else 0,
     }
     old = dict(_CHECK)
     _CHECK.update(on=True, dims=dims)
