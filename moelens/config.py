@@ -84,6 +84,7 @@ class MoEConfig:
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
     default_prepend_bos: bool = True
+    n_ctx: Optional[int] = None  # context length (HF max_position_embeddings); generate() checks it
     # numerics / implementation
     dtype: torch.dtype = torch.float32
     expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"

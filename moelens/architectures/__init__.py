@@ -81,6 +81,7 @@ def translate_config(hf_config: dict, dtype: torch.dtype = torch.float32, **over
         bos_token_id=full.get("bos_token_id"),
         eos_token_id=_first(full.get("eos_token_id")),
         pad_token_id=full.get("pad_token_id"),
+        n_ctx=hf.get("max_position_embeddings"),
         dtype=dtype,
     )
     kwargs.update(overrides)
