@@ -212,6 +212,25 @@ def _set_pos_offset(model, offset: Optional[int]) -> None:
             hp.__dict__["pos_offset"] = offset
 
 
+def _present(interventions: list, n: int) -> list:
+    """The interventions as they apply to a sequence of ``n`` positions: absolute positions not
+    reached yet are dropped (they apply once generation gets there); negative positions count
+    from the newest token."""
+    import dataclasses
+
+    out = []
+    for iv in interventions:
+        pos = getattr(iv, "positions", None)
+        if pos is None or isinstance(pos, Tensor) and pos.ndim == 0 and int(pos) < 0:
+            out.append(iv)
+            continue
+        pos = [int(p) for p in (pos.reshape(-1).tolist() if isinstance(pos, Tensor) else [pos] if isinstance(pos, int) else pos)]
+        keep = [p for p in pos if p < n]
+        if keep:
+            out.append(iv if len(keep) == len(pos) else dataclasses.replace(iv, positions=keep))
+    return out
+
+
 def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], str))
 
@@ -352,7 +371,10 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=model.W_U.device).manual_seed(int(seed))
 
-    hooks = patching.to_hooks(model, list(interventions)) if interventions else []
+    interventions = list(interventions)
+    for iv in interventions:
+        iv.validate(model)
+    hooks: list = []  # routing capture, after the interventions' hooks at every step
     trace_layers: list[int] = []
     captured: dict[str, list[Tensor]] = {}
     if return_routing:
@@ -380,8 +402,9 @@ def generate(
     positions = _position_ids(mask) if padded else None
     n_prompt = tokens.shape[1]
     try:
-        with model.hooks(fwd_hooks=hooks):
-            for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate", unit="token"):
+        for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate", unit="token"):
+            step_hooks = patching.to_hooks(model, _present(interventions, tokens.shape[1])) if interventions else []
+            with model.hooks(fwd_hooks=step_hooks + hooks):
                 first = cache is None or step == 0
                 inp = tokens if first else tokens[:, -1:]
                 pos = None if positions is None else (positions if first else positions[:, -1:])
