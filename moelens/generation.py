@@ -502,8 +502,9 @@ def generation_routing_map(
     fig.update_yaxes(tickmode="array", tickvals=list(range(0, nl, step)), ticktext=y[::step], title="sparse layer",
                      autorange="reversed")
     fig.update_layout(
-        title=title or "Routing of each generated token (colour: expert with the largest combine weight)",
-        width=min(2400, max(600, 28 * n + 250)), height=min(1600, max(420, 20 * nl + 260)),
+        title=title or "Routing of each generated token<br><sup>colour: the expert with the largest combine weight; "
+        "hover for all chosen experts</sup>",
+        width=min(2400, max(720, 28 * n + 250)), height=min(1600, max(420, 20 * nl + 260)),
         margin=dict(l=70, r=40, t=70, b=160), plot_bgcolor="white",
     )
     return fig
