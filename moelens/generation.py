@@ -18,6 +18,7 @@ with and without the cache).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -204,8 +205,8 @@ def hook_position_offset(hook) -> int:
     return getattr(hook, "pos_offset", 0)
 
 
-def _set_pos_offset(model, offset: Optional[int]) -> None:
-    for hp in model.hook_dict.values():
+def _set_pos_offset(model, offset: Optional[int], hook_points: Optional[list] = None) -> None:
+    for hp in model.hook_dict.values() if hook_points is None else hook_points:
         if offset is None:
             hp.__dict__.pop("pos_offset", None)
         elif hp._forward_hooks or "pos_offset" in hp.__dict__:
@@ -404,7 +405,8 @@ def generate(
     try:
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate", unit="token"):
             step_hooks = patching.to_hooks(model, _present(interventions, tokens.shape[1])) if interventions else []
-            with model.hooks(fwd_hooks=step_hooks + hooks):
+            # a hooks context only when there are hooks to add (entering and leaving one costs a pass over all hook points)
+            with model.hooks(fwd_hooks=step_hooks + hooks) if step_hooks or hooks else contextlib.nullcontext():
                 first = cache is None or step == 0
                 inp = tokens if first else tokens[:, -1:]
                 pos = None if positions is None else (positions if first else positions[:, -1:])

@@ -43,8 +43,8 @@ class AttentionContext:
     def additive_mask(self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False) -> Optional[Tensor]:
         """``[batch or 1, 1, n_q, n_k]`` additive mask; None for plain causal from position 0
         unless ``always``."""
-        if self.key_mask is None and self.q_offset == 0 and not always:
-            return None
+        if self.key_mask is None and (self.q_offset == 0 or n_q == 1) and not always:
+            return None  # plain causal (or one query seeing every key): SDPA needs no mask
         q_pos = torch.arange(n_q, device=device)[:, None] + self.q_offset
         allowed = torch.arange(n_k, device=device)[None, :] <= q_pos
         allowed = allowed[None, None]
