@@ -43,12 +43,12 @@ def main():
         ids = torch.randint(3, vocab, (4, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
         mask = torch.ones_like(ids)
         gc = copy.deepcopy(hf.generation_config)
-        gc.eos_token_id, gc.pad_token_id, gc.do_sample = None, 0, False
         n = args.new
+        gc.eos_token_id, gc.pad_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, 0, False, n, n
 
         def run_hf():
             with torch.no_grad():
-                return hf.generate(ids, attention_mask=mask, generation_config=gc, max_new_tokens=n, min_new_tokens=n)
+                return hf.generate(ids, attention_mask=mask, generation_config=gc)
 
         def run_ml():
             return model.generate(ids, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False)

@@ -32,9 +32,10 @@ def hf_greedy(hf, ids, mask, n_new, use_cache=True):
     gc.eos_token_id = None
     gc.pad_token_id = 0
     gc.do_sample = False
+    gc.max_new_tokens = gc.min_new_tokens = n_new
+    gc.use_cache = use_cache
     with torch.no_grad():
-        return hf.generate(ids, attention_mask=mask, generation_config=gc, max_new_tokens=n_new,
-                           min_new_tokens=n_new, use_cache=use_cache)
+        return hf.generate(ids, attention_mask=mask, generation_config=gc)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
