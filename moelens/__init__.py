@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from moelens.cache import MoEActivationCache, expert_names_filter
 from moelens.config import MoEConfig
-from moelens.hooks import check_shapes
+from moelens.hooks import HookEditError, check_shapes
 from moelens.model import HookedMoETransformer
 from moelens.generation import GenerationCache, RoutingTrace
 from moelens.steering import SteerExperts, detect_experts

@@ -15,9 +15,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from moelens.analysis.tl_cache import TLAnalysisMixin
 
-class MoEActivationCache(ActivationCache):
-    """Activation cache with expert-level views (contributions, routing tables, usage)."""
+
+class MoEActivationCache(TLAnalysisMixin, ActivationCache):
+    """Activation cache with expert-level views (contributions, routing tables, usage), on which
+    TransformerLens' analysis methods work (see :mod:`moelens.analysis.tl_cache`)."""
 
     # ------------------------------------------------------------------ lookups
     def _hook(self, layer: int, name: str) -> Tensor:

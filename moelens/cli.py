@@ -47,7 +47,14 @@ def _trace(args) -> int:
         seed=args.seed, prepend_bos=args.bos, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
         layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
     )
-    summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model))
+    from moelens.tracing.fingerprint import ResumeError
+    from moelens.tracing.protocol import ProtocolError
+
+    try:
+        summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model), facts_source=args.facts)
+    except (ResumeError, ProtocolError) as exc:  # one line, exit 2: the results would be wrong or empty
+        print(f"moelens trace: error: {exc}", file=sys.stderr)
+        return 2
     from moelens.tracing.protocol import world
 
     if world()[0] != 0:
@@ -58,9 +65,14 @@ def _trace(args) -> int:
 
 
 def _merge(args) -> int:
-    from moelens.tracing.protocol import merge
+    from moelens.tracing.fingerprint import ResumeError
+    from moelens.tracing.protocol import ProtocolError, merge
 
-    print(merge(args.out))
+    try:
+        print(merge(args.out))
+    except (ResumeError, ProtocolError) as exc:
+        print(f"moelens merge: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -88,8 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-clean", type=float, default=1.0)
     p.add_argument("--min-drop", type=float, default=0.5)
     p.add_argument("--noise-scale", type=float, default=3.0)
-    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects"],
-                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens (ROME)")
+    p.add_argument("--noise-reference", default="embedding", choices=["embedding", "subjects", "subjects_rome"],
+                   help="sigma = noise_scale x std of the embedding matrix, or of the dataset's subject tokens "
+                        "(subjects_rome: as ROME's collect_embedding_std, special tokens included)")
     p.add_argument("--samples", type=int, default=1, help="noise draws per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None, help="comma-separated candidate layers (default: all sparse)")

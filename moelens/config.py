@@ -61,6 +61,12 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN parameters (sorted items)
+    # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
+    # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
+    rotary_dim: Optional[int] = None
+    # DeepSeek-V3 interleaved RoPE: pairs (2i, 2i+1) rotated in the model dtype with cos/sin cast to
+    # it, written de-interleaved ([rotated evens || rotated odds]) as transformers' V3 does
+    rope_deinterleave: bool = False
     # MLA (DeepSeek-V2)
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0
@@ -72,10 +78,15 @@ class MoEConfig:
     router_weights_dtype: Literal["model", "float32"] = "model"
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
-    topk_method: Literal["greedy", "group_limited_greedy"] = "greedy"
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = "greedy"
     topk_sorted: bool = True
     n_group: int = 1
     topk_group: int = 1
+    router_score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
+    router_correction_bias: bool = False
+    router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
+    router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
@@ -84,7 +95,7 @@ class MoEConfig:
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
     default_prepend_bos: bool = True
-    n_ctx: Optional[int] = None  # context length (HF max_position_embeddings); generate() checks it
+    n_ctx: Optional[int] = None  # max_position_embeddings (what to_tokens(truncate=True) cuts to); None: no limit
     # numerics / implementation
     dtype: torch.dtype = torch.float32
     expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"
@@ -99,7 +110,7 @@ class MoEConfig:
         if bad:
             raise ValueError(f"moe_layers {bad} out of range for n_layers={self.n_layers}")
         object.__setattr__(self, "moe_layers", sorted(set(int(l) for l in self.moe_layers)))
-        if self.topk_method == "group_limited_greedy" and self.n_experts % self.n_group:
+        if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
     # -- derived -------------------------------------------------------------------------------
@@ -122,11 +133,31 @@ class MoEConfig:
 
     @property
     def rope_dim(self) -> int:
+        if self.rotary_dim is not None:
+            return self.rotary_dim
         return self.qk_rope_head_dim if self.attention == "mla" else self.d_head
 
     @property
     def yarn(self) -> Optional[dict]:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    # -- TransformerLens ActivationCache compatibility (read by its analysis methods) -------------
+    @property
+    def normalization_type(self) -> str:
+        """Every supported architecture uses pre-norm RMSNorm with a weight (TransformerLens' "RMS")."""
+        return "RMS"
+
+    @property
+    def final_rms(self) -> bool:
+        return True
+
+    @property
+    def attn_only(self) -> bool:
+        return False
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary"
 
     def replace(self, **changes) -> "MoEConfig":
         """A copy with some fields changed (the config itself is immutable)."""

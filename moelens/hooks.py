@@ -5,6 +5,13 @@ named by its module path. moelens' hook points additionally declare their shape 
 annotation (``hp.annotation``, e.g. ``Float[Tensor, "batch pos n_experts"]``) using the axis
 names of :mod:`moelens.config`. With :func:`check_shapes` enabled, every hooked activation is
 checked against that annotation at run time (the test suite runs with it on).
+
+Always (not only under :func:`check_shapes`): a forward hook added to a :class:`ShapedHookPoint`
+that returns a tensor must return one of exactly the activation's shape and dtype kind (float stays
+float, integer stays integer); otherwise :class:`HookEditError` names the hook, the expected and the
+returned shape. A hook's return value replaces the activation, so a ``[b, p, 1]`` edit of
+``[b, p, top_k]`` weights would otherwise be broadcast silently by the computation downstream. The
+comparison is a tuple compare per hooked call: it costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import difflib
 import re
 from typing import Iterable, Optional
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -35,8 +43,61 @@ class ShapedHookPoint(HookPoint):
             _check(self, x)
         return x
 
+    def add_hook(self, hook, dir="fwd", *args, **kwargs):
+        """As :meth:`HookPoint.add_hook`; forward hooks' returned tensors are checked (:class:`HookEditError`)."""
+        if dir == "fwd":
+            hook = _checked_hook(self, hook)
+        return super().add_hook(hook, dir, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{self.kind}[{self.dims}]"
+
+
+class HookEditError(ValueError):
+    """A hook returned a tensor whose shape or dtype kind differs from the activation it replaces."""
+
+
+def _kind(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    if t.dtype.is_floating_point:
+        return "float"
+    if t.dtype.is_complex:
+        return "complex"
+    return "int"
+
+
+def _checked_hook(hp: "ShapedHookPoint", fn):
+    """Wrap a forward hook so that what it returns must match the activation's shape and dtype kind."""
+
+    def checked(act, hook):
+        out = fn(act, hook=hook)
+        if isinstance(out, Tensor) and isinstance(act, Tensor):
+            if out.shape != act.shape:
+                raise HookEditError(
+                    f"hook {_short_repr(fn)} on {hp.name!r} returned shape {tuple(out.shape)}, "
+                    f"expected {tuple(act.shape)} ([{hp.dims}]): a hook must return a tensor of the activation's "
+                    f"shape (edit a clone of it; moelens does not broadcast edits)"
+                )
+            if _kind(out) != _kind(act):
+                raise HookEditError(
+                    f"hook {_short_repr(fn)} on {hp.name!r} returned a {out.dtype} tensor, expected "
+                    f"{_kind(act)} like the activation ({act.dtype}, [{hp.dims}])"
+                )
+        return out
+
+    # TransformerLens names the registered hook after repr(fn); keep that cheap and informative
+    checked.__qualname__ = checked.__name__ = f"checked({_short_repr(fn)})"
+    checked.__wrapped__ = fn
+    return checked
+
+
+def _short_repr(fn) -> str:
+    import functools
+
+    if isinstance(fn, functools.partial):
+        return f"partial({fn.func!r},...)"
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _check(hp: ShapedHookPoint, x: Tensor) -> None:

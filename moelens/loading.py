@@ -8,6 +8,7 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -19,6 +20,8 @@ from safetensors import safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
+
+logger = logging.getLogger("moelens")
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -115,13 +118,32 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
 class _Plan:
     """Which moelens parameter (slice) each checkpoint key fills."""
 
-    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool):
+    def __init__(self, arch: Architecture, params: dict[str, nn.Parameter], tied: bool, n_layers: Optional[int] = None):
         self.arch = arch
         self.params = params
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
         self.filled: dict[str, set] = defaultdict(set)
+        self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
+        self.n_layers = n_layers
+        self.skipped: dict[str, int] = defaultdict(int)
+
+    def describe(self, pattern: str) -> str:
+        return pattern.replace("\\..*", ".*").replace("\\.", ".").replace("{MTP_LAYER}", f"{{>={self.n_layers}}}")
+
+    def skipped_by(self, key: str) -> Optional[str]:
+        """The ``skip_keys`` pattern that drops ``key`` (counted), or None."""
+        for pattern, rx in self.skip:
+            m = rx.fullmatch(key)
+            if m is None:
+                continue
+            layer = m.groupdict().get("mtp_layer")
+            if layer is not None and (self.n_layers is None or int(layer) < self.n_layers):
+                continue
+            self.skipped[pattern] += 1
+            return pattern
+        return None
 
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
@@ -145,8 +167,11 @@ class _Plan:
 def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bool, progress: bool = False) -> None:
     """Stream every tensor of the checkpoint into ``model``; raise on any mismatch."""
     params = dict(model.named_parameters())
-    plan = _Plan(arch, params, tied)
+    cfg = getattr(model, "cfg", None)
+    plan = _Plan(arch, params, tied, n_layers=getattr(cfg, "n_layers", None))
     files = checkpoint_files(directory)
+    quant = _quant_format(directory)
+    key_file = {k: fname for fname, keys in files.items() for k in keys} if quant is not None else {}
     unexpected, shape_errors = [], []
     iterator: Iterable = files.items()
     if progress:
@@ -156,12 +181,27 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
     for fname, keys in iterator:
         with safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
+                if plan.skipped_by(key) is not None:
+                    continue
+                if quant is not None and quant.is_scale(key):
+                    if key[: -len("_scale_inv")] not in key_file:
+                        unexpected.append(key)
+                    continue  # consumed with its weight
                 targets = plan.targets(key)
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
+                tensor_slice = f.get_slice(key)
+                if quant is not None:
+                    tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
-                    _copy_into(params[name], f.get_slice(key), key, name, expert, split, shape_errors, plan)
+                    _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
+    if plan.skipped:
+        n = sum(plan.skipped.values())
+        logger.warning(
+            f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
+            f"(not part of the {arch.name} decoder: multi-token prediction layers)"
+        )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
     missing = _missing(params, plan)
@@ -175,6 +215,31 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
             f"{directory}: checkpoint does not match the config.\n  " + "\n  ".join(parts)
             + "\n  Check that config.json belongs to these weights (layers, experts, tied embeddings)."
         )
+
+
+def _quant_format(directory: Path):
+    from moelens.quant import checkpoint_format
+
+    return checkpoint_format(read_config(directory))
+
+
+def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: torch.dtype):
+    """The tensor ``key`` as the loader should copy it: FP8 weights with a ``weight_scale_inv``
+    sibling dequantised (in ``dtype``), anything else the file's own slice."""
+    from moelens.quant.fp8 import DenseSlice, QuantFormatError
+
+    scale_key = quant.scale_key(key)
+    if scale_key is None or scale_key not in key_file:
+        tensor_slice = f.get_slice(key)
+        if tensor_slice.get_dtype() in ("F8_E4M3", "F8_E5M2"):
+            raise QuantFormatError(f"{key}: an FP8 tensor without a {key}_scale_inv in the checkpoint")
+        return tensor_slice
+    if key_file[scale_key] == key_file[key]:
+        scales = f.get_tensor(scale_key)
+    else:
+        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+            scales = g.get_tensor(scale_key)
+    return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
 
 def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> None:

@@ -342,9 +342,19 @@ class HookedMoETransformer(HookedRootModule):
         device = self.rope_inv_freq.device
         return tokens.to(device), mask.to(device)
 
-    def to_tokens(self, input: TextInput, prepend_bos: Optional[bool] = None, padding_side: str = "left") -> Int[Tensor, "batch pos"]:
-        """Tokens ``[batch, pos]`` (int64). Use :meth:`tokenize` to also get the attention mask."""
-        return self.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+    def to_tokens(
+        self, input: TextInput, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = "left",
+        move_to_device: bool = True, truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokens ``[batch, pos]`` (int64). Use :meth:`tokenize` to also get the attention mask.
+
+        As TransformerLens (and what SAELens' activation store passes): ``move_to_device=False`` keeps
+        the tokens on the CPU; ``truncate=True`` keeps the first ``cfg.n_ctx`` tokens (the checkpoint's
+        ``max_position_embeddings``; no limit when the config has none)."""
+        tokens = self.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side or "left")[0]
+        if truncate and self.cfg.n_ctx is not None and tokens.shape[-1] > self.cfg.n_ctx:
+            tokens = tokens[:, : self.cfg.n_ctx]
+        return tokens if move_to_device else tokens.cpu()
 
     def to_string(self, tokens: Union[Tensor, Sequence[int]]) -> Union[str, list[str]]:
         tok = self._require_tokenizer()
@@ -382,11 +392,45 @@ class HookedMoETransformer(HookedRootModule):
 
         return generate(self, input, max_new_tokens, **kwargs)
 
+    # ------------------------------------------------------------------ TransformerLens analysis surface
+    def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:
+        """The residual-stream direction whose dot product with ``resid / ln_final.hook_scale`` is the
+        logit of each token: ``ln_final.w * W_U[token]`` (the final norm's weight folded in, as in a
+        TransformerLens model with folded norms). Shape ``tokens.shape + (d_model,)``. What
+        ``cache.logit_attrs`` projects onto."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        W_U = self.unembed.W_U
+        if isinstance(tokens, int):
+            tokens = torch.tensor(tokens)
+        tokens = torch.as_tensor(tokens, device=W_U.device)
+        if tokens.is_floating_point():
+            raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
+        return W_U[tokens] * self.ln_final.w.to(W_U.device)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the output biases written into the residual stream before ``layer`` (attention
+        ``b_O`` and MLP ``b_out`` where an architecture has them; zero for every architecture so far),
+        as TransformerLens' ``accumulated_bias``."""
+        out = torch.zeros(self.cfg.d_model, device=self.unembed.W_U.device, dtype=self.unembed.W_U.dtype)
+        last = layer + 1 if mlp_input else layer
+        for l, block in enumerate(self.blocks[:last]):
+            b = getattr(block.attn, "b_O", None)
+            if b is not None:
+                out = out + b.to(out.device)
+            if include_mlp_biases and l < layer:
+                b = getattr(block.mlp, "b_out", None)
+                if b is not None:
+                    out = out + b.to(out.device)
+        return out
+
     def n_params(self, active: bool = False, include_embeddings: bool = True) -> int:
         """Parameter count (total, or active per token: only ``top_k`` of the routed experts)."""
         total = 0
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
+                continue
+            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue
             n = p.numel()
             if active and ".experts.W_" in name:

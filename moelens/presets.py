@@ -1,4 +1,5 @@
-"""The ``config.json`` of the five reference checkpoints, as Python dicts (no download needed).
+"""The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
+first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -14,8 +15,9 @@ alike. Use them to plan memory and devices without touching the weights::
 
 Sources. Every structural value (layers, widths, heads, experts, vocabulary, tied head) is
 confirmed by the exact parameter count: a model built from the preset on the meta device has
-exactly the published total (``PRESET_INFO[...]["published_params"]``), in moelens and in
-transformers 5.23 (``tests/unit/test_presets.py``). Fields that a parameter count cannot confirm
+exactly the published total (``PRESET_INFO[...]["published_params"]``, to 0.5 % or to the
+``published_tolerance`` that the published rounding allows), in moelens and in transformers
+(``tests/unit/test_presets.py``). Fields that a parameter count cannot confirm
 (``num_experts_per_tok``, ``norm_topk_prob``, RoPE, eps, token ids, context length) are taken
 from the public checkpoint ``config.json`` as quoted in /work/shared/MOE_ARCHITECTURES.md
 (§2.6, §3.6, §4.6, §5.6, §6.6) and cross-checked against copies of the hub files found in
@@ -218,6 +220,222 @@ PRESETS: dict[str, dict[str, Any]] = {
         "v_head_dim": 128,
         "vocab_size": 102400,
     },
+    # ------------------------------------------- DeepSeek-V3 router family (MOE_ARCHITECTURES_2026.md §4, §5)
+    "deepseek-ai/DeepSeek-V3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "ep_size": 1,
+        "first_k_dense_replace": 3,
+        "hidden_act": "silu",
+        "hidden_size": 7168,
+        "initializer_range": 0.02,
+        "intermediate_size": 18432,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 163840,
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1,
+        "n_group": 8,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 128,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 61,
+        "num_key_value_heads": 128,
+        "num_nextn_predict_layers": 1,
+        "pretraining_tp": 1,
+        "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 4,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": True,
+        "v_head_dim": 128,
+        "vocab_size": 129280,
+    },
+    "moonshotai/Kimi-K2-Instruct": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": 163584,
+        "eos_token_id": 163585,
+        "ep_size": 1,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 7168,
+        "initializer_range": 0.02,
+        "intermediate_size": 18432,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 131072,
+        "model_type": "kimi_k2",
+        "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 384,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 61,
+        "num_key_value_heads": 64,
+        "num_nextn_predict_layers": 0,
+        "pretraining_tp": 1,
+        "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 50000.0,
+        "routed_scaling_factor": 2.827,
+        "scoring_func": "sigmoid",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.48.3",
+        "use_cache": True,
+        "v_head_dim": 128,
+        "vocab_size": 163840,
+    },
+    "zai-org/GLM-4.5": {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": [151329, 151336, 151338],
+        "first_k_dense_replace": 3,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "initializer_range": 0.02,
+        "intermediate_size": 12288,
+        "max_position_embeddings": 131072,
+        "model_type": "glm4_moe",
+        "moe_intermediate_size": 1536,
+        "n_group": 1,
+        "n_routed_experts": 160,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 96,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 92,
+        "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1,
+        "pad_token_id": 151329,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "routed_scaling_factor": 2.5,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0",
+        "use_cache": True,
+        "use_qk_norm": True,
+        "vocab_size": 151552,
+    },
+    "zai-org/GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": [151329, 151336, 151338],
+        "first_k_dense_replace": 1,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 10944,
+        "max_position_embeddings": 131072,
+        "model_type": "glm4_moe",
+        "moe_intermediate_size": 1408,
+        "n_group": 1,
+        "n_routed_experts": 128,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 96,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 46,
+        "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1,
+        "pad_token_id": 151329,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "routed_scaling_factor": 1.0,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0",
+        "use_cache": True,
+        "use_qk_norm": False,
+        "vocab_size": 151552,
+    },
+    "zai-org/GLM-4.7-Flash": {
+        "architectures": ["Glm4MoeLiteForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": [154820, 154827, 154829],
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 10240,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 202752,
+        "model_type": "glm4_moe_lite",
+        "moe_intermediate_size": 1536,
+        "n_group": 1,
+        "n_routed_experts": 64,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 20,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 47,
+        "num_key_value_heads": 20,
+        "num_nextn_predict_layers": 1,
+        "pad_token_id": 154820,
+        "partial_rotary_factor": 1.0,
+        "q_lora_rank": 768,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05,
+        "rope_interleave": True,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "routed_scaling_factor": 1.8,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "5.0.0.dev0",
+        "use_cache": True,
+        "v_head_dim": 256,
+        "vocab_size": 154880,
+    },
 }
 
 ALIASES: dict[str, str] = {
@@ -226,6 +444,11 @@ ALIASES: dict[str, str] = {
     "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924",
     "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "kimi-k2": "moonshotai/Kimi-K2-Instruct",
+    "glm-4.5": "zai-org/GLM-4.5",
+    "glm-4.5-air": "zai-org/GLM-4.5-Air",
+    "glm-4.7-flash": "zai-org/GLM-4.7-Flash",
 }
 
 _STRUCTURAL = "structural fields confirmed by the exact meta-device parameter count"
@@ -288,6 +511,70 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
             "100000/100001, max_position 163840: §6.6 (recalled) and public copies of the hub file (a v5 re-save "
             "moves rope_theta/rope_scaling into rope_parameters). The hub's auto_map (remote code) is omitted. "
             "The model card's '2.4B activated' excludes embeddings differently from moelens' count (2.66 B / 2.24 B)"
+        ),
+    },
+    "deepseek-ai/DeepSeek-V3": {
+        "alias": "deepseek-v3",
+        "published_params": 671_000_000_000,  # "671B total, 37B activated" (model card; 685B with the MTP module)
+        "exact_params": 671_026_404_352,  # MOE_ARCHITECTURES_2026.md §9 (class defaults = this config)
+        "doc_active_params": 37_550_000_000,  # §9
+        "notes": (
+            f"{_STRUCTURAL} (61 layers, 3 dense, MLA 1536/512/128/64/128, 256 experts + 1 shared); "
+            "num_experts_per_tok 8, n_group 8 / topk_group 4, routed_scaling_factor 2.5, norm_topk_prob true, "
+            "sigmoid/noaux_tc, YaRN (factor 40, mscale = mscale_all_dim = 1.0, original 4096), rope_theta 1e4, "
+            "FP8 quantization_config: MOE_ARCHITECTURES_2026.md §4 (copies of the hub file, DeepSeek's "
+            "config_671B.json). R1 / V3-0324 / V3.1 share the shapes. The hub's auto_map (remote code) is omitted"
+        ),
+    },
+    "moonshotai/Kimi-K2-Instruct": {
+        "alias": "kimi-k2",
+        "published_params": 1_000_000_000_000,  # "1 trillion total, 32 billion activated" (model card)
+        "published_tolerance": 0.05,  # "1T" is given to one significant digit
+        "exact_params": 1_026_408_209_408,  # MOE_ARCHITECTURES_2026.md §9 (1026.4 B)
+        "doc_active_params": 32_860_000_000,  # §9 (32.86 B)
+        "notes": (
+            f"{_STRUCTURAL} (the count equals §9's 1026.4 B and its 32.86 B active); layers, widths, 64 heads, "
+            "384 experts, top-8, n_group 1, routed_scaling_factor 2.827, first_k_dense_replace 1, rope base 5e4: "
+            "§4 (Megatron-Bridge KimiK2Provider, kimi-k25-tiny router fields). NOT verified: vocab 163840 "
+            "(confirmed only through the parameter count), the YaRN values (factor 32, beta 1/1, original 4096), "
+            "bos/eos ids and max_position. model_type kimi_k2 (no transformers class) is read as DeepSeek-V3"
+        ),
+    },
+    "zai-org/GLM-4.5": {
+        "alias": "glm-4.5",
+        "published_params": 355_000_000_000,  # "355B total, 32B active" (model card)
+        "published_tolerance": 0.01,  # 352.80 B without the MTP layer (layer 92), which the published count includes
+        "exact_params": 352_797_814_784,  # meta-device count, transformers 5.24
+        "doc_active_params": 33_630_000_000,
+        "notes": (
+            f"{_STRUCTURAL} up to the MTP layer (published 355 B includes it; the decoder alone is 352.8 B); "
+            "shapes of zai-org/GLM-4.7 (= GLM-4.6, MOE_ARCHITECTURES_2026.md §5), which GLM-4.5 shares: 92 layers, "
+            "hidden 5120, 96/8 heads of 128, partial_rotary_factor 0.5, attention_bias and use_qk_norm true, "
+            "160 experts + 1 shared, top-8, routed_scaling_factor 2.5, 3 dense layers, rope_theta 1e6. "
+            "max_position 131072 and token ids as in the GLM-4.5 hub file (recalled, not verified)"
+        ),
+    },
+    "zai-org/GLM-4.5-Air": {
+        "alias": "glm-4.5-air",
+        "published_params": 106_000_000_000,  # "106B total, 12B active" (model card)
+        "published_tolerance": 0.01,  # 106.85 B: the card rounds down
+        "exact_params": 106_852_245_504,  # MOE_ARCHITECTURES_2026.md §9
+        "doc_active_params": 13_420_000_000,  # §9 (12.18 B without embeddings)
+        "notes": (
+            f"{_STRUCTURAL}; GQA 96/8 heads of 128, partial_rotary_factor 0.5, attention_bias true, use_qk_norm "
+            "false, 128 experts + 1 shared, top-8, routed_scaling_factor 1.0, rope_theta 1e6, rms_norm_eps 1e-5: "
+            "§5 (PrimeIntellect/INTELLECT-3, GLM-4.5-Air shaped). Token ids and max_position recalled"
+        ),
+    },
+    "zai-org/GLM-4.7-Flash": {
+        "alias": "glm-4.7-flash",
+        "published_params": 30_000_000_000,  # "30B-A3B" (model card; the hub widget says 31B with the MTP layer)
+        "exact_params": 29_943_390_976,  # MOE_ARCHITECTURES_2026.md §9
+        "doc_active_params": 3_900_000_000,  # §9
+        "notes": (
+            f"{_STRUCTURAL}; MLA q_lora 768 / kv_lora 512 / nope 192 / rope 64 / v 256, 20 heads, 64 experts + 1 "
+            "shared, top-4, routed_scaling_factor 1.8, layer 0 dense, rope_theta 1e6 (no YaRN), rms_norm_eps 1e-5, "
+            "max_position 202752: §5 (derivatives with identical shapes). Token ids recalled, not verified"
         ),
     },
 }
@@ -359,7 +646,11 @@ def transformers_meta_model(name: str):
     import torch
     import transformers
 
+    from moelens.architectures import MODEL_TYPE_ALIASES
+
     cfg = get_preset(name)
+    cfg["model_type"] = MODEL_TYPE_ALIASES.get(cfg["model_type"], cfg["model_type"])  # kimi_k2 -> deepseek_v3
+    cfg.pop("quantization_config", None)  # a format of the weights, not of the model
     hf_config = transformers.AutoConfig.for_model(**cfg)
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(hf_config)

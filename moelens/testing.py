@@ -51,6 +51,33 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 16, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     )),
+    # DeepSeek-V3 router family: several groups with topk_group < n_group, YaRN, q low-rank path
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        rope_interleave=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    )),
+    # GLM-4.5/4.6/4.7: GQA with q/k/v biases, per-head QK-norm, partial RoPE (half of head_dim 24)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, attention_bias=True, use_qk_norm=True,
+        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, n_group=2,
+        topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+    )),
+    # GLM-4.7-Flash: MLA (q low-rank) with the V3 router, layer 0 dense
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=24,
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )),
 }
 
 
@@ -64,7 +91,8 @@ def tiny_hf_config(name: str, **overrides: Any):
 @torch.no_grad()
 def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) -> torch.nn.Module:
     """Redraw every matrix with std ``1/sqrt(fan_in)`` (router rows x ``router_scale``), norms at
-    1 + small noise and biases small, so outputs are O(1) and the router is decisive."""
+    1 + small noise and biases small, so outputs are O(1) and the router is decisive. DeepSeek-V3
+    correction biases (buffers) get std 0.3, enough to change which experts are selected."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim >= 2:
@@ -76,6 +104,9 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 family: a selection-only bias (buffer)
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen))
     return model
 
 
@@ -118,3 +149,66 @@ def toy_tokenizer(vocab_size: int = 256):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab_size - 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
+
+
+FP8_PROJECTIONS = r".*\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight"
+
+
+def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-style FP8 block quantisation of a 2-D weight: ``(q float8_e4m3fn, scale_inv fp32
+    [ceil(out/bm), ceil(in/bn)])`` with ``w ~= q * scale_inv`` per block (amax / 448 scaling)."""
+    import math
+
+    rows, cols = w.shape
+    bm, bn = block
+    grid = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn), dtype=torch.float32)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            blk = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            grid[i, j] = s
+            q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (blk / s).to(torch.float8_e4m3fn)
+    return q, grid
+
+
+def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
+                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True) -> list[str]:
+    """Copy the checkpoint in ``src`` to ``dst`` with every 2-D tensor whose key fully matches
+    ``pattern`` stored as FP8 blocks (``<key>`` float8_e4m3fn + ``<key>_scale_inv`` fp32) and
+    ``quantization_config`` added to config.json, as DeepSeek-V3's FP8 checkpoints are laid out.
+    Returns the quantised keys."""
+    import json
+    import re
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  **({"weight_block_size": list(block)} if write_block_size else {})}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    rx, done = re.compile(pattern), []
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.ndim == 2 and rx.fullmatch(key):
+                    out[key], out[key + "_scale_inv"] = fp8_quantize_block(t, block)
+                    done.append(key)
+                else:
+                    out[key] = t
+        save_file(out, dst / shard.name, metadata={"format": "pt"})
+    if (src / "model.safetensors.index.json").is_file():
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        for key in done:
+            index["weight_map"][key + "_scale_inv"] = index["weight_map"][key]
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return done

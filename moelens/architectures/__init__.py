@@ -27,6 +27,10 @@ def _register_optional() -> None:
     except ImportError:  # pragma: no cover - module under construction
         return
     ARCHITECTURES[deepseek_v2.ARCH.name] = deepseek_v2.ARCH
+    from moelens.architectures import deepseek_v3, glm4_moe, glm4_moe_lite
+
+    for arch in (deepseek_v3.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH):
+        ARCHITECTURES[arch.name] = arch
 
 
 _register_optional()
@@ -36,13 +40,19 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
+# hub model_types that transformers does not register, read as another architecture
+# (contract, "Loading": Kimi-K2's checkpoints are DeepSeek-V3)
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
 def get_architecture(hf_config: dict) -> Architecture:
     names = hf_config.get("architectures") or []
     name = names[0] if names else None
     if name is None:
         by_type = {a.model_type: a for a in ARCHITECTURES.values()}
-        if hf_config.get("model_type") in by_type:
-            return by_type[hf_config["model_type"]]
+        model_type = MODEL_TYPE_ALIASES.get(hf_config.get("model_type"), hf_config.get("model_type"))
+        if model_type in by_type:
+            return by_type[model_type]
     if name not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"Unsupported architecture {name!r} (model_type {hf_config.get('model_type')!r}). "

@@ -68,6 +68,11 @@ class Architecture:
     ignored_keys: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
     hf_config_class: str = ""
     hf_model_class: str = ""
+    # checkpoint tensors that are not part of the decoder (multi-token prediction layers, ...):
+    # full-match regexes; the loader skips them and prints one line saying how many. The token
+    # ``{MTP_LAYER}`` matches a layer index >= the model's n_layers (the layers a checkpoint
+    # appends after the decoder, e.g. DeepSeek-V3's ``model.layers.61``).
+    skip_keys: tuple[str, ...] = ()
 
 
 def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:

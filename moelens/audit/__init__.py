@@ -19,6 +19,12 @@ whether those rankings predict what happens when an expert is *removed* (docs/au
 4. :func:`run_audit` does all three, resumably when given an ``out_dir``; :func:`audit_main`
    is the ``moelens audit`` command line.
 
+5. :mod:`~moelens.audit.paper` reruns the audit paper's protocol as its scripts compute it
+   (``moelens audit --protocol paper``), with its other experiments (routing-weight control,
+   progressive ablation, redistribution); :mod:`~moelens.audit.pooling` pools several models'
+   runs into one family with Bonferroni, Holm and BH and sets them beside the published cells;
+   :mod:`~moelens.audit.ablation` names the removal semantics both protocols share.
+
 The package is split by idea: :mod:`~moelens.audit.corpus` (loading and tokenizing the corpus),
 :mod:`~moelens.audit.statistics` (1), :mod:`~moelens.audit.effects` (2),
 :mod:`~moelens.audit.report` (3 and :class:`AuditResult`), :mod:`~moelens.audit.run` (4) and
@@ -28,7 +34,11 @@ is re-exported here.
 
 # ruff: noqa: F401  (re-exports, including the private helpers the tests use)
 
+from moelens.audit import ablation, paper, pooling
+from moelens.audit.ablation import removal_hooks
 from moelens.audit.cli import _parse_layers, audit_main, build_parser
+from moelens.audit.paper import load_rows, run_paper_protocol
+from moelens.audit.pooling import pool, published_table
 from moelens.audit.constants import (
     BUNDLED_DEFAULT,
     CONTROL,
@@ -96,4 +106,9 @@ __all__ = [
     "summarize",
     "run_audit",
     "audit_main",
+    "removal_hooks",
+    "run_paper_protocol",
+    "load_rows",
+    "pool",
+    "published_table",
 ]

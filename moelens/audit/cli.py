@@ -28,15 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expert importance audit: do routing statistics (utilisation, mean weight, output norm/std) "
                     "predict the causal effect of removing an expert? See docs/audit.md.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory, bundled model name or hub id")
+    p.add_argument("--model", default=None, help="checkpoint directory, bundled model name or hub id (required unless --pool)")
+    p.add_argument("--protocol", choices=("corrected", "paper"), default="corrected",
+                   help="'corrected': moelens' audit (position-local removal, clean statistics, padding excluded); "
+                        "'paper': the audit paper's scripts as they run (docs/audit.md) (default: %(default)s)")
     p.add_argument("--corpus", default=None,
                    help="text file (paragraphs separated by blank lines), 'sample', 'facts[:MODEL]', a saved "
                         "datasets directory or a dataset NAME[:CONFIG] (default: the bundled model's own "
                         "sentences if it has facts.jsonl, else the package sample)")
     p.add_argument("--layers", default=None, help="comma-separated sparse layers (default: all)")
-    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--out", default=None, help="output directory (resumable; required unless --pool)")
     p.add_argument("--n-positions", type=int, default=16, help="positions sampled per sequence (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0; 42 with --protocol paper, as its scripts)")
     p.add_argument("--max-batch", type=int, default=64, help="ablation rows per forward")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward for the statistics")
     p.add_argument("--renormalize", action="store_true", help="rescale the remaining weights to the original sum")
@@ -45,33 +48,160 @@ def build_parser() -> argparse.ArgumentParser:
                         "all later predictions")
     p.add_argument("--max-tokens", type=int, default=None, help="cap the corpus at this many tokens")
     p.add_argument("--max-seq-len", type=int, default=None, help="truncate each sequence")
-    p.add_argument("--split", default="train", help="dataset split (datasets corpora)")
+    p.add_argument("--split", default=None, help="dataset split for datasets corpora (default: train; test with --protocol paper)")
     p.add_argument("--text-field", default="text", help="dataset text column (datasets corpora)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("model placement and numerics")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: float32; with --protocol paper the paper's dtype for that model: "
+                        "OLMoE float32, DeepSeek-V2 float16, Qwen1.5-MoE bfloat16)")
+    g.add_argument("--device", default=None, help="device, e.g. cuda or cpu (default: cpu)")
+    g.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced or sequential")
+    g.add_argument("--bos", dest="bos", action="store_true", default=None,
+                   help="prepend the tokenizer's special tokens / BOS (default: the tokenizer's own rule)")
+    g.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS / special tokens")
+    g.add_argument("--verify", action="store_true",
+                   help="first check that moelens' loss on the first texts equals transformers' on the same checkpoint")
+    a = p.add_argument_group("ablation (corrected protocol)")
+    a.add_argument("--ablation-scope", choices=("position", "sequence"), default="position",
+                   help="remove the expert at the sampled position only, or wherever it is routed in the sequence "
+                        "(default: %(default)s)")
+    a.add_argument("--semantics", choices=("zero", "route_around", "reroute"), default="zero",
+                   help="zero its weight; zero and renormalise the survivors; or give its slot to the next-best "
+                        "expert (default: %(default)s)")
+    q = p.add_argument_group("paper protocol")
+    q.add_argument("--n-tests", type=int, default=200, help="positions per metric and layer (default: %(default)s)")
+    q.add_argument("--min-chars", type=int, default=50, help="keep corpus rows longer than this, stripped (default: %(default)s)")
+    q.add_argument("--first-n", type=int, default=100, help="then keep the first N rows (default: %(default)s)")
+    q.add_argument("--no-control", action="store_true", help="skip the routing-weight control")
+    q.add_argument("--pool", nargs="+", metavar="DIR", default=None,
+                   help="pool finished --protocol paper runs (one per model) into the paper's 60-cell table with "
+                        "Bonferroni, Holm and BH over the whole family, beside the published values; no model is run")
     return p
 
 
-def audit_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``moelens audit``: run :func:`run_audit` from the command line; returns an exit code."""
-    args = build_parser().parse_args(argv)
+def _load_model(args, default_dtype):
+    import torch
+
     from moelens.model import HookedMoETransformer
 
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    kwargs = {"dtype": dtype}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    elif args.device:
+        kwargs["device"] = args.device
+    model = HookedMoETransformer.from_pretrained(args.model, **kwargs)
+    if args.bos is not None:
+        model.cfg = model.cfg.replace(default_prepend_bos=bool(args.bos))
+    return model
+
+
+def _pool_main(args) -> int:
+    from moelens.audit import pooling
+
+    tables = []
+    for d in args.pool:
+        path = Path(d) / "summary.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --pool takes output directories of finished --protocol paper runs")
+        tables.append(pd.read_csv(path))
+    pooled = pooling.compare_with_published(pooling.pool(tables))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        pooled.to_csv(out / "pooled.csv", index=False)
+    print(f"family: {len(pooled)} cells; Bonferroni, Holm and BH over all of them\n")
+    print("this run:\n" + pooling.paper_layout(pooled))
+    if pooled["d_paper"].notna().any():
+        print("published (same cells):\n" + pooling.paper_layout(pooled[pooled["d_paper"].notna()], "_paper"))
+    cols = ["model", "layer", "metric", "n", "d", "p_t", "p_bonf", "p_holm", "p_bh", "d_paper", "p_t_paper"]
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(pooled[[c for c in cols if c in pooled]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if out is not None:
+        print(f"\nwrote {out / 'pooled.csv'}")
+    return 0
+
+
+def _paper_main(args) -> int:
+    from moelens.audit import paper, pooling
+    from moelens.model import HookedMoETransformer
+
+    arch = HookedMoETransformer.from_pretrained(args.model, device="meta").cfg.architecture
+    flavour = paper.FLAVOURS.get(arch)
+    if flavour is None:
+        raise ValueError(f"--protocol paper exists for the paper's architectures ({', '.join(sorted(paper.FLAVOURS))}); "
+                         f"{args.model} is {arch}")
+    model = _load_model(args, paper.PAPER_DTYPES[flavour])
+    rows = paper.load_rows(args.corpus, split=args.split or "test", text_field=args.text_field)
+    texts = paper.select_texts(rows, min_chars=args.min_chars, n=args.first_n)
+    if not texts:
+        raise ValueError(f"the corpus {args.corpus} has no row longer than {args.min_chars} characters")
+    if args.verify:
+        from moelens import loading
+
+        for r in paper.verify_against_transformers(model, loading.resolve(args.model), texts):
+            print(f"verify: moelens {r['moelens']:.6f} == transformers {r['transformers']:.6f}  ({r['text']!r})")
+    res = paper.run_paper_protocol(model, texts, layers=_parse_layers(args.layers), flavour=flavour, n_tests=args.n_tests,
+                                   seed=42 if args.seed is None else args.seed, filter_texts=False,
+                                   control=not args.no_control, max_batch=args.max_batch, progress=not args.no_progress,
+                                   out_dir=args.out, add_special_tokens=True if args.bos is None else args.bos)
+    summary = res["summary"]
+    print(pooling.paper_layout(summary))
+    merged = pooling.compare_with_published(summary)
+    if merged["d_paper"].notna().any():
+        print("published values for the same cells (arXiv 2606.10703):\n"
+              + pooling.paper_layout(merged[merged["d_paper"].notna()], "_paper"))
+    if len(res["control"]):
+        cols = ["layer", "n", "d", "p_t", "p_w", "spearman_rho"]
+        print("routing-weight control:\n" + res["control"][cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nwrote {Path(args.out) / 'summary.csv'}, pairs.csv, stats.csv, control.csv "
+          f"(pool several models with: moelens audit --pool DIR1 DIR2 DIR3)")
+    return 0
+
+
+def audit_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``moelens audit``: run :func:`run_audit` (or the paper's protocol, or pool paper runs) from
+    the command line; returns an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.pool:
+            return _pool_main(args)
+        if args.model is None or args.out is None:
+            raise ValueError("--model and --out are required (unless --pool)")
+        if args.protocol == "paper":
+            if args.corpus is None:
+                raise ValueError("--protocol paper needs --corpus (e.g. wikitext:wikitext-2-raw-v1, or a local "
+                                 "text/JSONL file of WikiText-2 raw test rows)")
+            return _paper_main(args)
+        import torch
+
         layers = _parse_layers(args.layers)
-        model = HookedMoETransformer.from_pretrained(args.model)
+        model = _load_model(args, torch.float32)
+        if args.verify:
+            from moelens import loading
+            from moelens.audit import paper
+
+            texts = load_corpus(args.corpus, split=args.split or "train", text_field=args.text_field) if args.corpus else list(_default_corpus(model))
+            for r in paper.verify_against_transformers(model, loading.resolve(args.model), texts):
+                print(f"verify: moelens {r['moelens']:.6f} == transformers {r['transformers']:.6f}  ({r['text']!r})")
         if args.corpus is None:
             corpus = _default_corpus(model)
             if args.max_tokens is not None:
                 corpus = load_corpus(list(corpus), tokenizer=model.tokenizer, max_tokens=args.max_tokens)
         else:
             corpus = load_corpus(args.corpus, tokenizer=model.tokenizer, max_tokens=args.max_tokens,
-                                 split=args.split, text_field=args.text_field)
+                                 split=args.split or "train", text_field=args.text_field)
         result = run_audit(
-            model, corpus, layers=layers, n_positions=args.n_positions or None, seed=args.seed,
+            model, corpus, layers=layers, n_positions=args.n_positions or None, seed=args.seed or 0,
             renormalize=args.renormalize, scope=args.scope, max_batch=args.max_batch, batch_size=args.batch_size,
             max_seq_len=args.max_seq_len, out_dir=args.out, progress=not args.no_progress,
+            ablation_scope=args.ablation_scope, semantics=args.semantics,
         )
-    except (AuditSettingsError, FileNotFoundError, ValueError, KeyError, argparse.ArgumentTypeError) as exc:
+    except (AuditSettingsError, FileNotFoundError, ValueError, KeyError, RuntimeError, argparse.ArgumentTypeError) as exc:
         print(f"moelens audit: error: {exc}", file=sys.stderr)
         return 2
     cols = ["metric", "layer", "n", "mean_diff", "cohens_d", "p_t", "p_wilcoxon", "p_holm"]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelens.audit.ablation import removal_hooks
 from moelens.audit.constants import EFFECT_COLUMNS
 from moelens.audit.corpus import _check_layers
 
@@ -84,7 +85,14 @@ def expert_effects(
     return pd.DataFrame(_sequence_effects(model, tokens, _check_layers(model, layers), positions, renormalize, max_batch))
 
 
-def _sequence_effects(model, tokens, layers, positions, renormalize, max_batch) -> dict[str, list]:
+def _sequence_effects(model, tokens, layers, positions, renormalize, max_batch, ablation_scope: str = "position",
+                      semantics: str = "zero") -> dict[str, list]:
+    """See :func:`expert_effects`. ``ablation_scope``/``semantics``: how the expert is removed
+    (:mod:`moelens.audit.ablation`); the default (one position, zeroed weight) uses the row-wise
+    weight hook directly, any other choice goes through :func:`~moelens.audit.ablation.removal_hooks`."""
+    if semantics == "route_around":
+        renormalize = True
+    generic = ablation_scope != "position" or semantics == "reroute"
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, got {max_batch}")
     device = model.rope_inv_freq.device
@@ -108,7 +116,12 @@ def _sequence_effects(model, tokens, layers, positions, renormalize, max_batch) 
         hooks = []
         for l in layers:
             r = [i for i, a in enumerate(chunk) if a[0] == l]
-            if r:
+            if r and generic:
+                experts = [int(cache[f"blocks.{l}.mlp.hook_expert_indices"][0, a[1], a[2]]) if a[0] == l else -1
+                           for a in chunk]
+                hooks += removal_hooks(model, l, experts, [a[1] for a in chunk], scope=ablation_scope,
+                                       semantics="route_around" if renormalize and semantics == "zero" else semantics)
+            elif r:
                 hooks.append((
                     f"blocks.{l}.mlp.hook_expert_weights",
                     _row_hook(torch.tensor(r), torch.tensor([chunk[i][1] for i in r]),

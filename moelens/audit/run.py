@@ -68,8 +68,12 @@ def _corpus_fingerprint(seqs: Sequence[Tensor]) -> str:
     return h.hexdigest()
 
 
-def _settings(model, seqs, layers, n_positions, seed, renormalize, max_seq_len) -> dict:
-    return {
+def _settings(model, seqs, layers, n_positions, seed, renormalize, max_seq_len, ablation_scope="position",
+              semantics="zero") -> dict:
+    extra = {}
+    if ablation_scope != "position" or semantics != "zero":  # new knobs: older settings files stay valid
+        extra = {"ablation_scope": ablation_scope, "semantics": semantics}
+    return {**extra,
         "version": SETTINGS_VERSION,
         "model": _model_fingerprint(model),
         "corpus_sha256": _corpus_fingerprint(seqs),
@@ -174,6 +178,8 @@ def run_audit(
     out_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
     callback: Optional[Callable[[int, dict], None]] = None,
+    ablation_scope: str = "position",
+    semantics: str = "zero",
 ) -> AuditResult:
     """Audit whether observational expert statistics predict the causal effect of removal.
 
@@ -182,6 +188,9 @@ def run_audit(
     sample). ``layers``: sparse layers (default all). ``n_positions``: positions sampled per
     sequence (``None``: all), drawn with ``seed``. ``renormalize``/``max_batch``: see
     :func:`expert_effects`. ``scope``: which effect the tests use (``"next"`` or ``"suffix"``).
+    ``ablation_scope`` (``"position"``, default, or ``"sequence"``) and ``semantics`` (``"zero"``,
+    ``"route_around"``, ``"reroute"``): how each expert is removed, see :mod:`moelens.audit.ablation`
+    (``renormalize=True`` is ``semantics="route_around"``).
 
     With ``out_dir`` the run is resumable: ``settings.json`` (fingerprint of model weights,
     tokenized corpus, layers, ``n_positions``, ``seed``, ``renormalize``, ``max_seq_len``),
@@ -194,7 +203,12 @@ def run_audit(
     if corpus is None:
         corpus = _default_corpus(model)
     seqs = tokenize_corpus(model, corpus, max_seq_len=max_seq_len)
-    settings = _settings(model, seqs, layers, n_positions, seed, renormalize, max_seq_len)
+    from moelens.audit.ablation import SCOPES, SEMANTICS
+
+    if ablation_scope not in SCOPES or semantics not in SEMANTICS:
+        raise ValueError(f"ablation_scope must be one of {SCOPES} and semantics one of {SEMANTICS}, "
+                         f"got {ablation_scope!r}, {semantics!r}")
+    settings = _settings(model, seqs, layers, n_positions, seed, renormalize, max_seq_len, ablation_scope, semantics)
     out = Path(out_dir) if out_dir is not None else None
     done: list[dict] = []
     if out is not None:
@@ -219,7 +233,7 @@ def run_audit(
     bar = _progress(todo, progress, desc="expert ablations", unit="seq", total=len(seqs), initial=len(finished))
     for i in bar:
         positions = sample_positions(len(seqs[i]), n_positions, seed, i)
-        cols = _sequence_effects(model, seqs[i], layers, positions, renormalize, max_batch)
+        cols = _sequence_effects(model, seqs[i], layers, positions, renormalize, max_batch, ablation_scope, semantics)
         rec = {"seq": i, "n_tokens": len(seqs[i]), "positions": positions, "effects": cols}
         if out is not None:
             with open(out / "effects.jsonl", "a") as fh:

@@ -1,4 +1,5 @@
-"""Grouped-query attention with optional QK-norm (per head or whole vector), biases and RoPE.
+"""Grouped-query attention with optional QK-norm (per head or whole vector), biases and RoPE
+(on all of each head's dims, or with ``cfg.rotary_dim`` on the leading ``rotary_dim`` only, GLM-4.x).
 
 Shapes follow TransformerLens: ``hook_q [batch, pos, head, d_head]``, ``hook_k``/``hook_v``
 ``[batch, pos, kv_head, d_head]``, ``hook_attn_scores``/``hook_pattern``
@@ -21,7 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from moelens.components.norm import rms_norm
-from moelens.components.rope import apply_rope_half, apply_rope_interleaved
+from moelens.components.rope import apply_rope_half, apply_rope_interleaved, apply_rope_partial
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
@@ -137,8 +138,9 @@ class Attention(nn.Module):
             q, k = rms_norm(q, self.q_norm_w, cfg.rms_norm_eps), rms_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         rope = apply_rope_interleaved if cfg.rope_interleaved else apply_rope_half
-        q = self.hook_rot_q(rope(q, ctx.cos, ctx.sin))
-        k = self.hook_rot_k(rope(k, ctx.cos, ctx.sin))
+        # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
+        q = self.hook_rot_q(apply_rope_partial(q, ctx.cos, ctx.sin, rope))
+        k = self.hook_rot_k(apply_rope_partial(k, ctx.cos, ctx.sin, rope))
         if hasattr(kv_prefix, "update"):  # a generation cache layer (moelens.generation.KVCacheLayer)
             k, v = kv_prefix.update(k, v)
         elif kv_prefix is not None:

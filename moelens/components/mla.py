@@ -15,6 +15,12 @@ Notation: ``dn = qk_nope_head_dim``, ``dr = qk_rope_head_dim`` (axis ``d_rope``)
 
 The inner norms use eps 1e-6 whatever ``rms_norm_eps`` says (transformers builds them without eps).
 
+DeepSeek-V3 / GLM-4.7-Flash (``cfg.rope_deinterleave``): the interleaved pairs are rotated in the model
+dtype with cos/sin cast to it, and the rotated dims are written de-interleaved (``[rotated evens ||
+rotated odds]``), exactly as transformers' ``apply_rotary_pos_emb_interleave``. So in
+``hook_rot_q``/``hook_rot_k`` the last ``dr`` dims are in that permuted order (``hook_q``/``hook_k``
+keep the checkpoint's interleaved order); the dot products are those of the interleaved rotation.
+
 Hooks, in execution order (all position-aligned):
 
 ==================  ===================================  =============================================
@@ -45,7 +51,9 @@ from torch import Tensor, nn
 
 from moelens.components.attention import AttentionContext, attend
 from moelens.components.norm import rms_norm
-from moelens.components.rope import apply_rope_half, apply_rope_interleaved, yarn_softmax_scale
+from moelens.components.rope import (
+    apply_rope_deinterleave, apply_rope_half, apply_rope_interleaved, yarn_softmax_scale,
+)
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
 
@@ -91,7 +99,10 @@ class MLAttention(nn.Module):
     def _rope(self, t: Tensor, ctx: AttentionContext) -> Tensor:
         """Rotate the last ``qk_rope_head_dim`` dims of ``t [batch, pos, head, d_head]``."""
         dn = self.cfg.qk_nope_head_dim
-        rope = apply_rope_interleaved if self.cfg.rope_interleaved else apply_rope_half
+        if self.cfg.rope_deinterleave:
+            rope = apply_rope_deinterleave
+        else:
+            rope = apply_rope_interleaved if self.cfg.rope_interleaved else apply_rope_half
         return torch.cat([t[..., :dn], rope(t[..., dn:], ctx.cos, ctx.sin)], dim=-1)
 
     def forward(

@@ -3,7 +3,9 @@
 Hook points (all ``[batch, pos, ...]``):
 
 ``hook_router_logits``  raw router logits ``[batch, pos, n_experts]``
-``hook_router_scores``  softmax scores before top-k ``[batch, pos, n_experts]`` (fp32)
+``hook_router_scores``  softmax (or sigmoid) scores before top-k ``[batch, pos, n_experts]`` (fp32)
+``hook_router_selection_scores``  DeepSeek-V3 family only: ``scores + e_score_correction_bias``,
+                        what top-k selects on ``[batch, pos, n_experts]`` (fp32)
 ``hook_expert_indices`` chosen experts ``[batch, pos, top_k]`` int64 (editing it re-routes)
 ``hook_expert_weights`` final combine weight per slot ``[batch, pos, top_k]``
 ``hook_expert_out``     unweighted output of each slot's expert ``[batch, pos, top_k, d_model]``
@@ -38,6 +40,8 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl)
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
+        if cfg.router_correction_bias:
+            self.hook_router_selection_scores = ShapedHookPoint("batch pos n_experts")
         self.hook_expert_indices = ShapedHookPoint("batch pos top_k", kind="int")
         self.hook_expert_weights = ShapedHookPoint("batch pos top_k")
         self.hook_expert_out = ShapedHookPoint("batch pos top_k d_model")
@@ -52,7 +56,10 @@ class MoE(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         logits = self.hook_router_logits(self.router.logits(x))
         scores = self.hook_router_scores(self.router.scores(logits))
-        indices = self.hook_expert_indices(self.router.select(scores))
+        choice = scores
+        if self.cfg.router_correction_bias:
+            choice = self.hook_router_selection_scores(self.router.selection_scores(scores))
+        indices = self.hook_expert_indices(self.router.select(choice))
         if has_hooks(self.hook_expert_indices):  # only an edit can make them invalid (saves GPU syncs)
             self._check_indices(indices)
         weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype))

@@ -82,3 +82,22 @@ def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def apply_rope_deinterleave(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """DeepSeek-V3's interleaved rotation (transformers ``apply_rotary_pos_emb_interleave``): pairs
+    ``(2i, 2i+1)`` rotated **in x's dtype** with cos/sin cast to it, the output written de-interleaved,
+    ``[a cos - b sin (all i) || b cos + a sin (all i)]``. ``q . k`` equals the interleaved result's; the
+    layout of the rotated dims differs (both q and k get it)."""
+    c = cos.to(x.dtype)[:, :, None, :]
+    s = sin.to(x.dtype)[:, :, None, :]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+def apply_rope_partial(x: Tensor, cos: Tensor, sin: Tensor, rope) -> Tensor:
+    """``rope`` on the leading ``2 * cos.shape[-1]`` dims of each head; the rest passes through."""
+    d = 2 * cos.shape[-1]
+    if d == x.shape[-1]:
+        return rope(x, cos, sin)
+    return torch.cat([rope(x[..., :d], cos, sin), x[..., d:]], dim=-1)

@@ -10,12 +10,34 @@ Qwen2/3-MoE, OLMoE model         softmax32   top-k, sorted    norm_topk_prob  mo
 DeepSeek-V2        fp32          softmax32   greedy or        never           fp32
                                              group-limited,                   (x routed_scaling_factor)
                                              unsorted
+DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
+Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
+                                             unsorted
 =================  ============  ==========  ===============  ==============  ============
+
+DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
+
+    s = sigmoid(fp32 logits)                                  hook_router_scores (unbiased)
+    c = s + b_correction                                      hook_router_selection_scores
+    group score = sum of the top-2 of c in each of n_group groups; keep topk_group groups
+    (unsorted), the other groups' c set to -inf; idx = topk(c, top_k, sorted=False)
+    w = s[idx];  w /= (sum w + 1e-20) if norm_topk_prob;  w *= routed_scaling_factor (fp32)
+
+The bias ``router.b_correction`` (hub ``e_score_correction_bias``, fp32 even in a bf16 model) only
+decides *which* experts are chosen; it never enters a combine weight.
 
 Forced routing: :meth:`Router.weights` gathers the combine weights from the scores at whatever
 indices it is given, so editing ``hook_expert_indices`` re-routes and the weights follow the
 architecture's rule (renormalised over the forced set where the architecture renormalises).
 Editing ``hook_expert_weights`` afterwards overrides the weights themselves.
+
+For the sigmoid router this means: a forced expert ``e`` gets the weight ``s_e`` (its *unbiased*
+sigmoid score; the correction bias plays no part), divided by ``sum_{forced} s + 1e-20`` when
+``norm_topk_prob``, times ``routed_scaling_factor``. Editing ``hook_router_selection_scores``
+changes the choice (group step included) but not the weights; editing ``hook_router_scores``
+changes both (the selection scores are computed from the edited scores). Weight edits:
+``router.W_router`` (fp32) and ``router.b_correction`` (fp32) are ordinary parameters; an edited
+bias moves selection only.
 """
 
 from __future__ import annotations
@@ -33,18 +55,44 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        if cfg.router_correction_bias:
+            self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts))
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
+        (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family)."""
+        super()._apply(fn, recurse)
+        if self.cfg.router_fp32_params:
+            for p in self.parameters(recurse=False):
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+        return self
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:
         if self.cfg.router_dtype == "float32":
             return F.linear(x.float(), self.W_router.float())
         return F.linear(x, self.W_router)
 
-    @staticmethod
-    def scores(logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
+    def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
+        if self.cfg.router_score_func == "sigmoid":
+            return torch.sigmoid(logits.float())
         return torch.softmax(logits.float(), dim=-1)
+
+    def selection_scores(self, scores: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
+        """The scores top-k runs on: ``scores + b_correction`` (fp32) with a correction bias, else the scores."""
+        if not self.cfg.router_correction_bias:
+            return scores
+        return scores + self.b_correction
 
     def select(self, scores: Float[Tensor, "batch pos n_experts"]) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.topk_method == "noaux_tc":
+            grouped = scores.unflatten(-1, (cfg.n_group, -1))
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores).scatter_(-1, keep, 1.0)
+            scores = grouped.masked_fill(~group_mask.bool()[..., None], float("-inf")).flatten(-2)
+            return torch.topk(scores, cfg.top_k, dim=-1, sorted=False).indices
         if cfg.topk_method == "group_limited_greedy":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
             group_scores = grouped.max(dim=-1).values
@@ -59,7 +107,8 @@ class Router(nn.Module):
         cfg = self.cfg
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+            denominator = w.sum(dim=-1, keepdim=True)
+            w = w / (denominator + cfg.router_renorm_eps if cfg.router_renorm_eps else denominator)
         if cfg.routed_scaling_factor != 1.0:
             w = w * cfg.routed_scaling_factor
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w

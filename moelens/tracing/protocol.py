@@ -16,6 +16,15 @@ Normalised rescue = ``(patched - corrupted) / (clean - corrupted)``. Each case's
 appended to JSONL files as it finishes (``screen.jsonl``, ``experts.jsonl``); a rerun with the same
 ``out_dir`` and settings skips finished cases.
 
+Resuming cannot mix runs (:mod:`moelens.tracing.fingerprint`): ``settings.json`` records every
+setting that changes a case's numbers, the facts source and the model's content fingerprint; each
+result line carries its case's content hash and the run's settings hash. A rerun whose settings,
+facts source or model differ, or whose selected case differs from the one stored under the same
+key, raises :class:`~moelens.tracing.fingerprint.ResumeError` naming what differs with both values.
+A rerun with more cases (a larger ``--limit``) computes only the new cases (and redoes expert
+tracing where the chosen layer changes); the summary-only settings (``n_bootstrap``,
+``n_permutations``, ``recurrence``) just re-summarise. A line torn by a crash is removed on resume.
+
 Several processes (``torchrun --nproc_per_node N -m moelens.cli trace ...`` or ``accelerate launch``):
 cases are sharded by rank (``RANK``/``WORLD_SIZE`` from the environment), each process appends to its
 own ``screen.rank{r}.jsonl`` / ``experts.rank{r}.jsonl``, ranks meet at a barrier (gloo/NCCL when a
@@ -37,6 +46,9 @@ import numpy as np
 import torch
 
 from moelens.tracing.cases import FactCase
+from moelens.tracing.fingerprint import (
+    ResumeError, case_fingerprint, facts_identity, model_fingerprint, settings_fingerprint,
+)
 from moelens.tracing.stats import bootstrap_ci, sign_flip_test
 from moelens.tracing.trace import (
     coalition_score, prepare, resolve_positions, subject_embedding_std, trace_experts,
@@ -57,7 +69,21 @@ class ProtocolConfig:
     n_permutations: int = 10000
     prepend_bos: Optional[bool] = None
     layers: Optional[tuple[int, ...]] = None  # candidate layers (default: every sparse layer)
-    noise_reference: str = "embedding"  # sigma = noise_scale * std(W_E), or "subjects": ROME's subject-token std
+    # sigma = noise_scale * std(W_E) ("embedding"), or * the subject tokens' embedding std ("subjects": the
+    # noised tokens only; "subjects_rome": ROME's collect_embedding_std, the tokenizer's special tokens included)
+    noise_reference: str = "embedding"
+
+
+FORMAT = 2  # results carry case and settings fingerprints
+SUMMARY_ONLY = ("model", "n_cases", "n_bootstrap", "n_permutations", "recurrence")  # do not change a case's numbers
+
+
+class ProtocolError(ValueError):
+    """The protocol cannot produce a summary (no case passed the filter on one side of the split)."""
+
+
+def _compared(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in SUMMARY_ONLY}
 
 
 def _rescue(value, clean, corrupted):
@@ -112,16 +138,19 @@ class _Store:
                 time.sleep(0.1)
         if path.exists():
             old = json.loads(path.read_text())
-            if old != settings:
-                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise ValueError(
-                    f"{self.dir} holds a run with different settings ({', '.join(diff)}): use another --out "
-                    f"directory, or delete it to start over"
-                )
+            _check_settings(self.dir, old, settings)
+            if rank == 0 and old != settings:  # summary-only settings and the case count follow the latest run
+                self._write_settings(path, settings)
         else:
-            tmp = path.with_suffix(f".tmp{rank}")
-            tmp.write_text(json.dumps(settings, indent=1))
-            tmp.replace(path)
+            self._write_settings(path, settings)
+        self.run = settings_fingerprint(_compared(settings))
+        for name in ("screen.jsonl", "experts.jsonl"):
+            _repair(self._file(name))
+
+    def _write_settings(self, path: Path, settings: dict) -> None:
+        tmp = path.with_suffix(f".tmp{self.rank}")
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(path)
 
     def _file(self, name: str) -> Path:
         return self.dir / (name if self.world_size == 1 else name.replace(".jsonl", f".rank{self.rank}.jsonl"))
@@ -135,8 +164,14 @@ class _Store:
                 if line.strip():
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a crash: redo that case
+                    except json.JSONDecodeError:  # a line cut by a crash (another rank's file): redo that case
                         continue
+                    if rec.get("run") != self.run:
+                        raise ResumeError(
+                            f"{path} holds results of another run (settings hash {rec.get('run')!r}, this "
+                            f"directory's settings.json: {self.run!r}): it was copied in or written by an older "
+                            f"moelens; move it out, or start over in another --out directory"
+                        )
                     out[rec["key"]] = rec
         return out
 
@@ -150,6 +185,67 @@ class _Store:
         with open(path, "a") as f:
             f.write(("\n" if torn else "") + json.dumps(record) + "\n")
             f.flush()
+
+
+def _repair(path: Path) -> None:
+    """Remove lines that do not parse (a line torn by a crash) so the JSONL stays readable (pandas)."""
+    if not path.exists() or not path.stat().st_size:
+        return
+    data = path.read_bytes()
+    good = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        good.append(line)
+    fixed = b"".join(line + b"\n" for line in good)
+    if fixed != data:
+        tmp = path.with_suffix(".repair")
+        tmp.write_bytes(fixed)
+        tmp.replace(path)
+
+
+def _check_settings(out_dir: Path, old: dict, new: dict) -> None:
+    """Refuse to resume a run whose case-affecting settings differ (one line, both values)."""
+    if old.get("format") != FORMAT:
+        raise ResumeError(
+            f"{out_dir} holds a run written by an older moelens, without case fingerprints, so resuming it "
+            f"could mix results: use another --out directory, or delete it to start over"
+        )
+    a, b = _compared(old), _compared(new)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k):
+            continue
+        if k == "model_fingerprint":
+            diffs.append(f"model: {old.get('model')!r} (fingerprint {a.get(k)}) there, {new.get('model')!r} "
+                         f"(fingerprint {b.get(k)}) now")
+        else:
+            diffs.append(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now")
+    if diffs:
+        raise ResumeError(
+            f"{out_dir} holds a run with different settings ({'; '.join(diffs)}): use another --out directory, "
+            f"or delete it to start over"
+        )
+
+
+def _check_cases(out_dir: Path, records: dict, keys: list, cases: Sequence[FactCase], hashes: dict) -> None:
+    """Refuse stored results whose case is not the selected record with the same key."""
+    for key, case in zip(keys, cases):
+        rec = records.get(key)
+        if rec is None or rec.get("case_hash") == hashes[key]:
+            continue
+        old, new = rec.get("case") or {}, case.to_dict()
+        diff = [f for f in new if old.get(f) != new.get(f)]
+        what = (f"{diff[0]} {old.get(diff[0])!r} there, {new.get(diff[0])!r} now" if diff
+                else f"content hash {rec.get('case_hash')} there, {hashes[key]} now")
+        raise ResumeError(
+            f"case {key!r} in {out_dir} was traced from a different record ({what}): the facts changed; use "
+            f"another --out directory, or delete it to start over"
+        )
 
 
 def _split(keys: list[str], fraction: float, seed: int) -> dict[str, str]:
@@ -195,9 +291,14 @@ def run_protocol(
     cfg: ProtocolConfig = ProtocolConfig(),
     *,
     model_name: str = "",
+    facts_source=None,
     progress: bool = True,
 ) -> "ProtocolSummary":
-    """Run (or resume) the whole protocol; returns the summary and writes it into ``out_dir``."""
+    """Run (or resume) the whole protocol; returns the summary and writes it into ``out_dir``.
+
+    ``facts_source``: where ``cases`` were read from (a path or dataset id), recorded so that a rerun
+    into the same ``out_dir`` with another source is refused. ``model_name``: how the model is
+    named in the outputs (the model's identity is its content fingerprint)."""
     from tqdm.auto import tqdm
 
     if not cases:
@@ -206,28 +307,43 @@ def run_protocol(
     bad = [l for l in layers if l not in model.cfg.moe_layers]
     if bad:
         raise ValueError(f"layers {bad} are not sparse layers of this model (sparse: {list(model.cfg.moe_layers)})")
-    settings = {"model": model_name, "n_cases": len(cases), **{k: v for k, v in asdict(cfg).items()}}
-    settings["layers"] = layers
-    rank, world_size = world()
-    out_dir = Path(out_dir)
-    store = _Store(out_dir, json.loads(json.dumps(settings)), rank, world_size)
-    keys = [_case_key(c, i) for i, c in enumerate(cases)]
-    if len(set(keys)) != len(keys):
-        raise ValueError("case ids are not unique")
-    split = _split(keys, cfg.discovery_fraction, cfg.seed)
-    if cfg.noise_reference == "subjects":
-        sigma = cfg.noise_scale * subject_embedding_std(model, cases)
+    if cfg.noise_reference in ("subjects", "subjects_rome"):
+        sigma = cfg.noise_scale * subject_embedding_std(
+            model, cases, tokenization="rome" if cfg.noise_reference == "subjects_rome" else "moelens")
     elif cfg.noise_reference == "embedding":
         sigma = None
     else:
-        raise ValueError(f"noise_reference={cfg.noise_reference!r}: use 'embedding' or 'subjects'")
+        raise ValueError(f"noise_reference={cfg.noise_reference!r}: use 'embedding', 'subjects' or 'subjects_rome'")
+    display, fingerprint = model_fingerprint(model, model_name or None)
+    settings = {"format": FORMAT, "model": display, "model_fingerprint": fingerprint,
+                "facts": facts_identity(facts_source), "n_cases": len(cases),
+                **{k: v for k, v in asdict(cfg).items()}}
+    settings["layers"] = layers
+    if sigma is not None:  # a per-dataset noise level: more cases change it, and so every case's numbers
+        settings["sigma"] = sigma
+    rank, world_size = world()
+    out_dir = Path(out_dir)
+    keys = [_case_key(c, i) for i, c in enumerate(cases)]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"case ids are not unique: {dup[:5]}")
+    store = _Store(out_dir, json.loads(json.dumps(settings)), rank, world_size)
+    hashes = {k: case_fingerprint(c) for k, c in zip(keys, cases)}
+    split = _split(keys, cfg.discovery_fraction, cfg.seed)
     seeds = {k: cfg.seed * 1_000_003 + i for i, k in enumerate(keys)}
 
     mine = {k for i, k in enumerate(keys) if i % world_size == rank}
     screened = store.read("screen.jsonl")
+    traced = store.read("experts.jsonl")
+    _check_cases(out_dir, screened, keys, cases, hashes)
+    _check_cases(out_dir, traced, keys, cases, hashes)
+    done = sum(k in screened and (not screened[k].get("kept") or k in traced) for k in keys)
+    if done and rank == 0 and progress:
+        print(f"resuming: {done}/{len(keys)} cases done")
     todo = [(k, c) for k, c in zip(keys, cases) if k not in screened and k in mine]
     for key, case in tqdm(todo, desc="screening cases", disable=not progress):
-        rec = {"key": key, "index": keys.index(key), "case_id": case.case_id, "split": split[key]}
+        rec = {"key": key, "index": keys.index(key), "case_id": case.case_id, "split": split[key],
+               "case_hash": hashes[key], "run": store.run, "case": case.to_dict()}
         try:
             rec.update(screen_case(model, case, cfg, layers, seeds[key], sigma))
         except (ValueError, IndexError) as exc:  # e.g. a case the tokenizer cannot place
@@ -237,13 +353,15 @@ def run_protocol(
         screened[key] = rec
     _barrier(out_dir, "screen", rank, world_size)
     screened = store.read("screen.jsonl")
+    for k in keys:  # the split of the current selection (a larger --limit re-splits)
+        screened[k]["split"] = split[k]
 
     kept = [screened[k] for k in keys if screened[k].get("kept")]
     disc = [r for r in kept if r["split"] == "discovery"]
     if not disc:
-        raise ValueError(
+        raise ProtocolError(
             f"no discovery case passed the filter (clean >= {cfg.min_clean}, drop >= {cfg.min_drop}); "
-            f"{len(kept)} of {len(keys)} cases kept in all"
+            f"{len(kept)} of {len(keys)} cases kept in all; trace more cases (--limit) or loosen --min-clean/--min-drop"
         )
     layer_means = {l: float(np.nanmean([_rescue(r["layer_scores"][str(l)], r["clean"], r["corrupted"]) for r in disc]))
                    for l in layers}
@@ -251,18 +369,35 @@ def run_protocol(
 
     traced = store.read("experts.jsonl")
     by_key = dict(zip(keys, cases))
-    todo = [r for r in kept if r["key"] not in traced and r["key"] in mine]
+    # new cases, and cases traced at another layer before more cases changed the choice
+    todo = [r for r in kept if (r["key"] not in traced or traced[r["key"]]["layer"] != best_layer) and r["key"] in mine]
     for r in tqdm(todo, desc=f"expert tracing at layer {best_layer}", disable=not progress):
-        rec = {"key": r["key"], "case_id": r["case_id"], "split": r["split"]}
+        rec = {"key": r["key"], "case_id": r["case_id"], "split": r["split"], "case_hash": hashes[r["key"]],
+               "run": store.run}
         rec.update(expert_case(model, by_key[r["key"]], cfg, best_layer, seeds[r["key"]], sigma))
         store.append("experts.jsonl", rec)
         traced[r["key"]] = rec
     _barrier(out_dir, "experts", rank, world_size)
-    traced = store.read("experts.jsonl")
+    traced = {k: r for k, r in store.read("experts.jsonl").items() if r["layer"] == best_layer}
+    for k, r in traced.items():
+        r["split"] = split.get(k, r["split"])
+    _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, model.cfg.n_experts)
     if rank == 0:
         summary.write(out_dir)
     return summary
+
+
+def _check_validation(kept, traced, keys, split, cfg) -> None:
+    val = [k for k in keys if k in traced and split.get(k) == "validation"]
+    if not val:
+        n_val = sum(r["split"] == "validation" for r in kept)
+        raise ProtocolError(
+            f"no validation case to evaluate: {len(kept)} of {len(keys)} cases passed the filter (clean >= "
+            f"{cfg.min_clean}, drop >= {cfg.min_drop}) and {n_val} of them are validation cases"
+            + ("" if n_val else f" (discovery fraction {cfg.discovery_fraction})")
+            + "; trace more cases (--limit) or loosen --min-clean/--min-drop"
+        )
 
 
 def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
@@ -273,25 +408,38 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     if not settings_path.exists():
         raise FileNotFoundError(f"{out_dir} has no settings.json: not a `moelens trace` output directory")
     settings = json.loads(settings_path.read_text())
+    if settings.get("format") != FORMAT:
+        raise ResumeError(f"{out_dir} was written by an older moelens, without case fingerprints: its results "
+                          f"cannot be checked for a mix of runs; trace again into a new --out directory")
     cfg = ProtocolConfig(**{k: (tuple(v) if k == "layers" and v is not None else v)
                             for k, v in settings.items() if k in ProtocolConfig.__dataclass_fields__})
     store = _Store.__new__(_Store)
     store.dir, store.rank, store.world_size = out_dir, 0, 1
+    store.run = settings_fingerprint(_compared(settings))
     screened, traced = store.read("screen.jsonl"), store.read("experts.jsonl")
     if not screened:
         raise ValueError(f"{out_dir} has no screened cases yet")
-    keys = sorted(screened, key=lambda k: screened[k].get("index", 0))
+    # the latest run's selection: its first n_cases cases (an earlier, larger --limit left more lines)
+    keys = sorted((k for k in screened if screened[k].get("index", 0) < settings["n_cases"]),
+                  key=lambda k: screened[k].get("index", 0))
+    split = _split(keys, cfg.discovery_fraction, cfg.seed)
+    for k in keys:
+        screened[k]["split"] = split[k]
     layers = settings["layers"]
     kept_disc = [screened[k] for k in keys if screened[k].get("kept") and screened[k]["split"] == "discovery"]
     layer_means = {l: float(np.nanmean([_rescue(r["layer_scores"][str(l)], r["clean"], r["corrupted"]) for r in kept_disc]))
                    for l in layers}
-    traced_layers = {r["layer"] for r in traced.values()}
-    best_layer = traced_layers.pop() if len(traced_layers) == 1 else max(layer_means, key=layer_means.get)
+    best_layer = max(layer_means, key=layer_means.get)
+    traced = {k: r for k, r in traced.items() if k in split and r["layer"] == best_layer}
+    for k, r in traced.items():
+        r["split"] = split[k]
     if n_experts is None:
         n_experts = len(next(iter(traced.values()))["expert_scores"]) if traced else 0
     missing = [k for k in keys if screened[k].get("kept") and k not in traced]
     if missing:
         warnings.warn(f"{len(missing)} kept cases have no expert results yet (e.g. {missing[:3]}); summarising the rest")
+    kept = [screened[k] for k in keys if screened[k].get("kept")]
+    _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, n_experts)
     summary.write(out_dir)
     return summary

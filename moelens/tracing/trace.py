@@ -113,15 +113,28 @@ def embedding_std(model) -> float:
     return float(model.W_E.detach().float().std())
 
 
-def subject_embedding_std(model, cases: Sequence[FactCase]) -> float:
-    """ROME's per-dataset noise reference: the std of the embeddings of all the subjects' tokens
-    (each subject tokenized on its own, as it continues a word boundary)."""
+def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = "moelens") -> float:
+    """A per-dataset noise reference: the std of every entry of the embeddings of all the subjects'
+    tokens (one entry per token occurrence, subjects repeated as often as the cases repeat them).
+
+    ``tokenization="moelens"`` (default): each subject tokenized as it continues the prompt (a
+    leading space unless the prompt starts with it), **without** the tokenizer's special tokens: only
+    the tokens the noise is added to. ``tokenization="rome"``: exactly ROME's
+    ``collect_embedding_std`` (``experiments/causal_trace.py``): ``tokenizer.encode(subject)``, the
+    bare subject **with** whatever special tokens the tokenizer adds (e.g. a BOS token for
+    Llama/Mistral tokenizers; GPT-2, ROME's model, adds none, where the two differ only by the
+    leading space)."""
     if model.tokenizer is None:
         raise ValueError("subject_embedding_std needs the model's tokenizer")
+    if tokenization not in ("moelens", "rome"):
+        raise ValueError(f"tokenization={tokenization!r}: use 'moelens' or 'rome'")
     ids = []
     for case in cases:
-        ids += model.tokenizer(" " + case.subject if not case.prompt.startswith(case.subject) else case.subject,
-                               add_special_tokens=False)["input_ids"]
+        if tokenization == "rome":
+            ids += model.tokenizer.encode(case.subject)
+        else:
+            ids += model.tokenizer(" " + case.subject if not case.prompt.startswith(case.subject) else case.subject,
+                                   add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("no subject tokens")
     return float(model.W_E.detach()[torch.tensor(ids, device=model.W_E.device)].float().std())
@@ -145,8 +158,9 @@ def prepare(
     ``noise``: a given ``z`` ``[n_samples, n_subject_tokens, d_model]``, used as is (``sigma`` is
     still applied: pass ``sigma=1`` to add ``noise`` unscaled) - this is the contract's
     reproducible path; otherwise ``z`` is drawn from ``seed``. ``sigma`` defaults to
-    ``noise_scale * std(W_E)``; for ROME's reference pass
-    ``sigma=noise_scale * subject_embedding_std(model, cases)``. ``cache_device`` stores the clean
+    ``noise_scale * std(W_E)``; for a per-dataset reference as in ROME pass
+    ``sigma=noise_scale * subject_embedding_std(model, cases)`` (``tokenization="rome"`` for ROME's
+    exact ``collect_embedding_std``, special tokens included). ``cache_device`` stores the clean
     and corrupted caches elsewhere (e.g. ``"cpu"`` to spare GPU memory; slower sweeps).
     """
     if model.tokenizer is None:
@@ -203,6 +217,17 @@ def resolve_positions(spec: PositionSpec, tc: TokenizedCase) -> list[int]:
     if bad:
         raise IndexError(f"positions {bad} out of range for a prompt of {n} tokens")
     return [p % n for p in pos]
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, int]:
+    """The layers ``lo..hi-1`` a window of ``window`` layers restores around ``layer``: ROME's rule
+    (``experiments/causal_trace.py``, ``trace_important_window``), ``max(0, l - w // 2)`` up to
+    (excluded) ``min(n_layers, l - (-w // 2))``. Window 10 restores ``l-5 .. l+4``; odd windows are
+    centred; the window is clipped (not shifted) at the first and last layers."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window={window!r}: give a whole number of layers >= 1")
+    window = int(window)
+    return max(0, layer - window // 2), min(n_layers, layer - (-window // 2))
 
 
 def _check_layer(model, layer: int, sparse: bool = False) -> None:
@@ -318,6 +343,7 @@ class CoalitionResult(TraceResult):
     curve: Tensor = None  # [len(greedy)] contrast after adding each
     target_fraction: float = 0.9
     reached: bool = False
+    sign: int = 1  # +1: the search raised the contrast (the layer rescues); -1: lowered it (restoring the layer hurts)
 
     def to_dataframe(self):
         import pandas as pd
@@ -369,8 +395,9 @@ def trace_layers(
 ) -> LayerTraceResult:
     """Restoration grid ``scores [n_layers, n_positions]`` (see module docstring).
 
-    ``window``: restore ``window`` consecutive layers centred on each layer (ROME-style; clipped at
-    the ends). ``direction="necessity"``: run the clean prompt and patch in the corrupted
+    ``window``: restore ``window`` consecutive layers around each layer by ROME's rule
+    (:func:`window_layers`: layers ``l - w // 2`` to ``l - (-w // 2) - 1``, clipped at the ends; window
+    10 restores ``l-5 .. l+4``). ``direction="necessity"``: run the clean prompt and patch in the corrupted
     activation (one row per noise sample) instead. ``engine="suffix"`` (default) recomputes only
     the layers and positions a patch can change (:mod:`moelens.tracing.engine`); ``"full"`` runs
     whole patched forwards through the generic patching API (the reference; same results).
@@ -389,7 +416,7 @@ def trace_layers(
     if engine == "suffix":
         cells = []
         for l in layers:
-            lo, hi = max(0, l - (window - 1) // 2), min(model.cfg.n_layers, l + window // 2 + 1)
+            lo, hi = window_layers(l, window, model.cfg.n_layers)
             cells += [(lo, hi, p) for p in pos]
         eng = setup.engine(model, direction, max_rows=max_rows)
         source = setup.clean_cache if direction == "restore" else setup.corrupted_cache
@@ -401,7 +428,7 @@ def trace_layers(
         raise ValueError(f"engine={engine!r}: use 'suffix' or 'full'")
     sets, labels = [], []
     for l in layers:
-        lo, hi = max(0, l - (window - 1) // 2), min(model.cfg.n_layers, l + window // 2 + 1)
+        lo, hi = window_layers(l, window, model.cfg.n_layers)
         for p in pos:
             if direction == "restore":
                 sets.append([setup.corrupt(), P.Replace(hook, layers=range(lo, hi), positions=[p], source=setup.clean_cache)])
@@ -484,9 +511,15 @@ def trace_coalitions(
     **prepare_kwargs,
 ) -> CoalitionResult:
     """Coalition rescue at ``layer``: the clean-routed set, the clean-or-noise-routed union, and a
-    greedy search (each step adds the expert that raises the contrast most) until the coalition
-    recovers ``target_fraction`` of the layer's rescue or reaches ``max_size`` (default
-    ``2 * top_k``). ``candidates`` default: the union."""
+    greedy search until the coalition recovers ``target_fraction`` of the layer's effect
+    ``layer_score - corrupted`` or reaches ``max_size`` (default ``2 * top_k``). ``candidates``
+    default: the union.
+
+    The search follows the sign of the layer's effect (``result.sign``): when restoring the whole
+    layer raises the contrast, each step adds the expert that raises it most and the target is
+    reached once the contrast is ``>= corrupted + target_fraction * (layer_score - corrupted)``;
+    when restoring the layer *lowers* the contrast, each step adds the expert that lowers it most
+    and the target is reached once the contrast is ``<=`` that value. ``reached`` says whether it was."""
     _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
@@ -496,6 +529,9 @@ def trace_coalitions(
     pool = list(union if candidates is None else candidates)
     max_size = min(len(pool), max_size or 2 * model.cfg.top_k)
     target = setup.corrupted + target_fraction * (layer_score - setup.corrupted)
+    # the search moves the contrast the way restoring the whole layer does: up when the layer rescues
+    # (layer_score >= corrupted), down when restoring it hurts
+    sign = 1 if layer_score >= setup.corrupted else -1
     chosen, curve, reached = [], [], False
     from tqdm.auto import tqdm
 
@@ -505,16 +541,16 @@ def trace_coalitions(
             break
         vals = setup.restore_scores(model, layer, [setup.expert_delta(layer, chosen + [e], pos) for e in rest], pos,
                                     max_rows=max_rows)
-        best = int(torch.argmax(vals))
+        best = int(torch.argmax(sign * vals))
         chosen.append(rest[best])
         curve.append(float(vals[best]))
-        if (layer_score - setup.corrupted) * (curve[-1] - target) >= 0:
+        if sign * (curve[-1] - target) >= 0:
             reached = True
             break
     return CoalitionResult(
         layer=layer, positions=pos, layer_score=layer_score, clean_routed=clean_routed,
         clean_routed_score=coalition_score(model, setup, layer, clean_routed, pos), union=union,
         union_score=coalition_score(model, setup, layer, union, pos), greedy=chosen, curve=torch.tensor(curve),
-        target_fraction=target_fraction, reached=reached,
+        target_fraction=target_fraction, reached=reached, sign=sign,
         **{**_common(setup), "settings": {**setup.settings, "positions": positions}},
     )

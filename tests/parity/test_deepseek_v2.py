@@ -204,8 +204,8 @@ MLA_HOOKS = ["hook_q", "hook_kv_latent", "hook_k_pe", "hook_k", "hook_v", "hook_
 
 
 def _block_hooks(attn: list[str], mlp: list[str]) -> list[str]:
-    return (["hook_resid_pre", "ln1.hook_normalized"] + [f"attn.{h}" for h in attn]
-            + ["hook_attn_out", "hook_resid_mid", "ln2.hook_normalized"] + mlp + ["hook_mlp_out", "hook_resid_post"])
+    return (["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"] + [f"attn.{h}" for h in attn]
+            + ["hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized"] + mlp + ["hook_mlp_out", "hook_resid_post"])
 
 
 SPARSE_MLP = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_expert_indices",
@@ -221,7 +221,7 @@ def test_hook_names_in_execution_order(pairs, variant):
     for l in range(m.cfg.n_layers):
         mlp = SPARSE_MLP if l in m.cfg.moe_layers else ["mlp.hook_pre", "mlp.hook_post"]
         expected += [f"blocks.{l}.{h}" for h in _block_hooks(attn, mlp)]
-    expected.append("ln_final.hook_normalized")
+    expected += ["ln_final.hook_scale", "ln_final.hook_normalized"]
     assert list(m.hook_dict) == expected
     # dense layers: no router / expert hooks at all
     for l in m.cfg.dense_layers:

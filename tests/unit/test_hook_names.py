@@ -9,12 +9,12 @@ ATTN = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.ho
         "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"]
 ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_expert_indices",
           "mlp.hook_expert_weights", "mlp.hook_expert_out", "mlp.hook_routed_out"]
-SPARSE = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-          "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
-DENSE = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-         "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
-SHARED_GATED = ["hook_resid_pre", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
-                "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
+SPARSE = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+          "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
+DENSE = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+         "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+SHARED_GATED = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
+                "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
                 "mlp.hook_shared_gate", "mlp.hook_shared_out", "hook_mlp_out", "hook_resid_post"]
 
 
@@ -22,7 +22,7 @@ def expand(layers):
     names = ["hook_embed"]
     for l, layer_names in enumerate(layers):
         names += [f"blocks.{l}.{n}" for n in layer_names]
-    return names + ["ln_final.hook_normalized"]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
 
 
 GOLDEN = {
@@ -54,7 +54,8 @@ def test_hook_shapes_are_declared():
     assert all(d.split()[0] == "batch" for d in dims.values())
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
+                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers
@@ -65,3 +66,42 @@ def test_from_config_accepts_transformers_config_objects(name):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     assert model.n_params() == sum(p.numel() for p in hf.parameters())
     assert model(torch.randint(0, 256, (1, 5))).shape == (1, 5, 256)
+
+
+# DeepSeek-V3 router family: the biased selection scores sit between the scores and the indices
+MLA_ATTN = ["attn.hook_q_latent", "attn.hook_q", "attn.hook_kv_latent", "attn.hook_k_pe", "attn.hook_k",
+            "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern",
+            "attn.hook_z"]
+V3_ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_router_selection_scores",
+             "mlp.hook_expert_indices", "mlp.hook_expert_weights", "mlp.hook_expert_out", "mlp.hook_routed_out",
+             "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post", "mlp.hook_shared_out"]
+
+
+def _layer(attn, mlp):
+    return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
+            "ln2.hook_scale", "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
+
+
+V3_GOLDEN = {
+    "deepseek_v3": expand([_layer(MLA_ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(MLA_ATTN, V3_ROUTED)] * 2),
+    "glm4_moe_lite": expand([_layer(MLA_ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(MLA_ATTN, V3_ROUTED)] * 2),
+    "glm4_moe": expand([_layer(ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(ATTN, V3_ROUTED)] * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V3_GOLDEN))
+def test_ordered_hook_names_v3_family(name):
+    from moelens.testing import TINY_CONFIGS
+
+    cfg = tiny_hf_config(name).to_dict()
+    cfg["architectures"] = [TINY_CONFIGS[name][1]]
+    model = HookedMoETransformer.from_config(cfg, device="meta")
+    assert list(model.hook_dict) == V3_GOLDEN[name]
+    assert model.hook_dict["blocks.1.mlp.hook_router_selection_scores"].dims == "batch pos n_experts"
+
+
+def test_selection_scores_hook_only_where_there_is_a_correction_bias():
+    cfg = tiny_hf_config("deepseek_v2_full").to_dict()
+    cfg["architectures"] = ["DeepseekV2ForCausalLM"]
+    model = HookedMoETransformer.from_config(cfg, device="meta")
+    assert not [n for n in model.hook_dict if "selection" in n]

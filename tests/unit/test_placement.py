@@ -252,3 +252,37 @@ def test_attach_is_idempotent_and_removable(tokens):
     P.remove_device_hooks(m)
     assert sum(len(mod._forward_pre_hooks) for mod in m.modules()) == 0
     m(toks)
+
+
+def _blocks_per_device(plan):
+    out = {}
+    for unit, dev in plan.items():
+        if unit.startswith("blocks."):
+            out[dev] = out.get(dev, 0) + 1
+    return out
+
+
+def test_v3_family_plans_of_docs_gpu():
+    """The plans quoted in docs/gpu.md §4 (bf16 skeletons of the presets)."""
+    air = HookedMoETransformer.from_config("glm-4.5-air", device="meta", dtype=torch.bfloat16)
+    plan = P.infer_device_map(air, {0: "125GiB", 1: "125GiB"}, strategy="balanced")
+    assert _blocks_per_device(plan) == {"cuda:0": 23, "cuda:1": 23}
+    plan = P.infer_device_map(air, {i: "70GiB" for i in range(3)}, strategy="balanced")
+    assert _blocks_per_device(plan) == {"cuda:0": 16, "cuda:1": 15, "cuda:2": 15}
+    flash = HookedMoETransformer.from_config("glm-4.7-flash", device="meta", dtype=torch.bfloat16)
+    assert set(P.infer_device_map(flash, {0: "70GiB"}).values()) == {"cuda:0"}
+    # the router stays fp32 in a bf16 skeleton (as transformers keeps it), and is sized so
+    assert flash.blocks[1].mlp.router.W_router.dtype == torch.float32
+    v3 = HookedMoETransformer.from_config("deepseek-v3", device="meta", dtype=torch.bfloat16)
+    plan = P.infer_device_map(v3, {**{i: "125GiB" for i in range(8)}, "cpu": "400GiB"})
+    assert _blocks_per_device(plan) == {"cuda:0": 8, **{f"cuda:{i}": 5 for i in range(1, 8)}, "cpu": 18}
+    with pytest.raises(ValueError, match="Cannot place"):
+        P.infer_device_map(v3, {i: "125GiB" for i in range(8)})
+
+
+def test_v3_family_all_cpu_placement_equals_plain_model(tokens):
+    toks, mask = tokens
+    ref = HookedMoETransformer.from_config(tiny_dict("deepseek_v3"), device="cpu", seed=1)
+    skeleton = HookedMoETransformer.from_config(tiny_dict("deepseek_v3"), device="meta")
+    m = P.dispatch(skeleton, all_cpu_map(ref), seed=1)
+    torch.testing.assert_close(m(toks, attention_mask=mask), ref(toks, attention_mask=mask), rtol=0, atol=0)

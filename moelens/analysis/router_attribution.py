@@ -1,0 +1,112 @@
+"""Router-logit attribution: which upstream components chose this expert?
+
+A sparse layer's router logits are linear in its normalised input: ``logits = W_router (w_2 * r / s)``
+(+ a router bias where an architecture has one), with ``r`` the residual stream entering the MLP
+(``hook_resid_mid``), ``s`` the ln2 scale (``ln2.hook_scale``) and ``w_2`` the ln2 weight. With ``s``
+frozen at its cached value, ``r``'s decomposition (embedding, each attention layer or head, each
+earlier dense MLP, each earlier routed expert and shared expert, accumulated biases) splits the
+router logits exactly: the contributions sum to ``hook_router_logits`` (up to float rounding; tested
+in fp32). As with direct logit attribution the split is of the *logits*; the softmax and top-k that
+follow are not linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RouterAttribution:
+    """``values[c, batch, pos, expert]``: component ``labels[c]``'s contribution to the router logit
+    of ``expert`` in sparse layer ``layer``. ``router_logits`` and ``chosen`` (``hook_expert_indices``)
+    are the cached ones; ``values.sum(0)`` equals ``router_logits``."""
+
+    layer: int
+    values: Tensor
+    labels: list[str]
+    router_logits: Tensor
+    chosen: Tensor
+    str_tokens: Optional[list[list[str]]] = field(default=None, repr=False)
+
+    def residual(self) -> Tensor:
+        """``router_logits - values.sum(0)`` (float rounding only)."""
+        return self.router_logits.float() - self.values.sum(0)
+
+    def to_frame(self, batch: int = 0, position: int = -1):
+        """Tidy table for one position: ``component, expert, chosen, contribution``."""
+        import pandas as pd
+
+        v = self.values[:, batch, position].cpu()
+        chosen = set(self.chosen[batch, position].tolist())
+        rows = [
+            {"component": lab, "expert": e, "chosen": e in chosen, "contribution": float(v[c, e])}
+            for c, lab in enumerate(self.labels) for e in range(v.shape[1])
+        ]
+        return pd.DataFrame(rows)
+
+    def plot(self, batch: int = 0, position: int = -1, top: int = 20, experts: Optional[list[int]] = None):
+        """Heatmap for one position: the ``top`` components (by largest absolute contribution to the
+        chosen experts' logits; the rest summed into ``"other"``) x experts (the chosen ones first,
+        marked with *). See :func:`moelens.analysis.figures.router_attribution_heatmap`."""
+        from moelens.analysis.figures import router_attribution_heatmap
+
+        return router_attribution_heatmap(self, batch=batch, position=position, top=top, experts=experts)
+
+
+@torch.no_grad()
+def router_attribution(
+    model, cache, layer: int, heads: bool = False, expert_level: bool = True, pos_slice=None
+) -> RouterAttribution:
+    """Split sparse layer ``layer``'s router logits into upstream contributions.
+
+    Components: ``embed``, each attention layer ``{l}_attn_out`` up to and including ``layer``
+    (``heads=True``: each head ``L{l}H{h}`` instead), each earlier MLP (``expert_level=True``:
+    ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``), ``bias``
+    (accumulated output biases, present when non-zero) and ``router_bias`` (where the router has one).
+    Needs a full cache (``model.run_with_cache(...)``).
+    """
+    from transformer_lens.utilities import Slice
+
+    cfg = model.cfg
+    if layer not in cfg.moe_layers:
+        raise ValueError(f"layer {layer} is not sparse; sparse layers are {list(cfg.moe_layers)}")
+    ps = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+    comps, labels = cache.decompose_resid(
+        layer, mlp_input=True, expert_level=expert_level, pos_slice=ps, return_labels=True
+    )
+    if heads:
+        keep = [i for i, lab in enumerate(labels) if not lab.endswith("_attn_out")]
+        head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
+        comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
+        labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
+    bias = model.accumulated_bias(layer, mlp_input=True)
+    if bool((bias != 0).any()):
+        comps = torch.cat([comps, bias.to(comps.device, comps.dtype).expand_as(comps[:1])])
+        labels.append("bias")
+    ln2 = model.blocks[layer].ln2
+    router = model.blocks[layer].mlp.router
+    W = router.W_router
+    scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
+    dev = W.device
+    normed = comps.float().to(dev) / scale.to(dev) * ln2.w.float().to(dev)
+    values = normed @ W.float().T  # [c, ..., n_experts]
+    b_router = getattr(router, "b_router", None)
+    if b_router is not None:
+        values = torch.cat([values, b_router.float().to(dev).expand_as(values[:1])])
+        labels.append("router_bias")
+    logits = ps.apply(cache[f"blocks.{layer}.mlp.hook_router_logits"], dim=-2)
+    chosen = ps.apply(cache[f"blocks.{layer}.mlp.hook_expert_indices"], dim=-2)
+    str_tokens = None
+    toks = getattr(cache, "tokens", None)
+    if toks is not None and getattr(model, "tokenizer", None) is not None and cache.has_batch_dim:
+        t = ps.apply(toks, dim=-1)
+        if t.ndim == 2:
+            str_tokens = [[model.tokenizer.decode([int(i)]) for i in row] for row in t]
+    return RouterAttribution(layer, values, labels, logits, chosen, str_tokens)
+
+
+__all__ = ["RouterAttribution", "router_attribution"]

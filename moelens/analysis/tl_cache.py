@@ -1,0 +1,247 @@
+"""What makes TransformerLens' ``ActivationCache`` analysis methods work on a moelens cache.
+
+Mixed into :class:`moelens.MoEActivationCache`. The inherited methods (``accumulated_resid``,
+``decompose_resid``, ``stack_head_results``, ``apply_ln_to_stack``, ``logit_attrs``,
+``stack_activation``) read ``cfg.normalization_type`` / ``attn_only``, the norms' ``hook_scale``,
+``model.tokens_to_residual_directions`` and ``model.accumulated_bias``, all of which moelens
+provides. Overridden here, with TransformerLens' signatures:
+
+* ``__getitem__``: short keys for the MoE hooks (``cache["expert_indices", 2]``);
+* ``compute_head_results``: per-head results from ``hook_z`` and moelens' ``W_O`` layout
+  (``[d_model, n_heads * d_head_v]``, the hub's ``o_proj`` layout);
+* ``decompose_resid(..., expert_level=True)``: one component per (layer, expert), plus shared experts;
+* ``get_full_resid_decomposition``: heads, then per layer dense neurons (``L{l}N{n}``) or, for a
+  sparse layer, its experts (``L{l}E{e}``, ``L{l}_shared``), then ``embed`` and ``bias``.
+
+The final norm's weight: ``apply_ln_to_stack`` divides by the cached scale only (TransformerLens'
+convention), and ``model.tokens_to_residual_directions`` folds ``ln_final.w`` into the unembedding
+direction, so ``logit_attrs`` components sum to the logits. ``accumulated_resid(apply_ln=True)``
+at the final layer calls ``model.ln_final`` itself (weight included), so its last entry times
+``model.W_U.T`` (``W_U`` is ``[d_vocab, d_model]``) is the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformer_lens.utilities import Slice
+
+# short name -> path inside a block (TransformerLens' get_act_name would put these at blocks.{l}.hook_*)
+MOE_SHORT_KEYS = {
+    "router_logits": "mlp.hook_router_logits",
+    "router_scores": "mlp.hook_router_scores",
+    "expert_indices": "mlp.hook_expert_indices",
+    "expert_weights": "mlp.hook_expert_weights",
+    "expert_out": "mlp.hook_expert_out",
+    "routed_out": "mlp.hook_routed_out",
+    "shared_out": "mlp.hook_shared_out",
+    "shared_gate": "mlp.hook_shared_gate",
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+
+
+def _as_slice(s) -> Slice:
+    return s if isinstance(s, Slice) else Slice(s)
+
+
+class TLAnalysisMixin:
+    """TransformerLens analysis methods made to work (and extended with an expert axis)."""
+
+    # ------------------------------------------------------------------ keys
+    def __getitem__(self, key) -> Tensor:
+        if isinstance(key, tuple) and key and isinstance(key[0], str) and key[0] in MOE_SHORT_KEYS:
+            name, layer = key[0], key[1] if len(key) > 1 else None
+            if layer is None:
+                raise KeyError(f"cache[{key!r}]: give a layer, e.g. cache[{name!r}, 0]")
+            n = self.model.cfg.n_layers
+            layer = n + layer if layer < 0 else layer
+            full = f"blocks.{layer}.{MOE_SHORT_KEYS[name]}"
+            if full not in self.cache_dict:
+                raise KeyError(f"{full} is not in this cache (short key {key!r})")
+            return self.cache_dict[full]
+        return super().__getitem__(key)
+
+    # ------------------------------------------------------------------ heads
+    def _ensure_head_results(self) -> bool:
+        """Per-head results ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` from
+        ``hook_z`` and ``W_O`` (moelens layout ``[d_model, head * d_head_v]``)."""
+        all_cached = True
+        cfg = self.model.cfg
+        for layer in range(cfg.n_layers):
+            key = f"blocks.{layer}.attn.hook_result"
+            if key in self.cache_dict:
+                continue
+            all_cached = False
+            z = self[f"blocks.{layer}.attn.hook_z"]
+            W_O = self.model.blocks[layer].attn.W_O
+            W = W_O.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
+            self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
+        return all_cached
+
+    # ------------------------------------------------------------------ expert pieces
+    def _expert_stack(self, layer: int, pos_slice: Slice) -> Tensor:
+        """``[n_experts, *batch_pos, d_model]``: each expert's weighted update (0 where not routed)."""
+        idx = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_indices"], dim=-2)
+        w = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_weights"], dim=-2)
+        out = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_out"], dim=-3)
+        weighted = (out * w.unsqueeze(-1)).to(out.dtype)
+        n_exp = self.model.cfg.n_experts
+        dense = torch.zeros(*idx.shape[:-1], n_exp, out.shape[-1], dtype=out.dtype, device=out.device)
+        dense.scatter_add_(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]), weighted)
+        return dense.movedim(-2, 0)
+
+    def _mlp_pieces(self, layer: int, pos_slice: Slice, expert_level: bool):
+        """(stack ``[n, *batch_pos, d_model]``, labels) for block ``layer``'s MLP output."""
+        cfg = self.model.cfg
+        if not expert_level or layer not in cfg.moe_layers:
+            return pos_slice.apply(self[f"blocks.{layer}.hook_mlp_out"], dim=-2)[None], [f"{layer}_mlp_out"]
+        stack = self._expert_stack(layer, pos_slice)
+        labels = [f"L{layer}E{e}" for e in range(cfg.n_experts)]
+        if cfg.has_shared_experts:
+            shared = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_shared_out"], dim=-2)[None]
+            stack = torch.cat([stack, shared.to(stack.device, stack.dtype)])
+            labels.append(f"L{layer}_shared")
+        return stack, labels
+
+    # ------------------------------------------------------------------ decompositions
+    def decompose_resid(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice=None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+        expert_level: bool = False,
+    ):
+        """TransformerLens' ``decompose_resid``; with ``expert_level=True`` each sparse layer's
+        ``mlp_out`` is split into one component per routed expert (``"L{l}E{e}"``, its
+        ``expert_contribution``) plus ``"L{l}_shared"`` (shared experts, where the architecture has
+        them); dense layers stay ``"{l}_mlp_out"``. The components sum to the residual stream
+        entering ``layer`` (``hook_resid_mid`` of ``layer`` with ``mlp_input``; the final residual
+        stream when ``layer`` is None)."""
+        if not expert_level:
+            return super().decompose_resid(
+                layer=layer, mlp_input=mlp_input, mode=mode, apply_ln=apply_ln, pos_slice=pos_slice,
+                incl_embeds=incl_embeds, return_labels=return_labels,
+            )
+        pos_slice = _as_slice(pos_slice)
+        cfg = self.model.cfg
+        if layer is None or layer == -1:
+            layer = cfg.n_layers
+        if mode not in ("all", "mlp", "attn"):
+            raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
+        pieces, labels = [], []
+        if incl_embeds and self.has_embed:
+            pieces.append(pos_slice.apply(self["hook_embed"], dim=-2)[None])
+            labels.append("embed")
+        for l in range(layer):
+            if mode != "mlp":
+                pieces.append(pos_slice.apply(self[f"blocks.{l}.hook_attn_out"], dim=-2)[None])
+                labels.append(f"{l}_attn_out")
+            if mode != "attn":
+                stack, lab = self._mlp_pieces(l, pos_slice, expert_level=True)
+                pieces.append(stack)
+                labels += lab
+        if mlp_input and mode != "mlp":
+            pieces.append(pos_slice.apply(self[f"blocks.{layer}.hook_attn_out"], dim=-2)[None])
+            labels.append(f"{layer}_attn_out")
+        device = pieces[0].device
+        components = torch.cat([p.to(device) for p in pieces])
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (components, labels) if return_labels else components
+
+    def get_full_resid_decomposition(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice=None,
+        return_labels: bool = False,
+        project_output_onto: Optional[Tensor] = None,
+    ):
+        """TransformerLens' full decomposition of the residual stream entering ``layer``: every
+        attention head (``L{l}H{h}``), then per block either the dense MLP's neurons (``L{l}N{n}``)
+        or a sparse layer's experts (``L{l}E{e}`` and ``L{l}_shared``) when ``expand_neurons``, else
+        ``{l}_mlp_out``; then ``embed`` and ``bias`` (accumulated output biases). With
+        ``mlp_input`` the heads of ``layer`` itself are included. ``project_output_onto``
+        (``[d_model]`` or ``[d_model, k]``) projects each component (before stacking, so the
+        ``d_model`` stack is never built)."""
+        cfg = self.model.cfg
+        if layer is None or layer == -1:
+            layer = cfg.n_layers
+        pos_slice = _as_slice(pos_slice)
+        proj = project_output_onto
+        squeeze = proj is not None and proj.ndim == 1
+        if squeeze:
+            proj = proj[:, None]
+
+        def finish(stack: Tensor) -> Tensor:
+            if apply_ln:
+                stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+            if proj is not None:
+                stack = stack @ proj.to(stack.device, torch.promote_types(stack.dtype, proj.dtype))
+            return stack
+
+        pieces, labels = [], []
+        heads, head_labels = self.stack_head_results(
+            layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True
+        )
+        pieces.append(finish(heads))
+        labels += head_labels
+        for l in range(layer):
+            if expand_neurons and l not in cfg.moe_layers:
+                post = pos_slice.apply(self[f"blocks.{l}.mlp.hook_post"], dim=-2)
+                W_down = self.model.blocks[l].mlp.W_down.to(post.device, post.dtype)  # [d_model, d_mlp]
+                if proj is not None and not apply_ln:
+                    wp = W_down.T @ proj.to(post.device, post.dtype)  # [d_mlp, k]
+                    neur = (post[..., None] * wp).movedim(-2, 0)
+                else:
+                    neur = finish((post[..., None] * W_down.T).movedim(-2, 0))
+                pieces.append(neur)
+                labels += [f"L{l}N{n}" for n in range(post.shape[-1])]
+            else:
+                stack, lab = self._mlp_pieces(l, pos_slice, expert_level=expand_neurons)
+                pieces.append(finish(stack))
+                labels += lab
+        if self.has_embed:
+            pieces.append(finish(pos_slice.apply(self["hook_embed"], dim=-2)[None]))
+            labels.append("embed")
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=True)
+        ref = pos_slice.apply(self["hook_embed"], dim=-2)
+        bias_stack = bias.to(ref.device, ref.dtype).expand(*ref.shape)[None]
+        pieces.append(finish(bias_stack))
+        labels.append("bias")
+        device = pieces[0].device
+        out = torch.cat([p.to(device) for p in pieces])
+        if squeeze:
+            out = out.squeeze(-1)
+        return (out, labels) if return_labels else out
+
+    def apply_slice_to_batch_dim(self, batch_slice):
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        new = type(self)(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+        tokens = getattr(self, "tokens", None)
+        if tokens is not None:
+            bs = _as_slice(batch_slice)
+            new.tokens = bs.apply(tokens, dim=0)
+            if new.tokens.ndim == 1:
+                new.tokens = new.tokens[None]
+        return new
+
+
+def final_scale(cache, pos_slice=None) -> Tensor:
+    """``ln_final.hook_scale`` with ``pos_slice`` applied."""
+    return _as_slice(pos_slice).apply(cache["ln_final.hook_scale"], dim=-2)
+
+
+__all__ = ["TLAnalysisMixin", "MOE_SHORT_KEYS", "final_scale"]

@@ -1,0 +1,86 @@
+"""GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``), as transformers 5.24 computes it: DeepSeek-V3's MLA
+(``rope_interleave``, de-interleaved output, YaRN if configured) and router, dense layers from
+``mlp_layer_types`` (default: layer 0 dense, the rest sparse), one ungated shared expert, MTP layer
+skipped on load. ``partial_rotary_factor`` must be 1 (transformers' MLA cannot rotate part of the
+rope dims either)."""
+
+from moelens.architectures.base import (
+    COMMON_RULES, DENSE_MLP_RULES, FUSED_EXPERT_RULES, Architecture, UnsupportedConfigError, expert_rules,
+    rope_settings, shared_expert_rules,
+)
+from moelens.architectures.deepseek_v2 import MLA_RULES
+from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, ROUTER_BIAS_RULES, mla_fields, noaux_tc_router
+from moelens.architectures.glm4_moe import partial_rotary
+
+NAME = "Glm4MoeLiteForCausalLM"
+
+# class defaults of transformers 5.24 Glm4MoeLiteConfig
+DEFAULTS = {
+    "vocab_size": 154880, "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+    "num_hidden_layers": 47, "num_attention_heads": 20, "num_key_value_heads": 20, "n_shared_experts": 1,
+    "n_routed_experts": 64, "routed_scaling_factor": 1.8, "kv_lora_rank": 512, "q_lora_rank": 768,
+    "qk_rope_head_dim": 64, "v_head_dim": 256, "qk_nope_head_dim": 192, "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 4, "norm_topk_prob": True, "rms_norm_eps": 1e-5, "pad_token_id": None,
+    "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "rope_parameters": None,
+    "rope_theta": None, "rope_scaling": None, "rope_interleave": True, "mlp_layer_types": None,
+    "partial_rotary_factor": None, "first_k_dense_replace": None,
+}
+
+REQUIRED = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False, None),
+    "pretraining_tp": (1, None),
+    "scoring_func": ("sigmoid",),
+    "topk_method": ("noaux_tc",),
+    "ep_size": (1, None),
+}
+
+IGNORED = frozenset({
+    "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "moe_layer_freq", "head_dim",
+    "qk_head_dim", "max_position_embeddings", "attention_dropout", "aux_loss_alpha", "seq_aux",
+})
+
+
+def translate(hf: dict) -> dict:
+    n = hf["num_hidden_layers"]
+    hf, factor = partial_rotary(hf, hf["qk_rope_head_dim"], 1.0, NAME)
+    if factor != 1.0:
+        raise UnsupportedConfigError(
+            f"{NAME}: partial_rotary_factor={factor}; MLA rotates all qk_rope_head_dim dims (transformers fails "
+            f"on anything else)"
+        )
+    types = hf["mlp_layer_types"] or ["dense"] + ["sparse"] * (n - 1)
+    if len(types) != n or set(types) - {"dense", "sparse"}:
+        raise UnsupportedConfigError(f"{NAME}: mlp_layer_types must list 'dense'/'sparse' for each of {n} layers")
+    moe_layers = tuple(l for l, t in enumerate(types) if t == "sparse")
+    first_dense = hf["first_k_dense_replace"]
+    if hf["mlp_layer_types"] is None and first_dense not in (None, 1):
+        raise UnsupportedConfigError(
+            f"{NAME}: first_k_dense_replace={first_dense} but transformers reads only mlp_layer_types "
+            f"(default: layer 0 dense, the rest sparse); set mlp_layer_types explicitly"
+        )
+    rope = rope_settings(hf, NAME, allow_yarn=True)
+    return dict(
+        n_layers=n, d_model=hf["hidden_size"], d_vocab=hf["vocab_size"], n_experts=hf["n_routed_experts"],
+        top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"], d_mlp=hf["intermediate_size"],
+        moe_layers=moe_layers, rms_norm_eps=hf["rms_norm_eps"],
+        d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
+        **mla_fields(hf, NAME, rope), **noaux_tc_router(hf, NAME),
+    )
+
+
+ARCH = Architecture(
+    name=NAME,
+    model_type="glm4_moe_lite",
+    translate=translate,
+    defaults=DEFAULTS,
+    required=REQUIRED,
+    ignored=IGNORED,
+    aliases={"num_local_experts": "n_routed_experts"},
+    key_rules=COMMON_RULES + MLA_RULES + DENSE_MLP_RULES
+    + expert_rules("mlp", "gate_proj", "up_proj", "down_proj", "gate") + FUSED_EXPERT_RULES
+    + ROUTER_BIAS_RULES + shared_expert_rules("shared_experts"),
+    hf_config_class="Glm4MoeLiteConfig",
+    hf_model_class=NAME,
+    skip_keys=MTP_SKIP_KEYS,
+)
