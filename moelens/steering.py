@@ -16,8 +16,9 @@ edit) and an activated expert gets a combine weight slightly above the best orig
 :class:`SteerExperts` applies exactly that on ``hook_router_logits`` (``method="logits"``), or
 forces only the selection (``method="route"``: activated experts replace the lowest-scored chosen
 ones, deactivated ones are replaced by the next best; the combine weights follow the
-architecture's rule from the unedited scores). The rule is written for softmax routers, which
-every architecture moelens implements uses.
+architecture's rule from the unedited scores). The logit rule is written for softmax routers;
+on a sigmoid router (DeepSeek-V3 family) ``method="logits"`` raises and ``method="route"`` applies
+(the other experts ranked on the biased selection scores, as the router ranks them).
 
 :func:`detect_experts` is SteerMoE's detector with a paired statistic: for each (layer, expert)
 the routing frequency (share of real tokens whose top-k includes the expert) on each prompt of
@@ -85,6 +86,11 @@ class SteerExperts(Intervention):
 
     def hooks(self, model):
         on, off = self._validate(model)
+        if self.method == "logits" and getattr(model.cfg, "router_score_func", "softmax") != "softmax":
+            raise ValueError(
+                f"method='logits' is SteerMoE's rule for softmax routers; this model's router scores with "
+                f"{model.cfg.router_score_func} (and may select on biased scores): use method='route'"
+            )
         out = []
         for layer in self._layers(model):
             if self.method == "logits":
@@ -123,11 +129,11 @@ class SteerExperts(Intervention):
         def fn(idx, rows, hook):
             pos = _positions(self.positions, idx.shape[1])
             scores = state["scores"][rows][:, pos].float().clone()
-            top = scores.max() + 1.0
+            top, bottom = scores.max() + 1.0, scores.min() - 1.0
             if on.numel():
-                scores[..., on.to(scores.device)] = top + 1.0  # chosen first, whatever their score
+                scores[..., on.to(scores.device)] = top  # chosen first, whatever their score
             if off.numel():
-                scores[..., off.to(scores.device)] = -1.0  # never chosen (scores are >= 0)
+                scores[..., off.to(scores.device)] = bottom  # never chosen
             forced = torch.topk(scores, model.cfg.top_k, dim=-1, sorted=sorted_).indices
             idx = idx.clone()
             block = idx[rows]
@@ -135,7 +141,11 @@ class SteerExperts(Intervention):
             idx[rows] = block
             return idx
 
-        return [(hook_name(model, "router_scores", layer), grab), (hook_name(model, "expert_indices", layer), fn)]
+        # rank the other experts as the router's top-k does: on the selection scores where the
+        # architecture has them (DeepSeek-V3 family: scores + correction bias), else the scores
+        ranked = f"blocks.{layer}.mlp.hook_router_selection_scores"
+        source = ranked if ranked in model.hook_dict else hook_name(model, "router_scores", layer)
+        return [(source, grab), (hook_name(model, "expert_indices", layer), fn)]
 
 
 # ---------------------------------------------------------------------------------------------- detection

@@ -12,7 +12,8 @@ import torch
 
 from moelens import HookedMoETransformer
 
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"]
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3",
+         "glm4_moe", "glm4_moe_lite"]
 N_NEW = 8
 
 

@@ -100,6 +100,19 @@ def test_bad_steering(qwen3, kwargs, err, match):
         qwen3.generate(ids(1, 3), max_new_tokens=2, interventions=[SteerExperts(**kwargs)], **KW)
 
 
+def test_sigmoid_router_steers_by_route_only(tiny_dirs):
+    d, _ = tiny_dirs("deepseek_v3")
+    model = HookedMoETransformer.from_pretrained(d)
+    assert model.cfg.router_score_func == "sigmoid"
+    layer = model.cfg.moe_layers[0]
+    with pytest.raises(ValueError, match="use method='route'"):
+        model.generate(ids(1, 3), max_new_tokens=2, interventions=[SteerExperts(layer=layer, activate=[1])], **KW)
+    iv = SteerExperts(layer=layer, activate=[1], deactivate=[2], method="route")
+    _, tr = model.generate(ids(2, 4), max_new_tokens=4, interventions=[iv], return_routing=True, **KW)
+    chosen = tr.indices[:, :, tr.layers.index(layer)]
+    assert (chosen == 1).any(-1).all() and not (chosen == 2).any()
+
+
 def test_detector_paired_statistic(bundled):
     subjects = ["Tel Mor", "Jor Sar", "Mal Quil", "Vel Zar", "Kor Jor", "Bra Mor"]
     a = [f"{s} plays the" for s in subjects]
