@@ -23,8 +23,28 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
     TransformerLens' analysis methods work (see :mod:`moelens.analysis.tl_cache`)."""
 
     # ------------------------------------------------------------------ lookups
+    def __getitem__(self, key) -> Tensor:
+        """As :class:`ActivationCache`; a name that is not cached raises a ``KeyError`` suggesting the
+        closest cached names (``cache["blocks.2.mlp.hook_router_logit"]`` -> ``...hook_router_logits``)."""
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            pass
+        from moelens.hooks import suggest_hook_names
+        from moelens.patching import SHORT_NAMES
+
+        name, layer = (key, None) if isinstance(key, str) else (key[0], key[1] if len(key) > 1 else None)
+        if isinstance(layer, int) and layer < 0:
+            layer += self.model.cfg.n_layers
+        close = suggest_hook_names(str(name), self.cache_dict, layer=layer, short_names=SHORT_NAMES)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(
+            f"{key!r} is not in this cache.{hint} `list(cache.keys())` lists what was cached (a names_filter "
+            f"keeps only some hooks; hook names are documented in docs/concepts.md)."
+        ) from None
+
     def _hook(self, layer: int, name: str) -> Tensor:
-        self._check_layer(layer, sparse=True)
+        layer = self._check_layer(layer, sparse=True)
         key = f"blocks.{layer}.mlp.{name}"
         if key not in self.cache_dict:
             raise KeyError(
@@ -34,23 +54,26 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
             )
         return self.cache_dict[key]
 
-    def _check_layer(self, layer: int, sparse: bool = False) -> None:
+    def _check_layer(self, layer: int, sparse: bool = False) -> int:
+        """The layer, normalised (one indexing rule: negative counts from the last layer)."""
+        from moelens.patching import normalize_index
+
         cfg = self.model.cfg
-        if not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
-            raise IndexError(f"layer={layer!r} out of range: the model has {cfg.n_layers} layers (0..{cfg.n_layers - 1})")
+        layer = normalize_index(layer, cfg.n_layers, "layer")
         if sparse and layer not in cfg.moe_layers:
             raise ValueError(f"layer {layer} is a dense layer; sparse (MoE) layers are {list(cfg.moe_layers)}")
+        return layer
 
-    def _check_expert(self, expert: int) -> None:
-        n = self.model.cfg.n_experts
-        if not isinstance(expert, int) or not 0 <= expert < n:
-            raise IndexError(f"expert={expert!r} out of range: layers have {n} routed experts (0..{n - 1})")
+    def _check_expert(self, expert: int) -> int:
+        from moelens.patching import normalize_index
+
+        return normalize_index(expert, self.model.cfg.n_experts, "expert")
 
     # ------------------------------------------------------------------ contributions
     def expert_contribution(self, layer: int, expert: int) -> Float[Tensor, "batch pos d_model"]:
         """Expert ``expert``'s weighted update ``w_e * E_e(x)`` at every position (zero where it was
         not routed). Summed over all experts it equals ``blocks.{layer}.mlp.hook_routed_out``."""
-        self._check_expert(expert)
+        expert = self._check_expert(expert)
         idx = self._hook(layer, "hook_expert_indices")
         w = self._hook(layer, "hook_expert_weights")
         out = self._hook(layer, "hook_expert_out")
@@ -98,6 +121,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         import pandas as pd
 
         tokens = self.tokens if tokens is None else tokens
+        layer = self._check_layer(layer, sparse=True)
         idx = self._hook(layer, "hook_expert_indices")
         w = self._hook(layer, "hook_expert_weights").float()
         key = f"blocks.{layer}.mlp.hook_router_scores"
@@ -129,6 +153,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
 
     def routing_entropy(self, layer: int) -> Float[Tensor, "batch pos"]:
         """Entropy (nats) of the router's score distribution at each position."""
+        layer = self._check_layer(layer, sparse=True)
         key = f"blocks.{layer}.mlp.hook_router_scores"
         if key not in self.cache_dict:
             self._hook(layer, "hook_router_scores")

@@ -17,6 +17,8 @@ Axis names used throughout the package (and in every hook's jaxtyping shape):
 ``d_vocab``     vocabulary size
 ``kv_lora_rank`` MLA compressed kv latent width; ``q_lora_rank`` MLA query latent width
 ``d_rope``      MLA decoupled rope-key width (``qk_rope_head_dim``)
+``k_head``      Gated DeltaNet key heads; ``v_head`` its value heads
+``d_k`` / ``d_v`` Gated DeltaNet per-head key / value widths; ``d_conv`` its conv channels
 ==============  ==============================================================
 """
 
@@ -61,6 +63,10 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN parameters (sorted items)
+    attn_o_bias: bool = False  # gpt-oss: bias on the output projection W_O
+    attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
+    sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
+    layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
     # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
     # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
     rotary_dim: Optional[int] = None
@@ -82,6 +88,16 @@ class MoEConfig:
     topk_sorted: bool = True
     n_group: int = 1
     topk_group: int = 1
+    router_bias: bool = False  # gpt-oss: the router linear has a bias
+    # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
+    # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
+    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # experts
+    expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
+    expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
     router_score_func: Literal["softmax", "sigmoid"] = "softmax"
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
@@ -99,6 +115,17 @@ class MoEConfig:
     # numerics / implementation
     dtype: torch.dtype = torch.float32
     expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"
+    # Qwen3.5 / Qwen3-Next hybrids (see moelens/components/gated_deltanet.py)
+    norm_zero_centered: bool = False  # RMSNorms scale by (1 + w), multiplied in fp32 before the cast
+    attn_output_gate: bool = False  # full attention: o = W_O (z * sigmoid(W_G x)), W_G from a doubled q_proj
+    linear_attn_layers: list[int] = field(default_factory=list)  # layers whose mixer is Gated DeltaNet
+    linear_n_k_heads: int = 0
+    linear_n_v_heads: int = 0
+    linear_d_k: int = 0
+    linear_d_v: int = 0
+    linear_conv_kernel: int = 4
+    delta_rule_impl: Literal["chunked", "recurrent"] = "chunked"  # recurrent = token by token (the definition)
+    delta_rule_chunk: int = 64
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -110,6 +137,26 @@ class MoEConfig:
         if bad:
             raise ValueError(f"moe_layers {bad} out of range for n_layers={self.n_layers}")
         object.__setattr__(self, "moe_layers", sorted(set(int(l) for l in self.moe_layers)))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            bad_types = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad_types:
+                raise ValueError(f"layer_types {bad_types} not supported (full_attention, sliding_attention)")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        bad = [l for l in self.linear_attn_layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise ValueError(f"linear_attn_layers {bad} out of range for n_layers={self.n_layers}")
+        object.__setattr__(self, "linear_attn_layers", sorted(set(int(l) for l in self.linear_attn_layers)))
+        if self.linear_attn_layers and (self.linear_n_k_heads <= 0 or self.linear_n_v_heads % self.linear_n_k_heads):
+            raise ValueError(
+                f"linear_n_v_heads={self.linear_n_v_heads} must be a positive multiple of "
+                f"linear_n_k_heads={self.linear_n_k_heads}"
+            )
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head_qk):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.d_head_qk}]")
         if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
@@ -136,6 +183,17 @@ class MoEConfig:
         if self.rotary_dim is not None:
             return self.rotary_dim
         return self.qk_rope_head_dim if self.attention == "mla" else self.d_head
+
+    def attention_window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (keys ``q - window < k <= q``), or None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def linear_d_conv(self) -> int:
+        """Channels of the Gated DeltaNet convolution: ``[q; k; v]``."""
+        return 2 * self.linear_n_k_heads * self.linear_d_k + self.linear_n_v_heads * self.linear_d_v
 
     @property
     def yarn(self) -> Optional[dict]:

@@ -11,6 +11,34 @@ import torch
 BUNDLED = "moelens-tiny-facts"
 
 
+def choose_facts(model, facts, n_facts: int, n_samples: int, seed: int):
+    """A handful of facts with distinct relations, spread over the world, that pass the dataset
+    protocol's filter (clean contrast >= ``min_clean``, noise drop ``clean - corrupted`` >=
+    ``min_drop``, :class:`~moelens.tracing.protocol.ProtocolConfig`'s defaults): a case the noise
+    barely moves would turn float noise into huge normalised rescues. Fact ``i`` is traced with
+    noise seed ``seed + i``. Returns ``(cases, their TraceSetups, number of candidates skipped)``."""
+    from moelens.tracing.protocol import ProtocolConfig
+    from moelens.tracing.trace import prepare
+
+    protocol = ProtocolConfig()
+    chosen, setups, relations, skipped = [], [], set(), 0
+    stride = max(1, len(facts) // 97)
+    for case in facts[::stride] + [c for i, c in enumerate(facts) if i % stride]:
+        if case.relation in relations:
+            continue
+        setup = prepare(model, case, seed=seed + len(chosen), n_samples=n_samples)
+        if setup.clean < protocol.min_clean or setup.clean - setup.corrupted < protocol.min_drop:
+            skipped += 1
+            continue
+        chosen.append(case)
+        setups.append(setup)
+        relations.add(case.relation)
+        if len(chosen) == n_facts:
+            return chosen, setups, skipped
+    raise ValueError(f"only {len(chosen)} relations have a fact passing the filter (clean >= {protocol.min_clean}, "
+                     f"drop >= {protocol.min_drop}) with seed {seed}; ask for fewer facts or another seed")
+
+
 def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Trace a handful of the bundled model's facts; write HTML figures into ``out_dir``; return numbers."""
     from tqdm.auto import tqdm
@@ -18,23 +46,25 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     from moelens import HookedMoETransformer, plotting
     from moelens.loading import bundled_models
     from moelens.tracing import load_facts, trace_coalitions, trace_experts, trace_layers
+    from moelens.tracing.protocol import ProtocolConfig
     from moelens.tracing.trace import prepare
 
     start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for name, value in (("n_facts", n_facts), ("n_samples", n_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: give a whole number >= 1")
     if BUNDLED not in bundled_models():
         raise FileNotFoundError(f"the bundled model {BUNDLED!r} is missing from this installation")
-    model = HookedMoETransformer.from_pretrained(BUNDLED)
     facts = load_facts(bundled_models()[BUNDLED] / "facts.jsonl")
-    # a handful of facts with distinct relations, spread over the world
-    chosen, relations = [], set()
-    for case in facts[:: max(1, len(facts) // 97)]:
-        if case.relation not in relations:
-            chosen.append(case)
-            relations.add(case.relation)
-        if len(chosen) == n_facts:
-            break
+    n_relations = len({c.relation for c in facts})
+    if n_facts > n_relations:
+        raise ValueError(f"n_facts={n_facts}: the demo traces facts of distinct relations and the bundled world "
+                         f"has {n_relations}; give 1 to {n_relations}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = HookedMoETransformer.from_pretrained(BUNDLED)
+    chosen, setups, skipped = choose_facts(model, facts, n_facts, n_samples, seed)
+    protocol = ProtocolConfig()
     sparse = list(model.cfg.moe_layers)
     print(f"model {BUNDLED}: {model.cfg.architecture}, {model.cfg.n_layers} layers, {model.cfg.n_experts} experts "
           f"(top-{model.cfg.top_k}), {model.n_params():,} parameters")
@@ -43,7 +73,7 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     lines = []
     first_trace = None
     for i, case in enumerate(tqdm(chosen, desc="tracing facts", disable=not progress)):
-        setup = prepare(model, case, seed=seed + i, n_samples=n_samples)
+        setup = setups[i]
         if first_trace is None:
             first_trace = trace_layers(model, setup, positions="all", progress=False)
         for j, layer in enumerate(sparse):
@@ -73,7 +103,9 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     for name, fig in files.items():
         plotting.save_html(fig, out / name)
 
-    print(f"\n{'fact':58s} {'clean':>7s} {'noised':>7s}")
+    print(f"\nfacts passing the protocol's filter (clean >= {protocol.min_clean}, noise drop >= {protocol.min_drop}); "
+          f"{skipped} candidate(s) skipped")
+    print(f"{'fact':58s} {'clean':>7s} {'noised':>7s}")
     for case, clean, corrupted in lines:
         print(f"{(case.prompt + ' -> ' + case.target_true + ' (vs ' + str(case.target_foil) + ')')[:58]:58s} {clean:7.2f} {corrupted:7.2f}")
     print("\nmean normalised rescue from restoring each layer's MoE output at the last position:")

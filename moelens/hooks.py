@@ -146,6 +146,11 @@ def check_shapes(model):
         "kv_lora_rank": cfg.kv_lora_rank,
         "q_lora_rank": cfg.q_lora_rank or 0,
         "d_rope": cfg.qk_rope_head_dim,
+        "k_head": getattr(cfg, "linear_n_k_heads", 0),
+        "v_head": getattr(cfg, "linear_n_v_heads", 0),
+        "d_k": getattr(cfg, "linear_d_k", 0),
+        "d_v": getattr(cfg, "linear_d_v", 0),
+        "d_conv": cfg.linear_d_conv if hasattr(cfg, "linear_d_conv") else 0,
     }
     old = dict(_CHECK)
     _CHECK.update(on=True, dims=dims)
@@ -161,21 +166,46 @@ def check_shapes(model):
         _CHECK.update(old)
 
 
-def suggest_hook_names(name: str, names: Iterable[str], n: int = 3) -> list[str]:
-    """The hook names closest to ``name`` (for typo messages)."""
+def suggest_hook_names(name: str, names: Iterable[str], n: int = 3, layer: Optional[int] = None,
+                       short_names: Optional[dict] = None) -> list[str]:
+    """The hook names closest to ``name`` (for typo messages).
+
+    ``name`` may be a full name (``blocks.2.mlp.hook_router_logit``), a tail (``mlp_outt``) or a short
+    name; when it names a layer (or ``layer`` is given) only that layer's hooks are suggested.
+    ``short_names`` (``{"router_logits": "blocks.{layer}.mlp.hook_router_logits", ...}``) are matched
+    too and, with a layer, suggested as full names."""
     names = list(names)
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
-    if not close:
-        # compare the suffix after the layer index, then put the layer back
-        m = re.match(r"blocks\.(\d+)\.(.*)", name)
-        if m:
-            tails = sorted({re.sub(r"^blocks\.\d+\.", "", k) for k in names})
-            close = [f"blocks.{m.group(1)}.{t}" for t in difflib.get_close_matches(m.group(2), tails, n=n)]
-    return close
+    m = re.match(r"blocks\.(\d+)\.(.*)", name)
+    if m:
+        layer, tail = int(m.group(1)), m.group(2)
+    else:
+        tail = name
+    # every way of writing each candidate -> the candidate
+    aliases: dict[str, str] = {}
+    for full in names:
+        fm = re.match(r"blocks\.(\d+)\.(.*)", full)
+        if fm and layer is not None and int(fm.group(1)) != layer:
+            continue
+        t = fm.group(2) if fm else full
+        for a in (full, t, t.split(".")[-1], t.split(".")[-1].removeprefix("hook_")):
+            aliases.setdefault(a, full)
+    for short, template in (short_names or {}).items():
+        if "{layer}" in template:
+            full = template.format(layer=layer) if layer is not None else short
+        else:
+            full = template
+        if full in names or full == short:
+            aliases.setdefault(short, full)
+    out: list[str] = []
+    for a in difflib.get_close_matches(tail, list(aliases), n=4 * n, cutoff=0.6):
+        if aliases[a] not in out:
+            out.append(aliases[a])
+    return out[:n]
 
 
-def unknown_hook_error(name: str, names: Iterable[str]) -> KeyError:
-    close = suggest_hook_names(name, names)
+def unknown_hook_error(name: str, names: Iterable[str], layer: Optional[int] = None,
+                       short_names: Optional[dict] = None) -> KeyError:
+    close = suggest_hook_names(name, names, layer=layer, short_names=short_names)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return KeyError(
         f"No hook point named {name!r}.{hint} List them with `model.hook_dict.keys()` "

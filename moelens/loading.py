@@ -7,6 +7,8 @@ model plus one tensor. Pickle checkpoints (``.bin``/``.pt``) are refused: never 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -16,10 +18,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
+from moelens.quant import mxfp4
 
 logger = logging.getLogger("moelens")
 
@@ -31,6 +34,19 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 class CheckpointError(ValueError):
     """The checkpoint does not fit the model: missing/unexpected keys, shapes, formats."""
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path, **kwargs):
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        with safe_open(path, **kwargs) as f:
+            yield f
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); it is probably truncated (an interrupted "
+            f"download or save) or corrupt: download or save it again"
+        ) from exc
 
 
 def bundled_models() -> dict[str, Path]:
@@ -95,13 +111,13 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
             raise CheckpointError(f"{directory}: shards named in {INDEX} are missing: {', '.join(missing)}")
         return dict(files)
     if (directory / SINGLE).is_file():
-        with safe_open(directory / SINGLE, framework="pt") as f:
+        with _safe_open(directory / SINGLE, framework="pt") as f:
             return {SINGLE: list(f.keys())}
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if shards:
         out = {}
         for s in shards:
-            with safe_open(directory / s, framework="pt") as f:
+            with _safe_open(directory / s, framework="pt") as f:
                 out[s] = list(f.keys())
         return out
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()] + [p.name for p in directory.glob("*.bin")]
@@ -124,6 +140,7 @@ class _Plan:
         self.tied = tied
         self.rules = [(r, r.regex()) for r in arch.key_rules]
         self.ignored = [re.compile(p) for p in arch.ignored_keys]
+        self.prefixes = tuple(getattr(arch, "key_prefixes", ()))
         self.filled: dict[str, set] = defaultdict(set)
         self.skip = [(p, re.compile(p.replace("{MTP_LAYER}", r"(?P<mtp_layer>\d+)"))) for p in arch.skip_keys]
         self.n_layers = n_layers
@@ -145,6 +162,12 @@ class _Plan:
             return pattern
         return None
 
+    def rename(self, key: str) -> str:
+        for old, new in self.prefixes:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
     def targets(self, key: str) -> Optional[list[tuple[str, Optional[int], Optional[tuple[int, int]]]]]:
         """[(param name, expert index or None, (half, of) split or None)], [] if ignored, None if unknown."""
         if any(p.match(key) for p in self.ignored) or (self.tied and key == "lm_head.weight"):
@@ -160,6 +183,12 @@ class _Plan:
                 return [(fmt(rule.dst), int(m.group("E")), None)]
             if rule.op == "split":
                 return [(fmt(rule.dst[0]), None, (0, 2)), (fmt(rule.dst[1]), None, (1, 2))]
+            if rule.op in ("interleaved", "interleaved_t"):  # gpt-oss: gate = even columns, up = odd
+                return [(fmt(rule.dst[0]), None, (rule.op, 0)), (fmt(rule.dst[1]), None, (rule.op, 1))]
+            if rule.op == "transpose":  # gpt-oss: [E, in, out] bank -> moelens' [E, out, in]
+                return [(fmt(rule.dst), None, ("transpose", 0))]
+            if rule.op == "convert":
+                return [(fmt(d), None, ("convert", rule.convert, i)) for i, d in enumerate(rule.dst)]
         return None
 
 
@@ -178,8 +207,10 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
         from tqdm.auto import tqdm
 
         iterator = tqdm(list(iterator), desc="loading shards", unit="shard")
+    mx_quant = mxfp4.is_mxfp4(read_config(directory)) if (directory / CONFIG).is_file() else False
+    file_of = {k: fname for fname, keys in files.items() for k in keys}
     for fname, keys in iterator:
-        with safe_open(directory / fname, framework="pt", device="cpu") as f:
+        with _safe_open(directory / fname, framework="pt", device="cpu") as f:
             for key in keys:
                 if plan.skipped_by(key) is not None:
                     continue
@@ -187,20 +218,43 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                     if key[: -len("_scale_inv")] not in key_file:
                         unexpected.append(key)
                     continue  # consumed with its weight
-                targets = plan.targets(key)
+                source = None
+                base = key[: -len(mxfp4.BLOCKS)] if key.endswith((mxfp4.BLOCKS, mxfp4.SCALES)) else None
+                pair = base is not None and base + mxfp4.BLOCKS in file_of and base + mxfp4.SCALES in file_of
+                if base is not None and (pair or mx_quant):
+                    if not mx_quant:
+                        raise CheckpointError(
+                            f"{directory}: {key} is an MXFP4-packed tensor but config.json has no "
+                            f"quantization_config (quant_method 'mxfp4'); the checkpoint and its config do not match"
+                        )
+                    if not pair:
+                        lacking = base + (mxfp4.SCALES if key.endswith(mxfp4.BLOCKS) else mxfp4.BLOCKS)
+                        raise mxfp4.QuantizationError(f"{directory}: {key} has no partner {lacking} in the checkpoint")
+                    if key.endswith(mxfp4.SCALES):
+                        continue  # read together with its *_blocks partner
+                    key = base
+                    source = _mxfp4_source(directory, f, fname, key, file_of, plan, params)
+                targets = plan.targets(plan.rename(key))
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
-                tensor_slice = f.get_slice(key)
-                if quant is not None:
-                    tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
+                tensor_slice = source
+                if source is None:
+                    tensor_slice = f.get_slice(key)
+                    if quant is not None:
+                        tensor_slice = _dequantized(quant, directory, f, key, key_file, params[targets[0][0]].dtype)
                 for name, expert, split in targets:
+                    if split is not None and split[0] == "convert":
+                        _convert_into(params[name], tensor_slice, key, name, split, shape_errors, plan,
+                                      getattr(model, "cfg", None))
+                        continue
                     _copy_into(params[name], tensor_slice, key, name, expert, split, shape_errors, plan)
     if plan.skipped:
         n = sum(plan.skipped.values())
+        what = getattr(arch, "skip_note", "") or "multi-token prediction layers"
         logger.warning(
             f"moelens: skipped {n} checkpoint tensors matching {', '.join(map(plan.describe, plan.skipped))} "
-            f"(not part of the {arch.name} decoder: multi-token prediction layers)"
+            f"(not part of the {arch.name} decoder: {what})"
         )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
@@ -217,6 +271,56 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
         )
 
 
+def _mxfp4_source(directory: Path, f, fname: str, key: str, file_of: dict, plan: "_Plan", params: dict):
+    """The dequantising view of ``key``'s ``_blocks``/``_scales`` pair, in the target parameter's dtype."""
+    scales_file = file_of[key + mxfp4.SCALES]
+    targets = plan.targets(key) or []
+    dtype = params[targets[0][0]].dtype if targets and targets[0][0] in params else torch.float32
+    if scales_file == fname:
+        scales = f.get_slice(key + mxfp4.SCALES)
+    else:  # scales in another shard: read them whole (they are 1/16 of the blocks)
+        with safe_open(directory / scales_file, framework="pt", device="cpu") as g:
+            scales = g.get_tensor(key + mxfp4.SCALES)
+    return mxfp4.DequantizedSlice(f.get_slice(key + mxfp4.BLOCKS), _AsSlice(scales), key, dtype)
+
+
+class _AsSlice:
+    """A tensor (or safetensors slice) with a safetensors slice's ``get_shape()``."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def get_shape(self):
+        return list(self.t.get_shape() if hasattr(self.t, "get_shape") else self.t.shape)
+
+    def __getitem__(self, index):
+        return self.t[index]
+
+
+def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> None:
+    """gpt-oss layouts, expert by expert (one expert's matrix in memory at a time)."""
+    op, half = split
+    shape = tuple(tensor_slice.get_shape())
+    e = param.shape[0]
+    if op == "interleaved_t":  # [E, d_model, 2 I] -> W_gate / W_up [E, I, d_model]
+        want = (e, param.shape[2], 2 * param.shape[1])
+    elif op == "interleaved":  # [E, 2 I] -> b_gate / b_up [E, I]
+        want = (e, 2 * param.shape[1])
+    else:  # transpose: [E, I, d_model] -> W_down [E, d_model, I]
+        want = (e, param.shape[2], param.shape[1])
+    if shape != want:
+        errors.append(f"{key}: checkpoint shape {shape}, expected {want} (for {name}, gpt-oss layout)")
+        return
+    if "all" in plan.filled[name]:
+        raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
+    if op == "interleaved":
+        param.copy_(tensor_slice[:][:, half::2].to(device=param.device, dtype=param.dtype))
+    else:
+        for i in range(e):
+            src = tensor_slice[i]
+            src = src[:, half::2].T if op == "interleaved_t" else src.T
+            param[i].copy_(src.to(device=param.device, dtype=param.dtype))
+    plan.filled[name].add("all")
 def _quant_format(directory: Path):
     from moelens.quant import checkpoint_format
 
@@ -237,12 +341,14 @@ def _dequantized(quant, directory: Path, f, key: str, key_file: dict, dtype: tor
     if key_file[scale_key] == key_file[key]:
         scales = f.get_tensor(scale_key)
     else:
-        with safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
+        with _safe_open(directory / key_file[scale_key], framework="pt", device="cpu") as g:
             scales = g.get_tensor(scale_key)
     return DenseSlice(quant.dequantize(key, f.get_tensor(key), scales, dtype))
 
 
 def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> None:
+    if isinstance(split, tuple) and split and isinstance(split[0], str):
+        return _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan)
     shape = tuple(tensor_slice.get_shape())
     if split is not None:
         half, of = split
@@ -272,6 +378,23 @@ def _copy_into(param, tensor_slice, key, name, expert, split, errors, plan) -> N
         raise CheckpointError(f"{key}: {name}{'' if tag == 'all' else f'[{tag}]'} is filled twice by the checkpoint")
     dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
     plan.filled[name].add(tag)
+
+
+def _convert_into(param, tensor_slice, key, name, split, errors, plan, cfg) -> None:
+    _, convert, index = split
+    try:
+        value = convert(tensor_slice[:], cfg)[index]
+    except RuntimeError as exc:  # a reshape that does not fit the config
+        shape = tuple(tensor_slice.get_shape()) if hasattr(tensor_slice, "get_shape") else tuple(tensor_slice.shape)
+        errors.append(f"{key}: shape {shape} does not fit the config ({exc}) (for {name})")
+        return
+    if tuple(value.shape) != tuple(param.shape):
+        errors.append(f"{key}: converted shape {tuple(value.shape)}, expected {tuple(param.shape)} (for {name})")
+        return
+    if "all" in plan.filled[name]:
+        raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+    plan.filled[name].add("all")
 
 
 def _missing(params: dict, plan: _Plan) -> list[str]:

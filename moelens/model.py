@@ -68,7 +68,8 @@ class HookedMoETransformer(HookedRootModule):
         self.embed = Embed(cfg)
         self.hook_embed = ShapedHookPoint("batch pos d_model")
         self.blocks = nn.ModuleList([TransformerBlock(cfg, l) for l in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                                weight_fp32=cfg.norm_weight_fp32)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
@@ -114,11 +115,17 @@ class HookedMoETransformer(HookedRootModule):
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
-        """Gaussian weights with std ``1/sqrt(fan_in)`` (embeddings std 1), norm weights 1, biases 0."""
+        """Gaussian weights with std ``1/sqrt(fan_in)`` (embeddings std 1), norm weights 1 (0 for
+        zero-centred norms), biases 0; Gated DeltaNet ``A_log`` 0 and ``dt_bias`` 1."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
         for name, p in self.named_parameters():
             if name.endswith((".w", "norm_w")):
+                zero = self.cfg.norm_zero_centered and not name.endswith("attn.norm_w")  # the gated norm is 1-based
+                p.fill_(0.0 if zero else 1.0)
+            elif name.endswith(".A_log"):
+                p.zero_()
+            elif name.endswith(".dt_bias"):
                 p.fill_(1.0)
             elif name.split(".")[-1].startswith("b_"):
                 p.zero_()
@@ -406,7 +413,7 @@ class HookedMoETransformer(HookedRootModule):
         tokens = torch.as_tensor(tokens, device=W_U.device)
         if tokens.is_floating_point():
             raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
-        return W_U[tokens] * self.ln_final.w.to(W_U.device)
+        return W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the output biases written into the residual stream before ``layer`` (attention
@@ -425,7 +432,8 @@ class HookedMoETransformer(HookedRootModule):
         return out
 
     def n_params(self, active: bool = False, include_embeddings: bool = True) -> int:
-        """Parameter count (total, or active per token: only ``top_k`` of the routed experts)."""
+        """Parameter count (total, or active per token: only ``top_k`` of the routed experts, their
+        weights and, where they have them, biases)."""
         total = 0
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
@@ -433,7 +441,7 @@ class HookedMoETransformer(HookedRootModule):
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue
             n = p.numel()
-            if active and ".experts.W_" in name:
+            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

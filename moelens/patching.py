@@ -13,8 +13,9 @@ memory allows::
 
 Hook names may be given in full (``"blocks.3.hook_mlp_out"``) or by short name plus ``layer``
 (``"mlp_out"``, ``"resid_pre"``, ``"routed_out"``, ``"expert_weights"`` ...; see :data:`SHORT_NAMES`).
-Positions index the ``pos`` axis (``query_pos`` for attention patterns); negative values count
-from the end.
+Positions index the ``pos`` axis (``query_pos`` for attention patterns). One indexing rule holds
+for layers, experts, slots and positions everywhere in moelens (interventions, tracing, the
+cache's expert views): Python's, so negative values count from the end (:func:`normalize_index`).
 """
 
 from __future__ import annotations
@@ -59,18 +60,33 @@ def hook_name(model, hook: str, layer: Optional[int] = None) -> str:
         if "{layer}" in template:
             if layer is None:
                 raise ValueError(f"hook {hook!r} needs a layer (layer=...)")
-            _check_layer(model, layer)
+            layer = _check_layer(model, layer)
             template = template.format(layer=layer)
         hook = template
     if hook not in model.hook_dict:
-        raise unknown_hook_error(hook, model.hook_dict)
+        raise unknown_hook_error(hook, model.hook_dict, layer=layer, short_names=SHORT_NAMES)
     return hook
 
 
-def _check_layer(model, layer: int) -> None:
-    n = model.cfg.n_layers
-    if not isinstance(layer, int) or not 0 <= layer < n:
-        raise IndexError(f"layer={layer!r} out of range: the model has {n} layers (0..{n - 1})")
+def normalize_index(index, n: int, what: str) -> int:
+    """moelens' one indexing rule, for layers, experts, slots and positions alike: Python's. An
+    integer in ``[-n, n)``; negative counts from the end (``-1`` is the last). Returns ``index % n``."""
+    import operator
+
+    try:
+        if isinstance(index, bool):
+            raise TypeError
+        index = operator.index(index)
+    except TypeError:
+        raise IndexError(f"{what}={index!r}: give an integer index") from None
+    if not -n <= index < n:
+        raise IndexError(f"{what}={index} out of range: there are {n} ({what} 0..{n - 1}, or -{n}..-1 from the end)")
+    return index % n
+
+
+def _check_layer(model, layer: int) -> int:
+    """The layer index, normalised (negative counts from the last layer)."""
+    return normalize_index(layer, model.cfg.n_layers, "layer")
 
 
 def _axes(model, name: str) -> list[str]:
@@ -197,23 +213,25 @@ def _sub_axis(model, name, slots, experts):
     if slots is not None:
         if "top_k" not in axes:
             raise ValueError(f"{name} has no slot axis ([{' '.join(axes)}]): slots= does not apply")
-        _check_range(slots, model.cfg.top_k, "slot")
-        return axes.index("top_k"), torch.as_tensor(list(slots))
+        return axes.index("top_k"), torch.as_tensor(_check_range(slots, model.cfg.top_k, "slot"), dtype=torch.long)
     if experts is not None:
         if "n_experts" not in axes:
             raise ValueError(
                 f"{name} has no expert axis ([{' '.join(axes)}]): experts= applies to router logits/scores; "
                 f"to patch single experts' outputs use RestoreExperts / AblateExpert"
             )
-        _check_range(experts, model.cfg.n_experts, "expert")
-        return axes.index("n_experts"), torch.as_tensor(list(experts))
+        return axes.index("n_experts"), torch.as_tensor(_check_range(experts, model.cfg.n_experts, "expert"),
+                                                        dtype=torch.long)
     return None
 
 
-def _check_range(values, n, what):
-    bad = [v for v in values if not 0 <= int(v) < n]
+def _check_range(values, n, what) -> list[int]:
+    """Indices normalised by :func:`normalize_index` (negative counts from the end)."""
+    values = [int(v) for v in values]
+    bad = [v for v in values if not -n <= v < n]
     if bad:
-        raise IndexError(f"{what} {bad} out of range [0, {n})")
+        raise IndexError(f"{what} {bad} out of range: there are {n} ({what} 0..{n - 1}, or -{n}..-1 from the end)")
+    return [v % n for v in values]
 
 
 def _with_axis(index: tuple, axis: int, idx: Tensor, pos) -> tuple:
@@ -277,10 +295,10 @@ class RestoreExperts(Intervention):
     positions: Positions = -1
 
     def hooks(self, model):
-        _check_layer(model, self.layer)
-        _check_range(list(self.experts), model.cfg.n_experts, "expert")
-        delta = expert_delta(model, self.layer, self.experts, self.clean, self.corrupted)
-        name = hook_name(model, "mlp_out", self.layer)
+        layer = _check_layer(model, self.layer)
+        experts = _check_range(list(self.experts), model.cfg.n_experts, "expert")
+        delta = expert_delta(model, layer, experts, self.clean, self.corrupted)
+        name = hook_name(model, "mlp_out", layer)
 
         def fn(act, rows, hook):
             n_rows = act[rows].shape[0]
@@ -368,17 +386,16 @@ class AblateExpert(Intervention):
     reference: object = None
 
     def hooks(self, model):
-        _check_layer(model, self.layer)
-        if self.layer not in model.cfg.moe_layers:
+        layer = _check_layer(model, self.layer)
+        if layer not in model.cfg.moe_layers:
             raise ValueError(f"layer {self.layer} is dense; sparse layers are {list(model.cfg.moe_layers)}")
-        experts = torch.as_tensor(list(self.experts), dtype=torch.long)
-        _check_range(experts.tolist(), model.cfg.n_experts, "expert")
-        w_name = hook_name(model, "expert_weights", self.layer)
+        experts = torch.as_tensor(_check_range(list(self.experts), model.cfg.n_experts, "expert"), dtype=torch.long)
+        w_name = hook_name(model, "expert_weights", layer)
         if self.mode == "zero":
             return self._zero_hooks(model, w_name, experts)
         if self.mode != "mean" or self.reference is None:
             raise ValueError("AblateExpert mode must be 'zero', or 'mean' with reference= (a cache)")
-        return self._mean_hooks(model, experts)
+        return self._mean_hooks(model, experts, layer)
 
     def _zero_hooks(self, model, name, experts):
         idx_name = name.replace("hook_expert_weights", "hook_expert_indices")
@@ -405,8 +422,8 @@ class AblateExpert(Intervention):
 
         return [(idx_name, grab), (name, fn)]
 
-    def _mean_hooks(self, model, experts):
-        l = self.layer
+    def _mean_hooks(self, model, experts, layer):
+        l = layer
         mean = {int(e): self.reference.expert_contribution(l, int(e)).float() for e in experts}
         routed_mask = {int(e): self.reference.expert_mask(l)[..., int(e)] for e in experts}
         mean = {e: m.sum((0, 1)) / routed_mask[e].sum().clamp_min(1) for e, m in mean.items()}
@@ -452,13 +469,13 @@ class ForceRouting(Intervention):
     weights: Union[None, Tensor, Mapping[str, Tensor]] = None
 
     def hooks(self, model):
-        _check_layer(model, self.layer)
-        if self.layer not in model.cfg.moe_layers:
+        layer = _check_layer(model, self.layer)
+        if layer not in model.cfg.moe_layers:
             raise ValueError(f"layer {self.layer} is dense; sparse layers are {list(model.cfg.moe_layers)}")
-        idx_name = hook_name(model, "expert_indices", self.layer)
+        idx_name = hook_name(model, "expert_indices", layer)
         hooks = [(idx_name, self._setter(idx_name, self.experts, model, is_index=True))]
         if self.weights is not None:
-            w_name = hook_name(model, "expert_weights", self.layer)
+            w_name = hook_name(model, "expert_weights", layer)
             hooks.append((w_name, self._setter(w_name, self.weights, model, is_index=False)))
         return hooks
 
@@ -470,7 +487,15 @@ class ForceRouting(Intervention):
         if is_index:
             if value.shape[-1] != model.cfg.top_k:
                 raise ValueError(f"forced experts need top_k={model.cfg.top_k} ids per position, got shape {tuple(value.shape)}")
-            _check_range(value.reshape(-1).tolist(), model.cfg.n_experts, "expert")
+            value = torch.as_tensor(_check_range(value.reshape(-1).tolist(), model.cfg.n_experts, "expert"),
+                                    dtype=torch.long).reshape(value.shape)
+            flat = value.reshape(-1, value.shape[-1])
+            dup = (flat.sort(-1).values.diff(dim=-1) == 0).any(-1)
+            if bool(dup.any()):
+                raise ValueError(
+                    f"forced experts {flat[dup.nonzero()[0, 0]].tolist()} name the same expert twice at a position: "
+                    f"each of the top_k={model.cfg.top_k} slots needs a different expert (the router never picks one twice)"
+                )
 
         def fn(act, rows, hook):
             pos = _positions(self.positions, act.shape[1])
@@ -565,9 +590,27 @@ def run_with_interventions(model, input, interventions: Sequence[Intervention], 
 
 
 # metrics: logits [rows, pos, vocab] -> [rows]
+class TokenLogitMetric:
+    """A metric that reads a few logits at one position and declares which (``token_ids``), so an
+    engine can unembed only those rows of ``W_U`` (:meth:`from_token_logits`) instead of the whole
+    vocabulary. Called on full logits ``[rows, pos, vocab]`` it is an ordinary metric."""
+
+    def __init__(self, token_ids: Sequence[int], fn: Callable[[Tensor], Tensor], position: int = -1):
+        self.token_ids = [int(t) for t in token_ids]
+        self.fn = fn  # logits of token_ids [rows, len(token_ids)] -> [rows]
+        self.position = position
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.fn(logits[:, self.position, self.token_ids])
+
+    def from_token_logits(self, logits: Tensor) -> Tensor:
+        """The metric from the logits of ``token_ids`` only, ``[rows, len(token_ids)]``."""
+        return self.fn(logits)
+
+
 def logit_diff(token_a: int, token_b: int, position: int = -1) -> Callable[[Tensor], Tensor]:
-    """``logit[a] - logit[b]`` at ``position`` (the true-vs-foil contrast)."""
-    return lambda logits: (logits[:, position, token_a] - logits[:, position, token_b]).float()
+    """``logit[a] - logit[b]`` at ``position`` (the true-vs-foil contrast); a :class:`TokenLogitMetric`."""
+    return TokenLogitMetric([token_a, token_b], lambda ab: (ab[:, 0] - ab[:, 1]).float(), position)
 
 
 def prob(token: int, position: int = -1) -> Callable[[Tensor], Tensor]:

@@ -1,5 +1,6 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
-first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash.
+first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
+gpt-oss-120b.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -33,6 +34,56 @@ from typing import Any
 
 __all__ = ["PRESETS", "ALIASES", "PRESET_INFO", "get_preset", "list_presets", "resolve_name", "preset_summary",
            "transformers_meta_model"]
+
+def _gpt_oss_config(n_layers: int, n_experts: int) -> dict:
+    """openai/gpt-oss-20b and -120b share every field but the layer and expert counts."""
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": 200002,
+        "experts_per_token": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * (n_layers // 2),
+        "max_position_embeddings": 131072,
+        "model_type": "gpt_oss",
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": n_layers,
+        "num_key_value_heads": 8,
+        "num_local_experts": n_experts,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "quantization_config": {
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+            ],
+            "quant_method": "mxfp4",
+        },
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.55.0.dev0",
+        "use_cache": True,
+        "vocab_size": 201088,
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ---------------------------------------------------------------- Mixtral (MOE_ARCHITECTURES.md §2.6)
@@ -436,6 +487,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "v_head_dim": 256,
         "vocab_size": 154880,
     },
+    # ---------------------------------------------------------------- gpt-oss (MOE_ARCHITECTURES_2026.md §2)
+    "openai/gpt-oss-20b": _gpt_oss_config(24, 32),
+    "openai/gpt-oss-120b": _gpt_oss_config(36, 128),
 }
 
 ALIASES: dict[str, str] = {
@@ -449,6 +503,8 @@ ALIASES: dict[str, str] = {
     "glm-4.5": "zai-org/GLM-4.5",
     "glm-4.5-air": "zai-org/GLM-4.5-Air",
     "glm-4.7-flash": "zai-org/GLM-4.7-Flash",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
 }
 
 _STRUCTURAL = "structural fields confirmed by the exact meta-device parameter count"
@@ -577,7 +633,179 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
             "max_position 202752: §5 (derivatives with identical shapes). Token ids recalled, not verified"
         ),
     },
+    "openai/gpt-oss-20b": {
+        "alias": "gpt-oss-20b",
+        "published_params": 21_000_000_000,  # "21B parameters, 3.6B active" (OpenAI model card: 20.91 B)
+        "exact_params": 20_914_757_184,  # MOE_ARCHITECTURES_2026.md §9 (20.915 B), meta-device count
+        "doc_active_params": 4_190_000_000,  # §9: 4.19 B incl. embeddings (OpenAI's 3.6 B excludes the input embedding only)
+        "notes": (
+            f"{_STRUCTURAL} (24 layers, 32 experts, 2880 wide, 64 q / 8 kv heads of 64, biases, sinks); "
+            "num_experts_per_tok 4, sliding_window 128 on the even layers (layer_types), rope_theta 150000 with YaRN "
+            "(factor 32, original 4096, beta 32/1, truncate false), swiglu_limit 7, rms_norm_eps 1e-5, eos/pad "
+            "200002/199999, quantization_config mxfp4: the hub config.json as quoted in MOE_ARCHITECTURES_2026.md §2 and "
+            "identical in public copies of the file (the 120b file differs only in layers and experts)"
+        ),
+    },
+    "openai/gpt-oss-120b": {
+        "alias": "gpt-oss-120b",
+        "published_params": 116_800_000_000,  # "117B parameters, 5.1B active" (OpenAI model card: 116.83 B)
+        "exact_params": 116_829_156_672,  # §9 (116.829 B)
+        "doc_active_params": 5_710_000_000,  # §9: 5.71 B incl. embeddings (OpenAI's 5.1 B excludes the input embedding)
+        "notes": (
+            f"{_STRUCTURAL} (36 layers, 128 experts, otherwise as gpt-oss-20b); the other fields as gpt-oss-20b: "
+            "hub config.json (https://huggingface.co/openai/gpt-oss-120b/raw/main/config.json) as quoted in public "
+            "copies and MOE_ARCHITECTURES_2026.md §2"
+        ),
+    },
 }
+
+# ---------------------------------------------------------------- Qwen3.5 / 3.6-MoE, Qwen3-Next (MOE_ARCHITECTURES_2026.md §3)
+_QWEN35_LAYER_TYPES = (["linear_attention"] * 3 + ["full_attention"]) * 10
+
+
+def _qwen3_5_moe_text(**changes: Any) -> dict[str, Any]:
+    """The ``text_config`` of the Qwen3.5/3.6-35B-A3B hub config.json (a multimodal
+    ``Qwen3_5MoeForConditionalGeneration`` file), as the text model ``Qwen3_5MoeForCausalLM``."""
+    cfg = {
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_output_gate": True,
+        "dtype": "bfloat16",
+        "eos_token_id": 248044,
+        "full_attention_interval": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "layer_types": list(_QWEN35_LAYER_TYPES),
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144,
+        "model_type": "qwen3_5_moe_text",
+        "moe_intermediate_size": 512,
+        "mtp_num_hidden_layers": 1,
+        "mtp_use_dedicated_embeddings": False,
+        "num_attention_heads": 16,
+        "num_experts": 256,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "mrope_interleaved": True,
+            "mrope_section": [11, 11, 10],
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 10000000,
+            "rope_type": "default",
+        },
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": 248320,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+PRESETS.update({
+    "Qwen/Qwen3.5-35B-A3B": _qwen3_5_moe_text(),
+    "Qwen/Qwen3.6-35B-A3B": _qwen3_5_moe_text(),
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 151645,
+        "full_attention_interval": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144,
+        "mlp_only_layers": [],
+        "model_type": "qwen3_next",
+        "moe_intermediate_size": 512,
+        "norm_topk_prob": True,
+        "num_attention_heads": 16,
+        "num_experts": 512,
+        "num_experts_per_tok": 10,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 2,
+        "output_router_logits": False,
+        "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 10000000,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+})
+ALIASES.update({
+    "qwen3.5-35b-a3b": "Qwen/Qwen3.5-35B-A3B",
+    "qwen3.6-35b-a3b": "Qwen/Qwen3.6-35B-A3B",
+    "qwen3-next-80b-a3b": "Qwen/Qwen3-Next-80B-A3B-Instruct",
+})
+_HYBRID_SOURCES = (
+    "layers, widths, heads, experts and the linear-attention heads (16 key / 32 value heads of 128) are the "
+    "transformers class defaults whose docstring names this checkpoint and match the public Megatron configs "
+    "of the model (THUDM/slime scripts/models: 40 layers, 16/2 heads of 256, 256 experts top-8, moe and "
+    "shared width 512, rotary 0.25, rope base 1e7, vocab 248320); meta-device total equals transformers'"
+)
+PRESET_INFO.update({
+    "Qwen/Qwen3.5-35B-A3B": {
+        "alias": "qwen3.5-35b-a3b",
+        "published_params": 35_000_000_000,  # "35B total, 3B activated" (model card), vision encoder and MTP included
+        "published_tolerance": 0.015,
+        "exact_params": 34_660_610_688,  # text model (Qwen3_5MoeForCausalLM), meta-device count, = transformers
+        "doc_active_params": 3_000_000_000,  # model card "3B activated" (moelens: 3.45 B incl. embeddings, 2.44 B without)
+        "notes": (
+            f"the hub config.json is the multimodal Qwen3_5MoeForConditionalGeneration; this preset is its "
+            f"text_config as the text model Qwen3_5MoeForCausalLM. {_HYBRID_SOURCES}. The published 35B counts "
+            "the vision encoder and the MTP layer, which moelens skips (34.66 B text model); eos 248044, "
+            "mtp_* and the M-RoPE fields as in public copies of the text_config"
+        ),
+    },
+    "Qwen/Qwen3.6-35B-A3B": {
+        "alias": "qwen3.6-35b-a3b",
+        "published_params": 35_000_000_000,
+        "published_tolerance": 0.015,
+        "exact_params": 34_660_610_688,
+        "doc_active_params": 3_000_000_000,  # model card "3B activated"
+        "notes": (
+            "same language/MoE topology as Qwen3.5-35B-A3B (THUDM/slime reuses the 3.5 script for 3.6; "
+            f"third-party Qwen3.6 loaders use the same keys); text_config of the multimodal hub file. {_HYBRID_SOURCES}"
+        ),
+    },
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "alias": "qwen3-next-80b-a3b",
+        "published_params": 80_000_000_000,  # "80B total, 3B activated" (model card)
+        "exact_params": 79_674_391_296,  # meta-device count, = transformers
+        "doc_active_params": 3_000_000_000,  # model card "3B activated" (moelens: 3.87 B incl. embeddings, 3.25 B without)
+        "notes": (
+            "48 layers (3 linear : 1 full), 512 experts top-10, moe/shared width 512, 16/2 heads of 256, rotary "
+            "0.25, rope base 1e7, vocab 151936, norm_topk_prob true: class defaults (docstring checkpoint "
+            "Qwen/Qwen3-Next-80B-A3B-Instruct) and the public Megatron config (THUDM/slime); intermediate_size "
+            "5120 (no dense layers, so inert), bos/eos 151643/151645 as in the Qwen3 family. MTP weights skipped"
+        ),
+    },
+})
 
 
 def resolve_name(name: str) -> str:

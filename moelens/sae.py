@@ -84,6 +84,14 @@ def add_sae(model, name: str, sae: Any, use_error_term: bool = True) -> SAESplic
     return splice
 
 
+def _is_sae_hook(fn) -> bool:
+    while fn is not None:  # ShapedHookPoint wraps user hooks (checked(...).__wrapped__)
+        if getattr(fn, "_moelens_sae", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
 def remove_saes(model, names=None) -> None:
     """Remove the SAEs spliced at ``names`` (default: all)."""
     for name, hp in list(model.hook_dict.items()):
@@ -92,7 +100,7 @@ def remove_saes(model, names=None) -> None:
             continue
         keep = []
         for handle in hp.fwd_hooks:
-            if getattr(handle.user_hook, "_moelens_sae", False):
+            if _is_sae_hook(handle.user_hook):
                 handle.hook.remove()
             else:
                 keep.append(handle)

@@ -51,6 +51,30 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 16, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     )),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=4, sliding_window=4,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    )),
+    # hybrids: Gated DeltaNet + gated full attention (layer_types), partial RoPE, (1 + w) norms
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, mlp_only_layers=[2],
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    )),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )),
     # DeepSeek-V3 router family: several groups with topk_group < n_group, YaRN, q low-rank path
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=160,
@@ -81,6 +105,9 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+ZERO_CENTERED_NORMS = ("Qwen3NextRMSNorm", "Qwen3_5MoeRMSNorm")
+
+
 def tiny_hf_config(name: str, **overrides: Any):
     import transformers
 
@@ -94,12 +121,23 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
     1 + small noise and biases small, so outputs are O(1) and the router is decisive. DeepSeek-V3
     correction biases (buffers) get std 0.3, enough to change which experts are selected."""
     gen = torch.Generator().manual_seed(seed)
+    # norms that scale by (1 + w) (Qwen3.5 / Qwen3-Next) are drawn around 0, not 1
+    zero_centered = {f"{m}.weight" for m, mod in model.named_modules() if type(mod).__name__ in ZERO_CENTERED_NORMS}
     for name, p in model.named_parameters():
         if p.ndim >= 2:
             std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
                 std *= router_scale
+            if name.endswith("mlp.experts.gate_up_proj") and p.ndim == 3 and "gpt_oss" in type(model).__module__:
+                # gpt-oss: transposed [E, d_model, 2I] bank; x3 so that |gate|, |up| > swiglu_limit=7 happens
+                std = 3.0 * p.shape[-2] ** -0.5
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+        elif name.endswith("self_attn.sinks"):
+            p.copy_(1.0 + torch.randn(p.shape, generator=gen))  # sinks that take a real share of attention
+        elif name.endswith("A_log"):  # Gated DeltaNet: slow decays (0.8..0.98 per token) so the state matters
+            p.copy_(torch.empty(p.shape).uniform_(0.02, 0.2, generator=gen).log())
+        elif name in zero_centered:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         elif "norm" in name:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         else:

@@ -92,9 +92,9 @@ def router_attribution(
     W = router.W_router
     scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
     dev = W.device
-    normed = comps.float().to(dev) / scale.to(dev) * ln2.w.float().to(dev)
+    normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
-    b_router = getattr(router, "b_router", None)
+    b_router = next((getattr(router, n) for n in ("b_router", "b_gate", "bias") if getattr(router, n, None) is not None), None)
     if b_router is not None:
         values = torch.cat([values, b_router.float().to(dev).expand_as(values[:1])])
         labels.append("router_bias")

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from transformer_lens.utilities import Slice
+from transformer_lens.utilities import Slice, get_act_name
 
 # short name -> path inside a block (TransformerLens' get_act_name would put these at blocks.{l}.hook_*)
 MOE_SHORT_KEYS = {
@@ -65,7 +65,26 @@ class TLAnalysisMixin:
             if full not in self.cache_dict:
                 raise KeyError(f"{full} is not in this cache (short key {key!r})")
             return self.cache_dict[full]
-        return super().__getitem__(key)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            found = self._find_short_key(key)
+            if found is None:
+                raise
+            return self.cache_dict[found]
+
+    def _find_short_key(self, key) -> Optional[str]:
+        """``(name, layer)`` -> the one cached ``blocks.{layer}.….hook_{name}`` (e.g. MLA's
+        ``("kv_latent", 1)`` -> ``blocks.1.attn.hook_kv_latent``); None when absent or ambiguous."""
+        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str) and isinstance(key[1], int)):
+            return None
+        name, layer = key
+        layer = self.model.cfg.n_layers + layer if layer < 0 else layer
+        prefix, suffix = f"blocks.{layer}.", f"hook_{name}"
+        if get_act_name(name, layer) != prefix + suffix:  # TransformerLens placed it (attn./mlp.): no guessing
+            return None
+        hits = [k for k in self.cache_dict if k.startswith(prefix) and (k == prefix + suffix or k.endswith("." + suffix))]
+        return hits[0] if len(hits) == 1 else None
 
     # ------------------------------------------------------------------ heads
     def _ensure_head_results(self) -> bool:
@@ -226,6 +245,21 @@ class TLAnalysisMixin:
         if squeeze:
             out = out.squeeze(-1)
         return (out, labels) if return_labels else out
+
+    def stack_neuron_results(self, layer: int, *args, **kwargs):
+        """TransformerLens' per-neuron stack; defined for dense layers only (a sparse layer has no
+        single hidden layer: use ``decompose_resid(expert_level=True)`` or
+        ``get_full_resid_decomposition()``, whose sparse-layer components are experts)."""
+        n = self.model.cfg.n_layers
+        upto = n if layer is None or layer == -1 else layer
+        sparse = [l for l in self.model.cfg.moe_layers if l < upto]
+        if sparse:
+            raise ValueError(
+                f"stack_neuron_results(layer={layer}) would include sparse layers {sparse}, which have no single "
+                "MLP hidden layer; use cache.get_full_resid_decomposition() (experts as components) or "
+                "cache.decompose_resid(expert_level=True)"
+            )
+        return super().stack_neuron_results(layer, *args, **kwargs)
 
     def apply_slice_to_batch_dim(self, batch_slice):
         sliced = super().apply_slice_to_batch_dim(batch_slice)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from moelens.architectures import mixtral, olmoe, qwen2_moe, qwen3_moe
+from moelens.architectures import mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
 from moelens.architectures.base import (
     GENERIC_IGNORED, Architecture, KeyRule, UnsupportedConfigError,
 )
@@ -19,6 +19,7 @@ from moelens.config import MoEConfig
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a for a in (mixtral.ARCH, qwen3_moe.ARCH, olmoe.ARCH, qwen2_moe.ARCH)
 }
+ARCHITECTURES.update({a.name: a for a in (qwen3_next.ARCH, qwen3_5_moe.ARCH, qwen3_5_moe.MULTIMODAL_ARCH)})
 
 
 def _register_optional() -> None:
@@ -31,6 +32,9 @@ def _register_optional() -> None:
 
     for arch in (deepseek_v3.ARCH, glm4_moe.ARCH, glm4_moe_lite.ARCH):
         ARCHITECTURES[arch.name] = arch
+    from moelens.architectures import gpt_oss
+
+    ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
 
 
 _register_optional()
@@ -69,6 +73,12 @@ def translate_config(hf_config: dict, dtype: torch.dtype = torch.float32, **over
     unsupported value).
     """
     arch = get_architecture(hf_config)
+    if arch.sub_config:  # a multimodal wrapper: the text model's fields live in a sub-dict
+        if not isinstance(hf_config.get(arch.sub_config), dict):
+            raise UnsupportedConfigError(f"config.json for {arch.name} has no `{arch.sub_config}` dict")
+        top = hf_config
+        sub = top[arch.sub_config]
+        hf_config = {**sub, "tie_word_embeddings": top.get("tie_word_embeddings", sub.get("tie_word_embeddings", False))}
     hf = {arch.aliases.get(k, k): v for k, v in hf_config.items()}
     problems = []
     for key, allowed in arch.required.items():

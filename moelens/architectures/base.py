@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 # Fields of any HF config that never change the forward computation.
 GENERIC_IGNORED = frozenset(
@@ -42,11 +42,14 @@ class KeyRule:
     * ``"expert"``: the tensor is slice ``[E]`` of a stacked ``[n_experts, ...]`` parameter;
     * ``"split"``: the tensor is the fused ``[n_experts, 2*I, d]`` gate_up block, whose first half
       along dim 1 goes to ``dst[0]`` (gate) and second half to ``dst[1]`` (up).
+    * ``"convert"``: ``convert(tensor, cfg)`` returns one tensor per ``dst`` (a reshape or a
+      de-interleave of a fused checkpoint tensor, e.g. Qwen3-Next's ``in_proj_qkvz``).
     """
 
     src: str
-    dst: Union[str, tuple[str, str]]
+    dst: Union[str, tuple[str, ...]]
     op: str = "copy"
+    convert: Optional[Callable] = None
 
     def regex(self) -> re.Pattern:
         pattern = re.escape(self.src).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
@@ -73,6 +76,13 @@ class Architecture:
     # ``{MTP_LAYER}`` matches a layer index >= the model's n_layers (the layers a checkpoint
     # appends after the decoder, e.g. DeepSeek-V3's ``model.layers.61``).
     skip_keys: tuple[str, ...] = ()
+    # (old, new) prefixes rewritten on checkpoint keys before the key rules apply
+    # (e.g. a multimodal wrapper's ``model.language_model.`` -> ``model.``)
+    key_prefixes: tuple[tuple[str, str], ...] = ()
+    # read the model's fields from this sub-dict of config.json (a multimodal wrapper's text_config)
+    sub_config: str = ""
+    # what the skipped tensors are, for the loader's one-line note (default: multi-token prediction layers)
+    skip_note: str = ""
 
 
 def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:

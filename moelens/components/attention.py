@@ -1,5 +1,6 @@
 """Grouped-query attention with optional QK-norm (per head or whole vector), biases and RoPE
-(on all of each head's dims, or with ``cfg.rotary_dim`` on the leading ``rotary_dim`` only, GLM-4.x).
+(on all of each head's dims, or with ``cfg.rotary_dim`` on the leading ``rotary_dim`` only, GLM-4.x),
+sliding windows (per layer, ``cfg.layer_types``) and attention sinks (gpt-oss, ``hook_sink_weight``).
 
 Shapes follow TransformerLens: ``hook_q [batch, pos, head, d_head]``, ``hook_k``/``hook_v``
 ``[batch, pos, kv_head, d_head]``, ``hook_attn_scores``/``hook_pattern``
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from moelens.components.norm import rms_norm
+from moelens.components.norm import norm_fn, rms_norm
 from moelens.components.rope import apply_rope_half, apply_rope_interleaved, apply_rope_partial
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
@@ -41,13 +42,19 @@ class AttentionContext:
     key_mask: Optional[Bool[Tensor, "batch key_pos"]]
     q_offset: int = 0
 
-    def additive_mask(self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False) -> Optional[Tensor]:
+    def additive_mask(
+        self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False, window: Optional[int] = None
+    ) -> Optional[Tensor]:
         """``[batch or 1, 1, n_q, n_k]`` additive mask; None for plain causal from position 0
-        unless ``always``."""
-        if self.key_mask is None and (self.q_offset == 0 or n_q == 1) and not always:
+        unless ``always``. ``window``: sliding-window attention, key ``k`` visible from query ``q``
+        iff ``q - window < k <= q`` in absolute positions (keys ``0..n_k-1``, queries from ``q_offset``)."""
+        if self.key_mask is None and (self.q_offset == 0 or n_q == 1) and not always and window is None:
             return None  # plain causal (or one query seeing every key): SDPA needs no mask
         q_pos = torch.arange(n_q, device=device)[:, None] + self.q_offset
-        allowed = torch.arange(n_k, device=device)[None, :] <= q_pos
+        k_pos = torch.arange(n_k, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed = allowed & (k_pos > q_pos - window)
         allowed = allowed[None, None]
         if self.key_mask is not None:
             allowed = allowed & self.key_mask[:, None, None, :].to(device)
@@ -62,13 +69,22 @@ def attend(
     v: Float[Tensor, "batch key_pos kv_head d_v"],
     ctx: AttentionContext,
     scale: float,
+    window: Optional[int] = None,
+    sinks: Optional[Float[Tensor, "head"]] = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
-    """softmax(q k^T * scale + mask) v, with the score/pattern hooks of ``attn`` when used."""
+    """softmax(q k^T * scale + mask) v, with the score/pattern hooks of ``attn`` when used.
+
+    ``window``: sliding-window mask (absolute positions). ``sinks`` (gpt-oss): one logit per head
+    appended as an extra softmax column and dropped afterwards, computed as transformers' gpt-oss
+    eager attention does (row max subtracted, softmax in the scores' dtype); its probability is
+    ``attn.hook_sink_weight``. Sinks always take the explicit path."""
     n_q, n_k = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if sinks is not None:
+        return _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups)
     if not (has_hooks(attn.hook_attn_scores) or has_hooks(attn.hook_pattern)):
-        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device)
+        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, window=window)
         z = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, is_causal=mask is None and n_q > 1, scale=scale,
             enable_gqa=groups > 1,
@@ -77,18 +93,48 @@ def attend(
     if groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores + ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True)
+    scores = scores + ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True, window=window)
     scores = attn.hook_attn_scores(scores)
     pattern = attn.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+    return torch.matmul(pattern, vh).transpose(1, 2)
+
+
+def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
+    """transformers' gpt-oss ``eager_attention_forward``, plus the sink-share hook.
+
+    ``hook_sink_weight [batch, head, query_pos]`` is the softmax probability of the sink column
+    (the attention share that goes nowhere). Editing it rescales the row's token weights so that
+    they sum to ``1 - new sink weight`` (setting it to 0 renormalises attention over the tokens);
+    ``hook_pattern`` (the token weights, sink column dropped) fires after that."""
+    b, n_q, n_k = qh.shape[0], qh.shape[2], kh.shape[2]
+    if groups > 1:
+        kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    scores = scores + ctx.additive_mask(n_q, n_k, qh.dtype, qh.device, always=True, window=window)
+    scores = attn.hook_attn_scores(scores)
+    sink_col = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(b, -1, n_q, 1)
+    combined = torch.cat([scores, sink_col], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)
+    pattern, sink = probs[..., :-1], probs[..., -1]
+    new_sink = attn.hook_sink_weight(sink)
+    if new_sink is not sink and not torch.equal(new_sink, sink):
+        if new_sink.shape != sink.shape:
+            raise ValueError(f"{attn.hook_sink_weight.name}: expected shape {tuple(sink.shape)}, got {tuple(new_sink.shape)}")
+        kept = pattern.sum(-1)
+        factor = torch.where(kept > 0, (1 - new_sink.to(kept.dtype)) / kept.clamp_min(torch.finfo(kept.dtype).tiny), 0)
+        pattern = pattern * factor[..., None]
+    pattern = attn.hook_pattern(pattern.to(vh.dtype))
     return torch.matmul(pattern, vh).transpose(1, 2)
 
 
 class Attention(nn.Module):
     """GQA self-attention (Mixtral, Qwen2/3-MoE, OLMoE). Weights use the ``[out, in]`` layout."""
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.attention_window(layer)  # None: full attention
         h, kv, d, dm = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         self.W_Q = nn.Parameter(torch.empty(h * d, dm))
         self.W_K = nn.Parameter(torch.empty(kv * d, dm))
@@ -106,6 +152,10 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm_w = nn.Parameter(torch.ones(h * d))
             self.k_norm_w = nn.Parameter(torch.ones(kv * d))
+        self.b_O = nn.Parameter(torch.zeros(dm)) if cfg.attn_o_bias else None
+        self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
+        if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = W_O (z * sigmoid(W_G x)), per head
+            self.W_G = nn.Parameter(torch.empty(h * d, dm))
         self.scale = d**-0.5
         self.hook_q = ShapedHookPoint("batch pos head d_head")
         self.hook_k = ShapedHookPoint("batch pos kv_head d_head")
@@ -113,8 +163,12 @@ class Attention(nn.Module):
         self.hook_rot_q = ShapedHookPoint("batch pos head d_head")
         self.hook_rot_k = ShapedHookPoint("batch pos kv_head d_head")
         self.hook_attn_scores = ShapedHookPoint("batch head query_pos key_pos")
+        if cfg.attn_sinks:
+            self.hook_sink_weight = ShapedHookPoint("batch head query_pos")
         self.hook_pattern = ShapedHookPoint("batch head query_pos key_pos")
         self.hook_z = ShapedHookPoint("batch pos head d_head")
+        if cfg.attn_output_gate:
+            self.hook_attn_gate = ShapedHookPoint("batch pos head d_head")  # sigmoid(W_G x), multiplies z
 
     def forward(
         self,
@@ -135,7 +189,8 @@ class Attention(nn.Module):
         k = k.view(b, p, cfg.n_kv_heads, cfg.d_head)
         v = v.view(b, p, cfg.n_kv_heads, cfg.d_head)
         if cfg.qk_norm == "per_head":
-            q, k = rms_norm(q, self.q_norm_w, cfg.rms_norm_eps), rms_norm(k, self.k_norm_w, cfg.rms_norm_eps)
+            qk_norm = norm_fn(cfg.norm_zero_centered)
+            q, k = qk_norm(q, self.q_norm_w, cfg.rms_norm_eps), qk_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         rope = apply_rope_interleaved if cfg.rope_interleaved else apply_rope_half
         # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
@@ -145,5 +200,7 @@ class Attention(nn.Module):
             k, v = kv_prefix.update(k, v)
         elif kv_prefix is not None:
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
-        z = self.hook_z(attend(self, q, k, v, ctx, self.scale))
-        return F.linear(z.reshape(b, p, -1), self.W_O)
+        z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
+        if cfg.attn_output_gate:
+            z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
+        return F.linear(z.reshape(b, p, -1), self.W_O, self.b_O)

@@ -15,12 +15,16 @@ from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
 
 
-def make_attention(cfg: MoEConfig) -> nn.Module:
+def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
+    if layer is not None and layer in cfg.linear_attn_layers:
+        from moelens.components.gated_deltanet import GatedDeltaNet
+
+        return GatedDeltaNet(cfg)
     if cfg.attention == "mla":
         from moelens.components.mla import MLAttention
 
         return MLAttention(cfg)
-    return Attention(cfg)
+    return Attention(cfg, layer)
 
 
 class TransformerBlock(nn.Module):
@@ -30,11 +34,14 @@ class TransformerBlock(nn.Module):
         self.is_moe = layer in cfg.moe_layers
         # registration order = execution order, so `model.hook_dict` lists hooks as they fire
         self.hook_resid_pre = ShapedHookPoint("batch pos d_model")
-        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.attn = make_attention(cfg)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                           weight_fp32=cfg.norm_weight_fp32)
+        self.is_linear_attn = layer in cfg.linear_attn_layers  # mixer = Gated DeltaNet, not attention
+        self.attn = make_attention(cfg, layer)
         self.hook_attn_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_mid = ShapedHookPoint("batch pos d_model")
-        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
+                           weight_fp32=cfg.norm_weight_fp32)
         self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_post = ShapedHookPoint("batch pos d_model")

@@ -21,19 +21,50 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's expert activation, in transformers' operation order:
+    ``g = min(g, limit)``, ``u = clamp(u, -limit, limit)``, ``(u + 1) * g * sigmoid(alpha * g)``."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class Experts(nn.Module):
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "sorted"):
+    """``n_experts`` gated FFNs. ``act="silu"``: ``W_down (silu(W_gate x) * W_up x)``;
+    ``act="clamped_swiglu"`` (gpt-oss): :func:`clamped_swiglu`. With ``bias`` (gpt-oss) every
+    projection has a per-expert bias ``b_gate``/``b_up [n_experts, d_expert]``, ``b_down [n_experts, d_model]``,
+    added after the matmul (as transformers adds it)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "sorted", *, bias: bool = False,
+                 act: str = "silu", alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.n_experts = n_experts
         self.impl = impl
+        self.act, self.alpha, self.limit = act, alpha, limit
+        if act not in ("silu", "clamped_swiglu"):
+            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu)")
         self.W_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.W_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.W_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        if bias:
+            self.b_gate = nn.Parameter(torch.zeros(n_experts, d_expert))
+            self.b_up = nn.Parameter(torch.zeros(n_experts, d_expert))
+            self.b_down = nn.Parameter(torch.zeros(n_experts, d_model))
+        else:
+            self.b_gate = self.b_up = self.b_down = None
+
+    def activation(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.act == "clamped_swiglu":
+            return clamped_swiglu(gate, up, self.alpha, self.limit)
+        return F.silu(gate) * up
 
     def ffn(self, e: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
         """Expert ``e`` applied to rows ``x``."""
-        h = F.silu(F.linear(x, self.W_gate[e])) * F.linear(x, self.W_up[e])
-        return F.linear(h, self.W_down[e])
+        gate, up = F.linear(x, self.W_gate[e]), F.linear(x, self.W_up[e])
+        if self.b_gate is not None:
+            gate, up = gate + self.b_gate[e], up + self.b_up[e]
+        out = F.linear(self.activation(gate, up), self.W_down[e])
+        return out + self.b_down[e] if self.b_down is not None else out
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"]
@@ -79,7 +110,12 @@ class Experts(nn.Module):
         rows = x_flat[order // k]
         gate = torch._grouped_mm(rows, self.W_gate.transpose(1, 2), offs=offsets)
         up = torch._grouped_mm(rows, self.W_up.transpose(1, 2), offs=offsets)
-        down = torch._grouped_mm(F.silu(gate) * up, self.W_down.transpose(1, 2), offs=offsets)
+        if self.b_gate is not None:
+            sorted_ids = flat[order]
+            gate, up = gate + self.b_gate[sorted_ids], up + self.b_up[sorted_ids]
+        down = torch._grouped_mm(self.activation(gate, up), self.W_down.transpose(1, 2), offs=offsets)
+        if self.b_down is not None:
+            down = down + self.b_down[sorted_ids]
         out = torch.empty_like(down)
         out[order] = down
         return out.view(*indices.shape, x.shape[-1])

@@ -22,6 +22,12 @@ class GatedMLP(nn.Module):
         self.hook_pre = ShapedHookPoint(f"batch pos {width_name}")
         self.hook_post = ShapedHookPoint(f"batch pos {width_name}")
 
+    @property
+    def W_out(self) -> Tensor:
+        """``W_down`` in TransformerLens' ``[d_hidden, d_model]`` orientation (a view, for
+        ``ActivationCache.stack_neuron_results``)."""
+        return self.W_down.T
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.W_gate))
         post = self.hook_post(F.silu(pre) * F.linear(x, self.W_up))

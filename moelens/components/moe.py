@@ -37,7 +37,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl)
+        self.experts = Experts(
+            cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl, bias=cfg.expert_bias,
+            act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+        )
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
         if cfg.router_correction_bias:
@@ -55,14 +58,17 @@ class MoE(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         logits = self.hook_router_logits(self.router.logits(x))
-        scores = self.hook_router_scores(self.router.scores(logits))
+        raw_scores = self.router.scores(logits)
+        scores = self.hook_router_scores(raw_scores)
+        if self.cfg.router_order == "topk_softmax" and has_hooks(self.hook_router_scores):
+            self._check_scores_unedited(raw_scores, scores)
         choice = scores
         if self.cfg.router_correction_bias:
             choice = self.hook_router_selection_scores(self.router.selection_scores(scores))
-        indices = self.hook_expert_indices(self.router.select(choice))
+        indices = self.hook_expert_indices(self.router.select(choice, logits=logits))
         if has_hooks(self.hook_expert_indices):  # only an edit can make them invalid (saves GPU syncs)
             self._check_indices(indices)
-        weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype))
+        weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype, logits=logits))
         expert_out = self.hook_expert_out(self.experts(x, indices))
         routed = self.hook_routed_out((expert_out * weights.unsqueeze(-1)).sum(dim=-2).to(x.dtype))
         if not self.cfg.has_shared_experts:
@@ -71,6 +77,15 @@ class MoE(nn.Module):
         if self.cfg.shared_gate:
             shared = self.hook_shared_gate(torch.sigmoid(F.linear(x, self.W_shared_gate))) * shared
         return routed + self.hook_shared_out(shared)
+
+    def _check_scores_unedited(self, raw: Tensor, scores: Tensor) -> None:
+        """gpt-oss selects and weights from the logits: an edited score tensor would be ignored."""
+        if scores is not raw and not torch.equal(scores, raw):
+            raise ValueError(
+                f"{self.hook_router_scores.name}: this architecture selects and weights experts from the router "
+                f"logits (top-k of the logits, softmax over the k), so an edit of hook_router_scores would be "
+                f"ignored. Edit hook_router_logits, hook_expert_indices or hook_expert_weights instead."
+            )
 
     def _check_indices(self, indices: Tensor) -> None:
         if indices.dtype.is_floating_point:

@@ -16,6 +16,26 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * y.to(x.dtype)
 
 
+def rms_norm_weight_fp32(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """gpt-oss's RMSNorm: the weight multiplies the fp32 statistics, then one cast to ``x.dtype``."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+def rms_norm_zero_centered(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen3.5 / Qwen3-Next: ``(x / rms(x)) * (1 + weight)`` all in fp32, cast to ``x.dtype`` after the
+    multiply (weights are stored zero-centred, so 0 is the identity scale)."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).to(x.dtype)
+
+
+def norm_fn(zero_centered: bool):
+    """The RMSNorm function for a config's ``norm_zero_centered`` knob."""
+    return rms_norm_zero_centered if zero_centered else rms_norm
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis. ``hooked`` adds ``hook_scale`` (the divisor
     ``sqrt(mean(x^2) + eps)``, fp32, ``[batch, pos, 1]``, as TransformerLens' RMSNorm) and
@@ -26,19 +46,30 @@ class RMSNorm(nn.Module):
     run's value) the output is ``w * (x / scale)`` with the edited scale.
     """
 
-    def __init__(self, d: int, eps: float, hooked: bool = True, dims: str = "batch pos d_model"):
+    def __init__(self, d: int, eps: float, hooked: bool = True, dims: str = "batch pos d_model",
+                 zero_centered: bool = False, weight_fp32: bool = False):
         super().__init__()
         self.eps = eps
-        self.w = nn.Parameter(torch.ones(d))
+        self.zero_centered = zero_centered  # scale by (1 + w) in fp32 (Qwen3.5 / Qwen3-Next)
+        self.weight_fp32 = weight_fp32  # gpt-oss: multiply the weight before the cast
+        self.w = nn.Parameter(torch.zeros(d) if zero_centered else torch.ones(d))
         if hooked:
             self.hook_scale = ShapedHookPoint(" ".join(dims.split()[:-1] + ["1"]))
             self.hook_normalized = ShapedHookPoint(dims)
         else:
             self.hook_scale = self.hook_normalized = None
 
+    @property
+    def scale_weight(self) -> Tensor:
+        """The weight the normalised vector is multiplied by: ``w``, or ``1 + w`` (fp32) when zero-centred.
+        Analysis that folds the norm's weight (DLA, logit lens, router attribution) uses this."""
+        return 1.0 + self.w.float() if self.zero_centered else self.w
+
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if self.hook_normalized is None:
-            return rms_norm(x, self.w, self.eps)
+            if self.weight_fp32:
+                return rms_norm_weight_fp32(x, self.w, self.eps)
+            return norm_fn(self.zero_centered)(x, self.w, self.eps)
         x32 = x.float()
         var = x32.pow(2).mean(-1, keepdim=True) + self.eps
         y = None
@@ -55,4 +86,8 @@ class RMSNorm(nn.Module):
                 y = x32 / seen
         if y is None:
             y = x32 * torch.rsqrt(var)
+        if self.weight_fp32:  # gpt-oss: (w * y) in fp32, one cast
+            return self.hook_normalized((self.w.float() * y).to(x.dtype))
+        if self.zero_centered:  # (1 + w) multiplied in fp32, cast after (Qwen3.5 / Qwen3-Next)
+            return self.hook_normalized((y * (1.0 + self.w.float())).to(x.dtype))
         return self.hook_normalized(self.w * y.to(x.dtype))

@@ -10,6 +10,8 @@ Qwen2/3-MoE, OLMoE model         softmax32   top-k, sorted    norm_topk_prob  mo
 DeepSeek-V2        fp32          softmax32   greedy or        never           fp32
                                              group-limited,                   (x routed_scaling_factor)
                                              unsorted
+gpt-oss            model (+bias) softmax32   top-k of the     softmax over    model
+                                 (hook only) logits, sorted   the k logits
 DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
 Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
                                              unsorted
@@ -25,6 +27,12 @@ DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
 
 The bias ``router.b_correction`` (hub ``e_score_correction_bias``, fp32 even in a bf16 model) only
 decides *which* experts are chosen; it never enters a combine weight.
+
+gpt-oss (``router_order="topk_softmax"``, ``router_bias``): transformers takes ``topk`` of the
+biased logits and a softmax over the k selected logits in the logits' dtype. ``hook_router_scores``
+still holds the fp32 softmax over *all* experts (the contract's meaning); its top-k renormalised
+equals gpt-oss's weights mathematically, but the weights and the selection are computed from the
+logits, as transformers does (same dtype, same ties).
 
 Forced routing: :meth:`Router.weights` gathers the combine weights from the scores at whatever
 indices it is given, so editing ``hook_expert_indices`` re-routes and the weights follow the
@@ -44,6 +52,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Optional
+
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -55,6 +65,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.b_router = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
         if cfg.router_correction_bias:
             self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts))
 
@@ -69,9 +80,10 @@ class Router(nn.Module):
         return self
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:
+        b = self.b_router
         if self.cfg.router_dtype == "float32":
-            return F.linear(x.float(), self.W_router.float())
-        return F.linear(x, self.W_router)
+            return F.linear(x.float(), self.W_router.float(), None if b is None else b.float())
+        return F.linear(x, self.W_router, b)
 
     def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
         if self.cfg.router_score_func == "sigmoid":
@@ -84,8 +96,14 @@ class Router(nn.Module):
             return scores
         return scores + self.b_correction
 
-    def select(self, scores: Float[Tensor, "batch pos n_experts"]) -> Int[Tensor, "batch pos top_k"]:
+    def select(
+        self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
+    ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.router_order == "topk_softmax":
+            if logits is None:
+                raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
+            return torch.topk(logits, cfg.top_k, dim=-1, sorted=True).indices
         if cfg.topk_method == "noaux_tc":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
@@ -102,9 +120,16 @@ class Router(nn.Module):
         return torch.topk(scores, cfg.top_k, dim=-1, sorted=cfg.topk_sorted).indices
 
     def weights(
-        self, scores: Float[Tensor, "batch pos n_experts"], indices: Int[Tensor, "batch pos top_k"], dtype
+        self, scores: Float[Tensor, "batch pos n_experts"], indices: Int[Tensor, "batch pos top_k"], dtype,
+        logits: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.router_order == "topk_softmax":
+            # softmax over the logits of the chosen (or forced) experts, in the logits' dtype
+            if logits is None:
+                raise ValueError("router_order='topk_softmax' weights the logits: pass logits=")
+            chosen = logits.gather(-1, indices)
+            return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             denominator = w.sum(dim=-1, keepdim=True)

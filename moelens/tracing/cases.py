@@ -92,6 +92,11 @@ class FactCase:
             _require_text(name, getattr(self, name))
         if self.target_foil is not None:
             _require_text("target_foil", self.target_foil)
+        if self.target_foil is not None and self.target_foil.strip() == self.target_true.strip():
+            raise ValueError(
+                f"FactCase.target_foil {self.target_foil!r} is the true target: the true-vs-foil contrast would be 0 "
+                f"and every rescue NaN; give a different foil (or target_foil=None to trace the true target's probability)"
+            )
         if self.relation is not None and not isinstance(self.relation, str):
             raise ValueError(f"FactCase.relation must be a string or None, got {self.relation!r}")
         object.__setattr__(self, "case_id", _normalise_case_id(self.case_id))

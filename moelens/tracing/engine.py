@@ -3,7 +3,10 @@
 A patch at layer ``l`` and position ``p`` cannot change layers below ``l`` nor positions before
 ``p``. The engine keeps the base run's (corrupted, or clean for necessity) residual stream and
 post-RoPE keys/values of every layer, and recomputes only positions ``p..T-1`` of layers
-``l..L-1``, attending to the cached keys/values of positions ``< p``. Rows of many cells and
+``l..L-1``, attending to the cached keys/values of positions ``< p``. A linear-attention (Gated
+DeltaNet) layer instead resumes from the base run's recurrent state after position ``p - 1`` and
+its convolution inputs at positions ``p - K + 1 .. p - 1`` (``attn.hook_state``,
+``attn.hook_conv_in``). Rows of many cells and
 noise samples are batched into each block call; a cell "joins" the batch at the first layer it
 changes, so a layer x position grid costs ``sum over cells (L - l) * (T - p)`` token-layers per
 noise sample (the theoretical floor) instead of ``L * T``.
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 _BASE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_rot_k", "attn.hook_v",
-               "hook_attn_out", "hook_mlp_out")
+               "hook_attn_out", "hook_mlp_out", "attn.hook_state", "attn.hook_conv_in")
 
 
 def base_names_filter(name: str) -> bool:
@@ -63,7 +66,13 @@ class SuffixEngine:
         ctx = self.model.attention_context(n, q_offset=p, device=state.device)
         rows = samples % self.base.batch
         prefix = None
-        if p > 0:
+        if p > 0 and getattr(block, "is_linear_attn", False):
+            dev = self._cache_device(layer)
+            kernel = self.model.cfg.linear_conv_kernel
+            window = self.base.get(f"blocks.{layer}.attn.hook_conv_in")[rows.to(dev), max(0, p - kernel + 1):p]
+            s0 = self.base.get(f"blocks.{layer}.attn.hook_state")[rows.to(dev), p - 1]
+            prefix = (window.to(state.device), s0.to(state.device))
+        elif p > 0:
             k = self.base.get(f"blocks.{layer}.attn.hook_rot_k")[rows.to(self._cache_device(layer)), :p]
             v = self.base.get(f"blocks.{layer}.attn.hook_v")[rows.to(self._cache_device(layer)), :p]
             prefix = (k.to(state.device), v.to(state.device))
@@ -85,8 +94,12 @@ class SuffixEngine:
 
     def _finish(self, state: Tensor) -> Tensor:
         last = state[:, -1:].to(self.model.ln_final.w.device)
-        logits = self.model.unembed(self.model.ln_final(last).to(self.model.unembed.W_U.device))
-        return self.metric(logits)
+        x = self.model.ln_final(last).to(self.model.unembed.W_U.device)
+        ids = getattr(self.metric, "token_ids", None)
+        if ids is not None and getattr(self.metric, "position", None) == -1:
+            # the metric declares the few logits it reads: unembed only those rows of W_U
+            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.W_U[ids]))
+        return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- from a resid_post edit
     def run_from_resid_post(self, layer: int, p: int, deltas: Tensor, samples: Tensor) -> Tensor:

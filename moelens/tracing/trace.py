@@ -57,6 +57,8 @@ class TraceSetup:
     clean_cache: Any
     corrupted_cache: Any  # batch n_samples
     settings: dict
+    _slots: dict = field(default_factory=dict, repr=False, compare=False)  # memo of _slots_at per layer/positions
+    gradients: Optional[dict] = field(default=None, repr=False, compare=False)  # prepare(..., gradients=kinds)
 
     @property
     def metric(self):
@@ -81,12 +83,19 @@ class TraceSetup:
     def expert_delta(self, layer: int, experts, positions: list[int]) -> Tensor:
         """``sum_e c_e(clean) - c_e(corrupted)`` ``[n_samples, T - min(positions), d]``, zero off ``positions``."""
         p0 = min(positions)
-        delta = torch.zeros(self.n_samples, self.tokens.shape[1], self.clean_cache.model.cfg.d_model,
+        delta = torch.zeros(self.n_samples, self.tokens.shape[1] - p0, self.clean_cache.model.cfg.d_model,
                             device=self.tokens.device)
+        rel = [p - p0 for p in positions]
+        # the contributions at ``positions`` only (not rebuilt over the whole sequence per expert)
+        key = (layer, tuple(positions))
+        if key not in self._slots:
+            self._slots = {key: (_slots_at(self.clean_cache, layer, positions),
+                                 _slots_at(self.corrupted_cache, layer, positions))}  # keep one: bounded memory
+        clean, corrupted = self._slots[key]
         for e in experts:
-            d = self.clean_cache.expert_contribution(layer, int(e)) - self.corrupted_cache.expert_contribution(layer, int(e))
-            delta[:, positions] += d[:, positions].float().to(delta.device).expand(self.n_samples, -1, -1)
-        return delta[:, p0:]
+            d = _contribution(*clean, int(e)) - _contribution(*corrupted, int(e))
+            delta[:, rel] += d.float().to(delta.device).expand(self.n_samples, -1, -1)
+        return delta
 
     def layer_delta(self, layer: int, positions: list[int]) -> Tensor:
         """clean minus corrupted ``hook_mlp_out`` at ``positions`` (restoring the whole MoE output)."""
@@ -106,6 +115,19 @@ class TraceSetup:
         with torch.no_grad():
             vals = eng.run_from_resid_post(layer, min(positions), stacked, samples)
         return vals.reshape(len(deltas), n).mean(-1).cpu()
+
+
+def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, weights, expert_out) of ``layer`` at ``positions`` (for :func:`_contribution`)."""
+    name = f"blocks.{layer}.mlp."
+    return tuple(cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+
+
+def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
+    """``expert``'s weighted update at the sliced positions: the arithmetic of
+    ``MoEActivationCache.expert_contribution`` on a slice."""
+    slot_w = torch.where(idx == expert, w, torch.zeros_like(w))
+    return (out * slot_w.unsqueeze(-1)).sum(-2).to(out.dtype)
 
 
 def embedding_std(model) -> float:
@@ -152,6 +174,7 @@ def prepare(
     prepend_bos: Optional[bool] = None,
     names_filter=tracing_names_filter,
     cache_device=None,
+    gradients: Sequence[str] = (),
 ) -> TraceSetup:
     """Tokenize the case, draw (or take) the noise, and run the clean and corrupted runs with caches.
 
@@ -162,6 +185,9 @@ def prepare(
     ``sigma=noise_scale * subject_embedding_std(model, cases)`` (``tokenization="rome"`` for ROME's
     exact ``collect_embedding_std``, special tokens included). ``cache_device`` stores the clean
     and corrupted caches elsewhere (e.g. ``"cpu"`` to spare GPU memory; slower sweeps).
+    ``gradients``: kinds (``"mlp"``, ``"attn"``, ``"resid"``) whose per-layer gradients of each
+    corrupted run's metric the corrupted run also takes (one backward more; ``setup.gradients``,
+    used by :mod:`moelens.tracing.attribution`).
     """
     if model.tokenizer is None:
         raise ValueError("causal tracing on a FactCase needs the model's tokenizer")
@@ -170,6 +196,14 @@ def prepare(
     device = model.W_E.device
     tokens = tc.tokens.to(device)
     n_subj = len(tc.subject_positions)
+    if tc.target_foil_id is not None and tc.target_foil_id == tc.target_true_id:
+        raise ValueError(
+            f"target_true {case.target_true!r} and target_foil {case.target_foil!r} have the same first token "
+            f"{model.tokenizer.convert_ids_to_tokens(tc.target_true_id)!r}: the contrast is 0 in every "
+            f"run and every rescue would be NaN; give a foil that starts with another token"
+        )
+    if noise is None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+        raise ValueError(f"n_samples={n_samples!r}: give at least 1 noise sample")
     if sigma is None:
         sigma = noise_scale * embedding_std(model)
     if noise is None:
@@ -177,7 +211,7 @@ def prepare(
         z = torch.randn(n_samples, n_subj, model.cfg.d_model, generator=gen)
     else:
         z = torch.as_tensor(noise, dtype=torch.float32)
-        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model):
+        if z.ndim != 3 or z.shape[1:] != (n_subj, model.cfg.d_model) or z.shape[0] < 1:
             raise ValueError(
                 f"noise must be [n_samples, {n_subj} subject tokens, {model.cfg.d_model}], got {tuple(z.shape)} "
                 f"(subject tokens: {[tc.str_tokens[p] for p in tc.subject_positions]})"
@@ -190,13 +224,20 @@ def prepare(
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(tokens, names_filter=names_filter, device=cache_device)
         batch = tokens.expand(z.shape[0], -1)
-        corrupted_logits, corrupted_cache = model.run_with_cache(
-            batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
-        )
+        grads = None
+        if gradients:
+            from moelens.tracing.attribution import corrupted_run_with_gradients
+
+            corrupted_logits, corrupted_cache, grads = corrupted_run_with_gradients(
+                model, batch, corrupt, metric, names_filter, gradients, cache_device)
+        else:
+            corrupted_logits, corrupted_cache = model.run_with_cache(
+                batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
+            )
     return TraceSetup(
         case=case, tokenized=tc, tokens=tokens, noise=scaled, sigma=float(sigma),
         clean=float(metric(clean_logits).mean()), corrupted=float(metric(corrupted_logits).mean()),
-        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings,
+        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings, gradients=grads,
     )
 
 
@@ -230,11 +271,14 @@ def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, int]:
     return max(0, layer - window // 2), min(n_layers, layer - (-window // 2))
 
 
-def _check_layer(model, layer: int, sparse: bool = False) -> None:
-    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-        raise IndexError(f"layer={layer!r} out of range: the model has {model.cfg.n_layers} layers")
+def _check_layer(model, layer: int, sparse: bool = False) -> int:
+    """The layer, normalised (one indexing rule: negative counts from the last layer)."""
+    from moelens.patching import normalize_index
+
+    layer = normalize_index(layer, model.cfg.n_layers, "layer")
     if sparse and layer not in model.cfg.moe_layers:
         raise ValueError(f"layer {layer} is dense: expert tracing needs a sparse layer {list(model.cfg.moe_layers)}")
+    return layer
 
 
 # ---------------------------------------------------------------------------------- results
@@ -407,9 +451,7 @@ def trace_layers(
     if direction not in ("restore", "necessity"):
         raise ValueError("direction must be 'restore' or 'necessity'")
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    for l in layers:
-        _check_layer(model, l)
+    layers = list(range(model.cfg.n_layers)) if layers is None else [_check_layer(model, l) for l in layers]
     pos = resolve_positions(positions, setup.tokenized)
     hook = KIND_HOOKS[kind]
     settings = {**setup.settings, "kind": kind, "window": window, "direction": direction, "positions": positions}
@@ -465,10 +507,12 @@ def trace_experts(
 ) -> ExpertTraceResult:
     """Per-expert rescue ``scores [n_experts]`` at ``layer`` (see module docstring). Experts not in
     ``experts`` (default: all) get NaN."""
-    _check_layer(model, layer, sparse=True)
+    layer = _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
-    experts = list(range(model.cfg.n_experts)) if experts is None else [int(e) for e in experts]
+    from moelens.patching import _check_range
+
+    experts = list(range(model.cfg.n_experts)) if experts is None else _check_range(experts, model.cfg.n_experts, "expert")
     if engine == "suffix":
         deltas = [setup.layer_delta(layer, pos)] + [setup.expert_delta(layer, [e], pos) for e in experts]
         values = setup.restore_scores(model, layer, deltas, pos, max_rows=max(max_rows, 1))
@@ -520,13 +564,15 @@ def trace_coalitions(
     reached once the contrast is ``>= corrupted + target_fraction * (layer_score - corrupted)``;
     when restoring the layer *lowers* the contrast, each step adds the expert that lowers it most
     and the target is reached once the contrast is ``<=`` that value. ``reached`` says whether it was."""
-    _check_layer(model, layer, sparse=True)
+    layer = _check_layer(model, layer, sparse=True)
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     clean_routed, noise_routed, _ = routed_sets(setup, layer, pos)
     union = sorted(set(clean_routed) | set(noise_routed))
     layer_score = float(setup.restore_scores(model, layer, [setup.layer_delta(layer, pos)], pos)[0])
-    pool = list(union if candidates is None else candidates)
+    from moelens.patching import _check_range
+
+    pool = list(union if candidates is None else dict.fromkeys(_check_range(candidates, model.cfg.n_experts, "expert")))
     max_size = min(len(pool), max_size or 2 * model.cfg.top_k)
     target = setup.corrupted + target_fraction * (layer_score - setup.corrupted)
     # the search moves the contrast the way restoring the whole layer does: up when the layer rescues

@@ -419,3 +419,17 @@ def test_bundled_model_end_to_end(tmp_path):
     result = run_audit(model, corpus, n_positions=4, progress=False, out_dir=tmp_path)
     _check_summary(result.summary, model.cfg.moe_layers)
     assert result.stats.groupby("layer")["utilization"].sum().round(6).eq(model.cfg.top_k).all()
+
+
+def test_effects_equal_direct_hooks_on_deepseek_v3(tiny_dirs):
+    """The audit runs unchanged on the DeepSeek-V3 router (sigmoid, correction bias, scaled weights)."""
+    directory, _ = tiny_dirs("deepseek_v3")
+    v3 = HookedMoETransformer.from_pretrained(directory)
+    tokens = _random_corpus(1, 10, 11, seed=5)[0]
+    eff = expert_effects(v3, tokens, positions=[3, 7], renormalize=True, max_batch=5)
+    assert len(eff) == len(v3.cfg.moe_layers) * 2 * v3.cfg.top_k
+    for row in list(eff.itertuples())[:: v3.cfg.top_k]:
+        nxt, suffix, _ = _direct_effect(v3, tokens, row.layer, row.position, row.slot, True)
+        assert row.delta_next == pytest.approx(nxt, abs=1e-5)
+        assert row.delta_suffix == pytest.approx(suffix, abs=1e-5)
+    assert eff["delta_next"].abs().max() > 1e-3

@@ -37,7 +37,7 @@ def test_missing_path_is_not_sent_to_the_hub(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(ckpt):
-    edit_config(ckpt, architectures=["GptOssForCausalLM"], model_type="gpt_oss")
+    edit_config(ckpt, architectures=["JambaForCausalLM"], model_type="jamba")
     with pytest.raises(UnsupportedArchitectureError, match="MixtralForCausalLM.*Qwen3MoeForCausalLM|Qwen3MoeForCausalLM"):
         HookedMoETransformer.from_pretrained(ckpt)
 

@@ -73,3 +73,46 @@ def test_moe_combine_and_shared_gate():
     assert (seen["hook_shared_gate"] - gate).abs().max() < 1e-6
     assert (seen["hook_shared_out"] - gate * moe.shared_experts(x)).abs().max() < 1e-6
     assert (out - routed - seen["hook_shared_out"]).abs().max() < 1e-6
+
+
+def v3_cfg(**kw):
+    return cfg(**{**dict(n_experts=8, top_k=3, topk_method="noaux_tc", n_group=4, topk_group=2, topk_sorted=False,
+                         router_score_func="sigmoid", router_correction_bias=True, router_renorm_eps=1e-20,
+                         router_fp32_params=True, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         router_dtype="float32", router_weights_dtype="float32"), **kw})
+
+
+def test_noaux_tc_by_hand():
+    r = Router(v3_cfg())
+    # groups of 2: top-2 sums 0.9+0.0=0.9, 0.5+0.45=0.95, 0.7+0.1=0.8, 0.3+0.3=0.6 -> keep groups 1 and 0
+    c = torch.tensor([[[0.9, 0.0, 0.5, 0.45, 0.7, 0.1, 0.3, 0.3]]])
+    assert sorted(r.select(c)[0, 0].tolist()) == [0, 2, 3]  # 4 (0.7) is excluded with its group
+    # V2's rule (group max 0.9, 0.5, 0.7, 0.3; 0 mask) keeps groups 0 and 2 instead
+    v2 = Router(cfg(topk_method="group_limited_greedy", n_group=4, topk_group=2, top_k=3))
+    assert sorted(v2.select(c)[0, 0].tolist()) == [0, 4, 5]
+    # masked groups are -inf, not 0: negative selection scores in the kept groups (0, 1) still win
+    # over the masked experts (a 0 mask would pick a masked expert before expert 0 at -0.5)
+    neg = torch.tensor([[[-0.5, -0.6, -0.1, -0.2, 0.0, -9.0, -9.0, -9.0]]])
+    assert sorted(r.select(neg)[0, 0].tolist()) == [0, 2, 3]
+
+
+def test_sigmoid_scores_bias_selects_and_weights_stay_unbiased():
+    r = Router(v3_cfg())
+    with torch.no_grad():
+        r.W_router.copy_(torch.randn(8, 16))
+        r.b_correction.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0]))
+    x = torch.randn(2, 4, 16)
+    s = r.scores(r.logits(x))
+    assert torch.equal(s, torch.sigmoid(x.float() @ r.W_router.T))
+    c = r.selection_scores(s)
+    idx = r.select(c)
+    assert (idx == 6).any(-1).all() and (idx == 7).any(-1).all()  # the bias forces group 3 in
+    w = r.weights(s, idx, torch.bfloat16)
+    g = s.gather(-1, idx)
+    assert w.dtype == torch.float32 and torch.equal(w, g / (g.sum(-1, keepdim=True) + 1e-20) * 2.5)
+
+
+def test_router_keeps_fp32_params_under_to_bfloat16():
+    r = Router(v3_cfg()).to(torch.bfloat16)
+    assert r.W_router.dtype == r.b_correction.dtype == torch.float32
+    assert Router(cfg()).to(torch.bfloat16).W_router.dtype == torch.bfloat16

@@ -16,6 +16,20 @@ DENSE = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook
 SHARED_GATED = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN, "hook_attn_out", "hook_resid_mid",
                 "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post",
                 "mlp.hook_shared_gate", "mlp.hook_shared_out", "hook_mlp_out", "hook_resid_post"]
+GATED_ATTN = [*ATTN, "attn.hook_attn_gate"]
+DELTANET = ["attn.hook_conv_in", "attn.hook_conv_out", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_beta",
+            "attn.hook_decay", "attn.hook_state", "attn.hook_delta_out", "attn.hook_gate", "attn.hook_gated_out"]
+SHARED = ["mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post", "mlp.hook_shared_gate", "mlp.hook_shared_out"]
+
+
+def hybrid(mixer, mlp):
+    return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *mixer, "hook_attn_out", "hook_resid_mid",
+            "ln2.hook_scale", "ln2.hook_normalized", *mlp, "hook_mlp_out", "hook_resid_post"]
+
+ATTN_SINKS = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+              "attn.hook_attn_scores", "attn.hook_sink_weight", "attn.hook_pattern", "attn.hook_z"]
+SPARSE_SINKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *ATTN_SINKS, "hook_attn_out",
+                "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", *ROUTED, "hook_mlp_out", "hook_resid_post"]
 
 
 def expand(layers):
@@ -30,14 +44,21 @@ GOLDEN = {
     "olmoe": expand([SPARSE, SPARSE]),
     "qwen3_moe": expand([DENSE, SPARSE, SPARSE]),
     "qwen2_moe": expand([DENSE, SHARED_GATED, SHARED_GATED]),
+    "gpt_oss": expand([SPARSE_SINKS] * 4),
+    # layer types [linear, full, linear, linear], layer 2 dense (mlp_only_layers)
+    "qwen3_next": expand([hybrid(DELTANET, ROUTED + SHARED), hybrid(GATED_ATTN, ROUTED + SHARED),
+                          hybrid(DELTANET, ["mlp.hook_pre", "mlp.hook_post"]), hybrid(DELTANET, ROUTED + SHARED)]),
+    "qwen3_5_moe": expand([hybrid(DELTANET, ROUTED + SHARED)] * 3 + [hybrid(GATED_ATTN, ROUTED + SHARED)]),
 }
+ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+              "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+              "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 @pytest.mark.parametrize("arch", sorted(GOLDEN))
 def test_ordered_hook_names(arch):
     cfg = tiny_hf_config(arch).to_dict()
-    cfg["architectures"] = [{"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
-                             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[arch]]
+    cfg["architectures"] = [ARCH_NAMES[arch]]
     model = HookedMoETransformer.from_config(cfg, device="meta")
     assert list(model.hook_dict) == GOLDEN[arch]
 
@@ -54,8 +75,18 @@ def test_hook_shapes_are_declared():
     assert all(d.split()[0] == "batch" for d in dims.values())
 
 
+def test_hybrid_hook_shapes_are_declared():
+    cfg = tiny_hf_config("qwen3_5_moe").to_dict()
+    model = HookedMoETransformer.from_config(cfg, device="meta")
+    dims = {name: hp.dims for name, hp in model.hook_dict.items()}
+    assert dims["blocks.0.attn.hook_state"] == "batch pos v_head d_k d_v"
+    assert dims["blocks.0.attn.hook_q"] == "batch pos k_head d_k"
+    assert dims["blocks.0.attn.hook_decay"] == "batch pos v_head"
+    assert dims["blocks.3.attn.hook_attn_gate"] == "batch pos head d_head"
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
-                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite"])
+                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers

@@ -28,6 +28,9 @@ DOC_ACTIVE = {
     "zai-org/GLM-4.5": (33.63e9, 33.63e9 - 2 * 151552 * 5120),
     "zai-org/GLM-4.5-Air": (13.42e9, 12.18e9),
     "zai-org/GLM-4.7-Flash": (3.90e9, 3.90e9 - 2 * 154880 * 2048),
+    # MOE_ARCHITECTURES_2026.md §9 (expert biases count k/E); without both embedding matrices
+    "openai/gpt-oss-20b": (4.19e9, 3.03e9),
+    "openai/gpt-oss-120b": (5.71e9, 4.55e9),
 }
 
 
@@ -55,12 +58,12 @@ def moelens_meta(name):
 
 def hf_active(model, cfg: dict) -> int:
     """Active parameters per token of a transformers model: routed expert banks
-    (``mlp.experts.gate_up_proj`` / ``down_proj``, shape ``[E, ...]``) count ``k/E``."""
+    (``mlp.experts.gate_up_proj`` / ``down_proj`` and gpt-oss's ``*_bias``, shape ``[E, ...]``) count ``k/E``."""
     k = cfg["num_experts_per_tok"]
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
+        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -83,7 +86,9 @@ def test_names_and_aliases():
     assert presets.list_presets(aliases=True)[:5] == [
         "mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite",
     ]
-    for alias in ("deepseek-v3", "kimi-k2", "glm-4.5", "glm-4.5-air", "glm-4.7-flash"):
+    for alias in ("deepseek-v3", "kimi-k2", "glm-4.5", "glm-4.5-air", "glm-4.7-flash", "qwen3.5-35b-a3b",
+                  "qwen3.6-35b-a3b", "qwen3-next-80b-a3b",
+                  "gpt-oss-20b", "gpt-oss-120b"):
         assert alias in presets.list_presets(aliases=True)
     for alias, hub in presets.ALIASES.items():
         assert presets.get_preset(alias) == presets.get_preset(hub)
@@ -114,8 +119,10 @@ def test_preset_looks_like_a_hub_config(name):
     info = presets.PRESET_INFO[name]
     assert isinstance(cfg["architectures"], list) and len(cfg["architectures"]) == 1
     assert cfg["model_type"] and cfg["tie_word_embeddings"] is False
-    assert "rope_parameters" not in cfg  # hub files use the legacy top-level rope_theta
-    assert "rope_theta" in cfg
+    if "rope_parameters" in cfg:  # transformers-5-era hub files (Qwen3.5) nest it
+        assert "rope_theta" in cfg["rope_parameters"] and "rope_theta" not in cfg
+    else:  # older hub files use the legacy top-level rope_theta
+        assert "rope_theta" in cfg
     assert info["alias"] in presets.ALIASES and presets.ALIASES[info["alias"]] == name
     assert info["notes"] and info["published_params"] > 0
     assert abs(info["exact_params"] - info["published_params"]) / info["published_params"] < _tol(name)
@@ -199,9 +206,10 @@ def test_active_params(name):
     assert active == hf_active(hf_meta(name), cfg)
     # embeddings + unembedding (untied) are what separates the two numbers
     assert active - active_no_emb == 2 * cfg["vocab_size"] * cfg["hidden_size"]
-    doc_with, doc_without = DOC_ACTIVE[name]
-    assert abs(active - doc_with) / doc_with < 0.005
-    assert abs(active_no_emb - doc_without) / doc_without < 0.005
+    if name in DOC_ACTIVE:
+        doc_with, doc_without = DOC_ACTIVE[name]
+        assert abs(active - doc_with) / doc_with < 0.005
+        assert abs(active_no_emb - doc_without) / doc_without < 0.005
     assert active < model.n_params() / 3
 
 
@@ -211,6 +219,8 @@ def test_headline_active_counts():
         ("qwen3-30b-a3b", 3.3e9, 3.4e9),  # "3.3B activated"
         ("qwen1.5-moe-a2.7b", 2.6e9, 2.8e9),  # "2.7B activated"
         ("olmoe-1b-7b", 1.0e9, 1.3e9),  # "1B active"
+        ("qwen3.5-35b-a3b", 3.0e9, 3.5e9),  # "3B activated" (3.45 B with embeddings, 2.44 B without)
+        ("qwen3-next-80b-a3b", 3.0e9, 4.0e9),  # "3B activated" (3.87 B with embeddings, 3.25 B without)
     ]:
         hub = presets.resolve_name(name)
         _require_support(hub)
@@ -248,9 +258,20 @@ def test_translated_semantics_of_the_presets():
     assert (mx.norm_topk_prob, mx.router_weights_dtype, mx.rope_theta, mx.rms_norm_eps) == (True, "float32", 1e6, 1e-5)
     q2 = moelens_meta("Qwen/Qwen1.5-MoE-A2.7B").cfg
     assert q2.qkv_bias and q2.shared_gate and q2.d_shared == 5632 and not q2.norm_topk_prob
+    q35 = moelens_meta("Qwen/Qwen3.5-35B-A3B").cfg
+    assert q35.linear_attn_layers == [l for l in range(40) if l % 4 != 3] and q35.rotary_dim == 64
+    assert (q35.rope_theta, q35.norm_topk_prob, q35.moe_layers) == (1e7, True, list(range(40)))
+    assert (q35.linear_n_k_heads, q35.linear_n_v_heads, q35.linear_d_k, q35.linear_d_v) == (16, 32, 128, 128)
+    nx = moelens_meta("Qwen/Qwen3-Next-80B-A3B-Instruct").cfg
+    assert nx.linear_attn_layers == [l for l in range(48) if l % 4 != 3] and nx.rotary_dim == 64
+    assert (nx.top_k, nx.n_experts, nx.rope_theta, nx.norm_topk_prob) == (10, 512, 1e7, True)
     if "DeepseekV2ForCausalLM" in archs.ARCHITECTURES:
         ds = moelens_meta("deepseek-ai/DeepSeek-V2-Lite").cfg
         assert ds.attention == "mla" and ds.moe_layers == list(range(1, 27)) and ds.yarn["factor"] == 40
+    go = moelens_meta("openai/gpt-oss-120b").cfg
+    assert go.moe_layers == list(range(36)) and go.n_experts == 128 and go.top_k == 4
+    assert go.attention_window(0) == 128 and go.attention_window(1) is None and go.yarn["truncate"] is False
+    assert go.router_order == "topk_softmax" and go.expert_act == "clamped_swiglu" and go.attn_sinks
 
 
 def test_translated_semantics_of_the_v3_family_presets():

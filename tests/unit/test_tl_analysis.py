@@ -9,8 +9,9 @@ import torch
 
 from moelens import HookedMoETransformer
 from moelens import analysis as A
+from moelens.testing import TINY_CONFIGS
 
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full"]
+ARCHS = sorted(TINY_CONFIGS)  # every architecture with a tiny test config (new ones are picked up)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -179,8 +180,23 @@ def test_short_keys(runs):
     assert cache["expert_indices", -1] is cache["blocks.2.mlp.hook_expert_indices"]
     assert cache["scale", 1, "ln2"] is cache["blocks.1.ln2.hook_scale"]
     assert cache["z", 1] is cache["blocks.1.attn.hook_z"]
+    _, _, _, mla = runs("deepseek_v2_lite")
+    assert mla["kv_latent", 1] is mla["blocks.1.attn.hook_kv_latent"]
+    assert mla["k_pe", -1] is mla["blocks.2.attn.hook_k_pe"]
+    with pytest.raises(KeyError):
+        cache["pre", 1]  # TransformerLens' blocks.1.mlp.hook_pre: a sparse layer has none (no guessing)
     with pytest.raises(KeyError, match="blocks.0.mlp.hook_expert_indices"):
         cache["expert_indices", 0]  # a dense layer
+    # dense-only neuron stack works; across a sparse layer it says what to use instead
+    neurons = cache.stack_neuron_results(1, pos_slice=-1)
+    assert neurons.shape[0] == model.cfg.d_mlp
+    torch.testing.assert_close(neurons.sum(0), cache["mlp_out", 0][:, -1], **TOL)
+    with pytest.raises(ValueError, match="expert_level"):
+        cache.stack_neuron_results(2)
+    # batch slicing keeps the MoE cache class and its tokens
+    one = cache.apply_slice_to_batch_dim(1)
+    assert type(one) is type(cache) and one.tokens.shape == (1, tokens.shape[1])
+    assert torch.equal(one["expert_indices", 1], cache["expert_indices", 1][1])
 
 
 def test_hook_scale_edits_take_effect_and_unedited_is_bitwise(runs):
