@@ -68,6 +68,17 @@ class GenerationCache:
     absolute position of the next token). ``model(new_tokens, past_kv_cache=cache, ...)`` extends
     it in place."""
 
+    @staticmethod
+    def unsupported_layers(model) -> list[str]:
+        """Kinds of layers this cache cannot serve (no ``update`` path and no ``new_cache_layer``)."""
+        from moelens.components.attention import Attention
+        from moelens.components.mla import MLAttention
+
+        return sorted({
+            type(block.attn).__name__ for block in model.blocks
+            if not isinstance(block.attn, (Attention, MLAttention)) and not hasattr(block.attn, "new_cache_layer")
+        })
+
     def __init__(self, model) -> None:
         self.layers = [
             block.attn.new_cache_layer() if hasattr(block.attn, "new_cache_layer") else KVCacheLayer()
@@ -398,6 +409,15 @@ def generate(
     finished_before: list[Tensor] = []
     new_tokens: list[Tensor] = []
     cache = model_cache = None
+    if use_past_kv_cache and GenerationCache.unsupported_layers(model):
+        import warnings
+
+        warnings.warn(
+            f"use_past_kv_cache: layers of kind {', '.join(GenerationCache.unsupported_layers(model))} have no "
+            "generation cache yet; generating without the cache (same tokens, every step recomputes the sequence)",
+            stacklevel=3,
+        )
+        use_past_kv_cache = False
     if use_past_kv_cache:
         cache = model_cache = GenerationCache(model)
     positions = _position_ids(mask) if padded else None
