@@ -74,8 +74,8 @@ class SteerExperts(Intervention):
         on, off = [int(e) for e in self.activate], [int(e) for e in self.deactivate]
         if not on and not off:
             raise ValueError("SteerExperts needs experts to activate= and/or deactivate=")
-        _check_range(on, model.cfg.n_experts, "expert")
-        _check_range(off, model.cfg.n_experts, "expert")
+        on = _check_range(on, model.cfg.n_experts, "expert")  # negative ids count from the end, as in patching
+        off = _check_range(off, model.cfg.n_experts, "expert")
         if set(on) & set(off):
             raise ValueError(f"experts {sorted(set(on) & set(off))} are both activated and deactivated")
         if len(set(on)) > model.cfg.top_k:

@@ -85,8 +85,8 @@ def test_steering_holds_at_every_generated_step(qwen3, method):
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(layer=1, activate=[8]), IndexError, r"expert \[8\] out of range \[0, 8\)"),
-    (dict(layer=1, deactivate=[-1]), IndexError, "out of range"),
+    (dict(layer=1, activate=[8]), IndexError, r"expert \[8\] out of range"),
+    (dict(layer=1, deactivate=[-9]), IndexError, "out of range"),
     (dict(layer=1, activate=[1], deactivate=[1]), ValueError, "both activated and deactivated"),
     (dict(layer=1, activate=[0, 1, 2, 3, 4]), ValueError, "only top_k=4"),
     (dict(layer=1), ValueError, "needs experts"),
