@@ -14,7 +14,6 @@ from moelens import HookedMoETransformer
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3",
          "glm4_moe", "glm4_moe_lite", "gpt_oss", "qwen3_next", "qwen3_5_moe"]
-RECURRENT = ("qwen3_next", "qwen3_5_moe")  # linear-attention layers: no generation cache yet (uncached + warning)
 N_NEW = 8
 
 
@@ -48,18 +47,12 @@ def test_greedy_matches_transformers_left_padded(arch, tiny_dirs):
     want = hf_greedy(hf, ids, mask, N_NEW)
     assert want.shape == (3, ids.shape[1] + N_NEW)
     for cache in (True, False):
-        if cache and arch in RECURRENT:
-            with pytest.warns(UserWarning, match="no generation cache yet"):
-                got = model.generate(ids, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, verbose=False,
-                                     use_past_kv_cache=cache, attention_mask=mask)
-        else:
-            got = model.generate(ids, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, verbose=False,
-                                 use_past_kv_cache=cache, attention_mask=mask)
+        got = model.generate(ids, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, verbose=False,
+                             use_past_kv_cache=cache, attention_mask=mask)
         assert torch.equal(got, want), (arch, cache, got, want)
     # the padded rows really depend on the mask-derived positions: with the plain forward's
     # positions (pads counted) the shortest row's continuation changes
-    row = model.generate(ids[2:, -1:], max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, verbose=False,
-                         use_past_kv_cache=arch not in RECURRENT)
+    row = model.generate(ids[2:, -1:], max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False, verbose=False)
     assert torch.equal(row[0, 1:], want[2, ids.shape[1]:])
 
 
