@@ -83,8 +83,9 @@ def router_attribution(
         head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
         comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
         labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
-    bias = model.accumulated_bias(layer, mlp_input=True)
-    if bool((bias != 0).any()):
+    # attention output biases: inside each "{l}_attn_out" already; per-head results exclude them
+    bias = model.accumulated_bias(layer, mlp_input=True, include_mlp_biases=False)
+    if heads and bool((bias != 0).any()):
         comps = torch.cat([comps, bias.to(comps.device, comps.dtype).expand_as(comps[:1])])
         labels.append("bias")
     ln2 = model.blocks[layer].ln2
