@@ -64,9 +64,10 @@ def router_attribution(
     """Split sparse layer ``layer``'s router logits into upstream contributions.
 
     Components: ``embed``, each attention layer ``{l}_attn_out`` up to and including ``layer``
-    (``heads=True``: each head ``L{l}H{h}`` instead), each earlier MLP (``expert_level=True``:
-    ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``), ``bias``
-    (accumulated output biases, present when non-zero) and ``router_bias`` (where the router has one).
+    (``heads=True``: each head ``L{l}H{h}`` instead, and the attention output biases as ``bias``;
+    a linear-attention layer stays whole), each earlier MLP (``expert_level=True``:
+    ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``) and
+    ``router_bias`` (where the router has one, e.g. gpt-oss).
     Needs a full cache (``model.run_with_cache(...)``).
     """
     from transformer_lens.utilities import Slice
