@@ -83,8 +83,10 @@ def router_attribution(
         head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
         comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
         labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
-    bias = model.accumulated_bias(layer, mlp_input=True)
-    if bool((bias != 0).any()):
+    # per-head results leave out the attention output bias b_O (gpt-oss); the *_attn_out components
+    # already hold it, so the accumulated biases are added only where heads replace them
+    bias = model.accumulated_bias(layer, mlp_input=True) if heads else None
+    if bias is not None and bool((bias != 0).any()):
         comps = torch.cat([comps, bias.to(comps.device, comps.dtype).expand_as(comps[:1])])
         labels.append("bias")
     ln2 = model.blocks[layer].ln2
