@@ -50,6 +50,7 @@ def _trace(args) -> int:
         noise_reference=args.noise_reference,
         seed=args.seed, prepend_bos=args.bos, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
         layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+        screen=args.screen, n_verify=args.verify,
     )
     from moelens.tracing.fingerprint import ResumeError
     from moelens.tracing.protocol import ProtocolError
@@ -110,6 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1, help="noise draws per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None, help="comma-separated candidate layers (default: all sparse)")
+    p.add_argument("--screen", default="exact", choices=["exact", "attribution"],
+                   help="exact: every layer and expert by suffix runs; attribution: first-order screen of every "
+                        "layer and expert (one backward pass per case), the top --verify experts re-scored exactly")
+    p.add_argument("--verify", type=int, default=10, help="with --screen attribution: experts verified exactly per case")
     p.add_argument("--bootstrap", type=int, default=5000)
     p.add_argument("--permutations", type=int, default=10000)
     bos = p.add_mutually_exclusive_group()

@@ -391,7 +391,7 @@ class HookedMoETransformer(HookedRootModule):
         tokens = torch.as_tensor(tokens, device=W_U.device)
         if tokens.is_floating_point():
             raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
-        return W_U[tokens] * self.ln_final.w.to(W_U.device)
+        return W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the output biases written into the residual stream before ``layer`` (attention

@@ -574,9 +574,27 @@ def run_with_interventions(model, input, interventions: Sequence[Intervention], 
 
 
 # metrics: logits [rows, pos, vocab] -> [rows]
+class TokenLogitMetric:
+    """A metric that reads a few logits at one position and declares which (``token_ids``), so an
+    engine can unembed only those rows of ``W_U`` (:meth:`from_token_logits`) instead of the whole
+    vocabulary. Called on full logits ``[rows, pos, vocab]`` it is an ordinary metric."""
+
+    def __init__(self, token_ids: Sequence[int], fn: Callable[[Tensor], Tensor], position: int = -1):
+        self.token_ids = [int(t) for t in token_ids]
+        self.fn = fn  # logits of token_ids [rows, len(token_ids)] -> [rows]
+        self.position = position
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.fn(logits[:, self.position, self.token_ids])
+
+    def from_token_logits(self, logits: Tensor) -> Tensor:
+        """The metric from the logits of ``token_ids`` only, ``[rows, len(token_ids)]``."""
+        return self.fn(logits)
+
+
 def logit_diff(token_a: int, token_b: int, position: int = -1) -> Callable[[Tensor], Tensor]:
-    """``logit[a] - logit[b]`` at ``position`` (the true-vs-foil contrast)."""
-    return lambda logits: (logits[:, position, token_a] - logits[:, position, token_b]).float()
+    """``logit[a] - logit[b]`` at ``position`` (the true-vs-foil contrast); a :class:`TokenLogitMetric`."""
+    return TokenLogitMetric([token_a, token_b], lambda ab: (ab[:, 0] - ab[:, 1]).float(), position)
 
 
 def prob(token: int, position: int = -1) -> Callable[[Tensor], Tensor]:

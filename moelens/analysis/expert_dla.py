@@ -173,7 +173,7 @@ def expert_logit_lens(
         routed = bool((cache[f"blocks.{layer}.mlp.hook_expert_indices"][batch, position] == int(expert)).any())
     s = cache["ln_final.hook_scale"][batch, position].float()
     W_U = model.W_U
-    d = (vec.float().to(W_U.device) / s.to(W_U.device)) * model.ln_final.w.float().to(W_U.device)
+    d = (vec.float().to(W_U.device) / s.to(W_U.device)) * model.ln_final.scale_weight.float().to(W_U.device)
     logits = W_U.float() @ d  # [d_vocab]
     rows = []
     for direction, largest in (("promoted", True), ("suppressed", False)):
@@ -207,7 +207,7 @@ def expert_weight_lens(
     W_down = model.blocks[layer].mlp.experts.W_down  # [n_experts, d_model, d_expert]
     W_U = model.W_U
     dev = W_U.device
-    w_f = model.ln_final.w.float().to(dev) if fold_final_norm else torch.ones(cfg.d_model, device=dev)
+    w_f = model.ln_final.scale_weight.float().to(dev) if fold_final_norm else torch.ones(cfg.d_model, device=dev)
     d_exp = W_down.shape[-1]
     n_vocab = W_U.shape[0]
     per_group = max(1, min(len(experts), max_elements // max(d_exp * min(n_vocab, 4096), 1)))

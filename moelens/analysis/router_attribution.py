@@ -94,7 +94,7 @@ def router_attribution(
     W = router.W_router
     scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
     dev = W.device
-    normed = comps.float().to(dev) / scale.to(dev) * ln2.w.float().to(dev)
+    normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
     b_router = next((getattr(router, n) for n in ("b_router", "b_gate", "bias") if getattr(router, n, None) is not None), None)
     if b_router is not None:

@@ -59,6 +59,12 @@ class RMSNorm(nn.Module):
         else:
             self.hook_scale = self.hook_normalized = None
 
+    @property
+    def scale_weight(self) -> Tensor:
+        """The weight the normalised vector is multiplied by: ``w``, or ``1 + w`` (fp32) when zero-centred.
+        Analysis that folds the norm's weight (DLA, logit lens, router attribution) uses this."""
+        return 1.0 + self.w.float() if self.zero_centered else self.w
+
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if self.hook_normalized is None:
             if self.weight_fp32:

@@ -4,6 +4,9 @@ tracing, the dataset protocol, and statistics."""
 from moelens.tracing.cases import (
     FactCase, MultiTokenTargetWarning, SameTargetTokenWarning, TokenizedCase, tokenize_case,
 )
+from moelens.tracing.attribution import (
+    ExpertAttributionResult, LayerAttributionResult, ScreenResult, attribute_experts, attribute_layers, screen_experts,
+)
 from moelens.tracing.datasets import load_facts
 from moelens.tracing.trace import (
     CoalitionResult, ExpertTraceResult, LayerTraceResult, TraceResult, TraceSetup, prepare, trace_coalitions,
@@ -11,6 +14,8 @@ from moelens.tracing.trace import (
 )
 
 __all__ = [
+    "ExpertAttributionResult", "LayerAttributionResult", "ScreenResult", "attribute_experts", "attribute_layers",
+    "screen_experts",
     "CoalitionResult", "ExpertTraceResult", "FactCase", "LayerTraceResult", "MultiTokenTargetWarning",
     "SameTargetTokenWarning", "TokenizedCase", "TraceResult", "TraceSetup", "load_facts", "prepare",
     "tokenize_case", "trace_coalitions", "trace_experts", "trace_layers",

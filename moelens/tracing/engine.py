@@ -94,8 +94,12 @@ class SuffixEngine:
 
     def _finish(self, state: Tensor) -> Tensor:
         last = state[:, -1:].to(self.model.ln_final.w.device)
-        logits = self.model.unembed(self.model.ln_final(last).to(self.model.unembed.W_U.device))
-        return self.metric(logits)
+        x = self.model.ln_final(last).to(self.model.unembed.W_U.device)
+        ids = getattr(self.metric, "token_ids", None)
+        if ids is not None and getattr(self.metric, "position", None) == -1:
+            # the metric declares the few logits it reads: unembed only those rows of W_U
+            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.W_U[ids]))
+        return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- from a resid_post edit
     def run_from_resid_post(self, layer: int, p: int, deltas: Tensor, samples: Tensor) -> Tensor:

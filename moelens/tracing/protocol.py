@@ -12,6 +12,12 @@
    rescue, specificity (expert rescue minus that of a random other clean-active expert of the
    layer), coalition rescues; bootstrap CIs and sign-flip tests.
 
+With ``screen="attribution"`` (``moelens trace --screen attribution``) step 1's layer scores are
+first-order estimates (:mod:`moelens.tracing.attribution`, one backward pass per case for every
+layer) and step 3 screens every expert of the chosen layer the same way and re-scores the
+``n_verify`` highest exactly: ``experts.jsonl`` lists them in ``verified`` (the other
+``expert_scores`` are estimates). Coalitions and the layer score of step 3 stay exact.
+
 Normalised rescue = ``(patched - corrupted) / (clean - corrupted)``. Each case's results are
 appended to JSONL files as it finishes (``screen.jsonl``, ``experts.jsonl``); a rerun with the same
 ``out_dir`` and settings skips finished cases.
@@ -53,6 +59,7 @@ from moelens.tracing.stats import bootstrap_ci, sign_flip_test
 from moelens.tracing.trace import (
     coalition_score, prepare, resolve_positions, subject_embedding_std, trace_experts,
 )
+from moelens.tracing.trace import routed_sets
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class ProtocolConfig:
     # sigma = noise_scale * std(W_E) ("embedding"), or * the subject tokens' embedding std ("subjects": the
     # noised tokens only; "subjects_rome": ROME's collect_embedding_std, the tokenizer's special tokens included)
     noise_reference: str = "embedding"
+    screen: str = "exact"  # or "attribution": first-order layer and expert screen, top n_verify experts exact
+    n_verify: int = 10  # with screen="attribution": experts per case re-scored exactly at the chosen layer
 
 
 FORMAT = 2  # results carry case and settings fingerprints
@@ -284,6 +293,49 @@ def expert_case(model, case: FactCase, cfg: ProtocolConfig, layer: int, seed: in
     }
 
 
+def screen_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layers: Sequence[int], seed: int,
+                            sigma: Optional[float] = None) -> dict:
+    """:func:`screen_case` with first-order layer scores (one backward pass for every layer,
+    :func:`moelens.tracing.attribution.attribute_experts`) instead of one suffix run per layer."""
+    from moelens.tracing.attribution import attribute_experts
+
+    setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,
+                    prepend_bos=cfg.prepend_bos, sigma=sigma, gradients=("mlp",))
+    pos = resolve_positions(cfg.position, setup.tokenized)
+    a = attribute_experts(model, setup, positions=pos)
+    # a set of positions is restored jointly: the first-order estimate is the sum over positions
+    est = setup.corrupted + (a.layer_scores - setup.corrupted).sum(-1)
+    keep = setup.clean >= cfg.min_clean and setup.clean - setup.corrupted >= cfg.min_drop
+    return {
+        "clean": setup.clean, "corrupted": setup.corrupted, "kept": bool(keep),
+        "layer_scores": {str(l): float(est[l]) for l in layers}, "layer_scores_method": "attribution",
+        "warnings": list(setup.tokenized.warnings),
+    }
+
+
+def expert_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layer: int, seed: int,
+                            sigma: Optional[float] = None) -> dict:
+    """:func:`expert_case` screening every expert of ``layer`` by attribution and re-scoring the
+    ``cfg.n_verify`` highest exactly; ``expert_scores`` mixes exact values (experts in ``verified``)
+    with first-order estimates (the rest). The layer score and coalitions are exact."""
+    from moelens.tracing.attribution import screen_experts
+
+    setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,
+                    prepend_bos=cfg.prepend_bos, sigma=sigma, gradients=("mlp",))
+    s = screen_experts(model, setup, n_verify=cfg.n_verify, positions=cfg.position, layers=[layer])
+    pos = resolve_positions(cfg.position, setup.tokenized)
+    clean_routed, noise_routed, _ = routed_sets(setup, layer, pos)
+    union = sorted(set(clean_routed) | set(noise_routed))
+    return {
+        "clean": setup.clean, "corrupted": setup.corrupted, "layer": layer, "layer_score": float(s.layer_scores[layer]),
+        "expert_scores": [float(v) for v in s.scores[layer]], "clean_routed": clean_routed, "noise_routed": noise_routed,
+        "verified": [int(e) for e in s.verified[layer].nonzero().flatten()],
+        "expert_estimates": [float(v) for v in s.estimates[layer]],
+        "coalition_clean": coalition_score(model, setup, layer, clean_routed, pos),
+        "coalition_union": coalition_score(model, setup, layer, union, pos),
+    }
+
+
 def run_protocol(
     model,
     cases: Sequence[FactCase],
@@ -307,6 +359,10 @@ def run_protocol(
     bad = [l for l in layers if l not in model.cfg.moe_layers]
     if bad:
         raise ValueError(f"layers {bad} are not sparse layers of this model (sparse: {list(model.cfg.moe_layers)})")
+    if cfg.screen not in ("exact", "attribution"):
+        raise ValueError(f"screen={cfg.screen!r}: use 'exact' or 'attribution'")
+    screen_fn, expert_fn = ((screen_case, expert_case) if cfg.screen == "exact"
+                            else (screen_case_attribution, expert_case_attribution))
     if cfg.noise_reference in ("subjects", "subjects_rome"):
         sigma = cfg.noise_scale * subject_embedding_std(
             model, cases, tokenization="rome" if cfg.noise_reference == "subjects_rome" else "moelens")
@@ -319,6 +375,8 @@ def run_protocol(
                 "facts": facts_identity(facts_source), "n_cases": len(cases),
                 **{k: v for k, v in asdict(cfg).items()}}
     settings["layers"] = layers
+    if cfg.screen == "exact":  # the exhaustive protocol's fingerprint stays what it was
+        settings.pop("screen"), settings.pop("n_verify")
     if sigma is not None:  # a per-dataset noise level: more cases change it, and so every case's numbers
         settings["sigma"] = sigma
     rank, world_size = world()
@@ -345,7 +403,7 @@ def run_protocol(
         rec = {"key": key, "index": keys.index(key), "case_id": case.case_id, "split": split[key],
                "case_hash": hashes[key], "run": store.run, "case": case.to_dict()}
         try:
-            rec.update(screen_case(model, case, cfg, layers, seeds[key], sigma))
+            rec.update(screen_fn(model, case, cfg, layers, seeds[key], sigma))
         except (ValueError, IndexError) as exc:  # e.g. a case the tokenizer cannot place
             rec.update(error=f"{type(exc).__name__}: {exc}", kept=False)
             warnings.warn(f"case {key}: {exc}; skipped")
@@ -374,7 +432,7 @@ def run_protocol(
     for r in tqdm(todo, desc=f"expert tracing at layer {best_layer}", disable=not progress):
         rec = {"key": r["key"], "case_id": r["case_id"], "split": r["split"], "case_hash": hashes[r["key"]],
                "run": store.run}
-        rec.update(expert_case(model, by_key[r["key"]], cfg, best_layer, seeds[r["key"]], sigma))
+        rec.update(expert_fn(model, by_key[r["key"]], cfg, best_layer, seeds[r["key"]], sigma))
         store.append("experts.jsonl", rec)
         traced[r["key"]] = rec
     _barrier(out_dir, "experts", rank, world_size)

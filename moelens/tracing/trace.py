@@ -57,6 +57,8 @@ class TraceSetup:
     clean_cache: Any
     corrupted_cache: Any  # batch n_samples
     settings: dict
+    _slots: dict = field(default_factory=dict, repr=False, compare=False)  # memo of _slots_at per layer/positions
+    gradients: Optional[dict] = field(default=None, repr=False, compare=False)  # prepare(..., gradients=kinds)
 
     @property
     def metric(self):
@@ -81,12 +83,19 @@ class TraceSetup:
     def expert_delta(self, layer: int, experts, positions: list[int]) -> Tensor:
         """``sum_e c_e(clean) - c_e(corrupted)`` ``[n_samples, T - min(positions), d]``, zero off ``positions``."""
         p0 = min(positions)
-        delta = torch.zeros(self.n_samples, self.tokens.shape[1], self.clean_cache.model.cfg.d_model,
+        delta = torch.zeros(self.n_samples, self.tokens.shape[1] - p0, self.clean_cache.model.cfg.d_model,
                             device=self.tokens.device)
+        rel = [p - p0 for p in positions]
+        # the contributions at ``positions`` only (not rebuilt over the whole sequence per expert)
+        key = (layer, tuple(positions))
+        if key not in self._slots:
+            self._slots = {key: (_slots_at(self.clean_cache, layer, positions),
+                                 _slots_at(self.corrupted_cache, layer, positions))}  # keep one: bounded memory
+        clean, corrupted = self._slots[key]
         for e in experts:
-            d = self.clean_cache.expert_contribution(layer, int(e)) - self.corrupted_cache.expert_contribution(layer, int(e))
-            delta[:, positions] += d[:, positions].float().to(delta.device).expand(self.n_samples, -1, -1)
-        return delta[:, p0:]
+            d = _contribution(*clean, int(e)) - _contribution(*corrupted, int(e))
+            delta[:, rel] += d.float().to(delta.device).expand(self.n_samples, -1, -1)
+        return delta
 
     def layer_delta(self, layer: int, positions: list[int]) -> Tensor:
         """clean minus corrupted ``hook_mlp_out`` at ``positions`` (restoring the whole MoE output)."""
@@ -106,6 +115,19 @@ class TraceSetup:
         with torch.no_grad():
             vals = eng.run_from_resid_post(layer, min(positions), stacked, samples)
         return vals.reshape(len(deltas), n).mean(-1).cpu()
+
+
+def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, weights, expert_out) of ``layer`` at ``positions`` (for :func:`_contribution`)."""
+    name = f"blocks.{layer}.mlp."
+    return tuple(cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+
+
+def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
+    """``expert``'s weighted update at the sliced positions: the arithmetic of
+    ``MoEActivationCache.expert_contribution`` on a slice."""
+    slot_w = torch.where(idx == expert, w, torch.zeros_like(w))
+    return (out * slot_w.unsqueeze(-1)).sum(-2).to(out.dtype)
 
 
 def embedding_std(model) -> float:
@@ -152,6 +174,7 @@ def prepare(
     prepend_bos: Optional[bool] = None,
     names_filter=tracing_names_filter,
     cache_device=None,
+    gradients: Sequence[str] = (),
 ) -> TraceSetup:
     """Tokenize the case, draw (or take) the noise, and run the clean and corrupted runs with caches.
 
@@ -162,6 +185,9 @@ def prepare(
     ``sigma=noise_scale * subject_embedding_std(model, cases)`` (``tokenization="rome"`` for ROME's
     exact ``collect_embedding_std``, special tokens included). ``cache_device`` stores the clean
     and corrupted caches elsewhere (e.g. ``"cpu"`` to spare GPU memory; slower sweeps).
+    ``gradients``: kinds (``"mlp"``, ``"attn"``, ``"resid"``) whose per-layer gradients of each
+    corrupted run's metric the corrupted run also takes (one backward more; ``setup.gradients``,
+    used by :mod:`moelens.tracing.attribution`).
     """
     if model.tokenizer is None:
         raise ValueError("causal tracing on a FactCase needs the model's tokenizer")
@@ -198,13 +224,20 @@ def prepare(
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(tokens, names_filter=names_filter, device=cache_device)
         batch = tokens.expand(z.shape[0], -1)
-        corrupted_logits, corrupted_cache = model.run_with_cache(
-            batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
-        )
+        grads = None
+        if gradients:
+            from moelens.tracing.attribution import corrupted_run_with_gradients
+
+            corrupted_logits, corrupted_cache, grads = corrupted_run_with_gradients(
+                model, batch, corrupt, metric, names_filter, gradients, cache_device)
+        else:
+            corrupted_logits, corrupted_cache = model.run_with_cache(
+                batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
+            )
     return TraceSetup(
         case=case, tokenized=tc, tokens=tokens, noise=scaled, sigma=float(sigma),
         clean=float(metric(clean_logits).mean()), corrupted=float(metric(corrupted_logits).mean()),
-        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings,
+        clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings, gradients=grads,
     )
 
 

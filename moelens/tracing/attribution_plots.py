@@ -1,0 +1,73 @@
+"""Figures of attribution results: a layers x experts heatmap of the (estimated) normalised rescue.
+
+Dense layers are left blank (NaN), clean-routed experts are ringed, exactly verified pairs (from
+:func:`moelens.tracing.attribution.screen_experts`) carry a cross. The colour scale is diverging,
+centred on 0 (no rescue), symmetric about the largest magnitude. The figure grows with the layer
+count and keeps cells readable at 48 layers x 128 experts (hover shows every value).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+
+def expert_attribution_heatmap(
+    rescue,
+    *,
+    clean_routed: Optional[Sequence[Sequence[int]]] = None,
+    verified=None,
+    title: Optional[str] = None,
+    metric: str = "normalised rescue",
+) -> go.Figure:
+    """Heatmap ``rescue [n_layers, n_experts]`` (layers down, experts across); ``clean_routed[l]``:
+    experts to ring at layer ``l``; ``verified``: bool ``[n_layers, n_experts]`` of exact values."""
+    z = np.asarray(rescue.detach().cpu() if isinstance(rescue, torch.Tensor) else rescue, dtype=float)
+    if z.ndim != 2:
+        raise ValueError(f"rescue must be [n_layers, n_experts], got shape {z.shape}")
+    n_layers, n_experts = z.shape
+    rows = [l for l in range(n_layers) if np.isfinite(z[l]).any()]  # sparse layers only
+    zz = z[rows]
+    finite = zz[np.isfinite(zz)]
+    m = float(np.abs(finite).max()) if finite.size else 1.0
+    m = m if m > 0 else 1.0
+    status = np.full(zz.shape, "estimate", dtype=object)
+    if verified is not None:
+        v = np.asarray(verified.cpu() if isinstance(verified, torch.Tensor) else verified, dtype=bool)[rows]
+        status[v] = "exact"
+    fig = go.Figure(go.Heatmap(
+        z=zz, x=list(range(n_experts)), y=[f"L{l}" for l in rows], customdata=status,
+        colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m, xgap=0, ygap=1,
+        hovertemplate="layer %{y}, expert %{x}<br>" + metric + " %{z:.3f} (%{customdata})<extra></extra>",
+        colorbar=dict(title=dict(text=metric, side="right")),
+    ))
+    if clean_routed is not None:
+        xs, ys = [], []
+        for l in rows:
+            for e in clean_routed[l]:
+                xs.append(e)
+                ys.append(f"L{l}")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="clean-routed",
+                                 marker=dict(symbol="circle-open", size=7, color="black", line=dict(width=1)),
+                                 hoverinfo="skip"))
+    if verified is not None:
+        xs, ys = [], []
+        for i, l in enumerate(rows):
+            for e in np.nonzero(v[i])[0]:
+                xs.append(int(e))
+                ys.append(f"L{l}")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="verified exactly",
+                                 marker=dict(symbol="x", size=10, color="black", line=dict(width=1, color="white")),
+                                 hoverinfo="skip"))
+    height = int(min(1400, max(360, 160 + 18 * len(rows))))
+    fig.update_layout(
+        title=dict(text=title or f"Expert attribution ({metric})"), template="plotly_white", height=height,
+        xaxis=dict(title=dict(text="expert"), range=[-0.5, n_experts - 0.5], dtick=max(1, n_experts // 32)),
+        yaxis=dict(title=dict(text="layer"), autorange="reversed", type="category"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        margin=dict(l=60, r=30, t=90, b=50),
+    )
+    return fig

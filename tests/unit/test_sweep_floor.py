@@ -1,0 +1,71 @@
+"""Exact sweeps at the floor: metrics declare the logits they read (the engine unembeds only those
+rows of W_U) and expert deltas are built at the traced positions only; results equal the plain
+computation (whole-vocabulary unembedding, whole-sequence contributions)."""
+
+import pytest
+import torch
+
+import moelens
+from moelens import FactCase, HookedMoETransformer
+from moelens import patching as P
+from moelens.architectures import ARCHITECTURES
+from moelens.testing import toy_tokenizer
+from moelens.tracing.engine import SuffixEngine
+from moelens.tracing.trace import prepare
+
+CASE = FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
+
+
+@pytest.fixture(params=["mixtral", "qwen2_moe", "deepseek_v2_full"])
+def model(request, tiny_dirs):
+    if request.param.startswith("deepseek") and "DeepseekV2ForCausalLM" not in ARCHITECTURES:
+        pytest.skip("DeepSeek-V2 not registered")
+    d, _ = tiny_dirs(request.param)
+    m = HookedMoETransformer.from_pretrained(d)
+    m.tokenizer = toy_tokenizer(256)
+    return m
+
+
+def plain_delta(setup, layer, experts, positions):
+    """The whole-sequence construction: sum of expert_contribution(clean) - (corrupted), zero off positions."""
+    T = setup.tokens.shape[1]
+    delta = torch.zeros(setup.n_samples, T, setup.clean_cache.model.cfg.d_model)
+    for e in experts:
+        d = setup.clean_cache.expert_contribution(layer, e) - setup.corrupted_cache.expert_contribution(layer, e)
+        delta[:, positions] += d[:, positions].float().expand(setup.n_samples, -1, -1)
+    return delta[:, min(positions):]
+
+
+def test_metric_declares_its_logits():
+    m = P.logit_diff(3, 7)
+    logits = torch.randn(4, 5, 11)
+    assert m.token_ids == [3, 7]
+    torch.testing.assert_close(m(logits), logits[:, -1, 3] - logits[:, -1, 7])
+    torch.testing.assert_close(m.from_token_logits(logits[:, -1, [3, 7]]), m(logits))
+
+
+def test_expert_sweep_equals_the_plain_computation(model, monkeypatch):
+    setup = prepare(model, CASE, seed=0, n_samples=3)
+    tc = setup.tokenized
+    plain_metric = lambda logits: (logits[:, -1, tc.target_true_id] - logits[:, -1, tc.target_foil_id]).float()  # noqa: E731
+    T = setup.tokens.shape[1]
+    for positions in ([T - 1], list(tc.subject_positions) + [T - 1]):
+        for layer in model.cfg.moe_layers:
+            experts = list(range(model.cfg.n_experts))
+            sets = [[e] for e in experts] + [experts[:3]]  # single experts and a coalition
+            fast = [setup.expert_delta(layer, s, positions) for s in sets]
+            slow = [plain_delta(setup, layer, s, positions) for s in sets]
+            for f, s in zip(fast, slow):
+                assert torch.equal(f, s)
+            eng = SuffixEngine(model, setup.engine(model).base, plain_metric)
+            samples = torch.arange(setup.n_samples).repeat(len(slow))
+            with torch.no_grad():
+                ref = eng.run_from_resid_post(layer, min(positions), torch.cat(slow), samples)
+            ref = ref.reshape(len(sets), -1).mean(-1)
+            got = setup.restore_scores(model, layer, fast, positions)
+            assert (got - ref).abs().max() < 1e-5
+            r = moelens.trace_experts(model, setup, layer, positions=positions, progress=False)
+            assert (r.scores - ref[: len(experts)]).abs().max() < 1e-5
+    # the engine reads only the two declared rows of W_U: the whole-vocabulary unembedding is never called
+    monkeypatch.setattr(model.unembed, "forward", lambda x: (_ for _ in ()).throw(AssertionError("full unembed")))
+    moelens.trace_experts(model, setup, model.cfg.moe_layers[-1], progress=False)
