@@ -28,8 +28,8 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         closest cached names (``cache["blocks.2.mlp.hook_router_logit"]`` -> ``...hook_router_logits``)."""
         try:
             return super().__getitem__(key)
-        except KeyError:
-            pass
+        except KeyError as exc:
+            reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) and " " in exc.args[0] else None
         from moelens.hooks import suggest_hook_names
         from moelens.patching import SHORT_NAMES
 
@@ -38,8 +38,9 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
             layer += self.model.cfg.n_layers
         close = suggest_hook_names(str(name), self.cache_dict, layer=layer, short_names=SHORT_NAMES)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        head = reason.rstrip(".") + "." if reason else f"{key!r} is not in this cache."
         raise KeyError(
-            f"{key!r} is not in this cache.{hint} `list(cache.keys())` lists what was cached (a names_filter "
+            f"{head}{hint} `list(cache.keys())` lists what was cached (a names_filter "
             f"keeps only some hooks; hook names are documented in docs/concepts.md)."
         ) from None
 

@@ -45,9 +45,12 @@ class ShapedHookPoint(HookPoint):
 
     def add_hook(self, hook, dir="fwd", *args, **kwargs):
         """As :meth:`HookPoint.add_hook`; forward hooks' returned tensors are checked (:class:`HookEditError`)."""
-        if dir == "fwd":
-            hook = _checked_hook(self, hook)
-        return super().add_hook(hook, dir, *args, **kwargs)
+        if dir != "fwd":
+            return super().add_hook(hook, dir, *args, **kwargs)
+        handle = super().add_hook(_checked_hook(self, hook), dir, *args, **kwargs)
+        if hasattr(handle, "user_hook"):  # TransformerLens keeps the caller's callable: keep it theirs
+            handle.user_hook = hook
+        return handle
 
     def extra_repr(self) -> str:
         return f"{self.kind}[{self.dims}]"
@@ -88,6 +91,7 @@ def _checked_hook(hp: "ShapedHookPoint", fn):
 
     # TransformerLens names the registered hook after repr(fn); keep that cheap and informative
     checked.__qualname__ = checked.__name__ = f"checked({_short_repr(fn)})"
+    checked.__dict__.update(getattr(fn, "__dict__", {}))  # markers set on the caller's function
     checked.__wrapped__ = fn
     return checked
 

@@ -157,6 +157,31 @@ def gated_rms_norm(o: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     return (y * F.silu(gate.float())).to(dtype)
 
 
+class DeltaNetCacheLayer:
+    """What a Gated DeltaNet layer carries between generation steps (its "KV cache"): the last
+    ``kernel - 1`` convolution inputs ``window [batch, w, d_conv]`` and the recurrent state
+    ``state [batch, v_head, d_k, d_v]`` (fp32) after the positions seen so far.
+
+    Pass it as the layer's ``prefix`` (the generation cache's per-layer object; see
+    :meth:`GatedDeltaNet.new_cache_layer`): the layer resumes from it and updates it in place.
+    """
+
+    def __init__(self) -> None:
+        self.window: Optional[Tensor] = None
+        self.state: Optional[Tensor] = None
+        self.n_seen = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_seen
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch ``rows`` (e.g. after dropping finished sequences)."""
+        if self.state is not None:
+            self.window = self.window[rows.to(self.window.device)]
+            self.state = self.state[rows.to(self.state.device)]
+
+
 class GatedDeltaNet(nn.Module):
     """The Gated DeltaNet mixer (hooks and equations in the module docstring).
 
@@ -192,15 +217,20 @@ class GatedDeltaNet(nn.Module):
         self.hook_gate = ShapedHookPoint("batch pos v_head d_v")
         self.hook_gated_out = ShapedHookPoint("batch pos v_head d_v")
 
+    def new_cache_layer(self) -> DeltaNetCacheLayer:
+        """An empty generation cache for this layer (conv window and recurrent state)."""
+        return DeltaNetCacheLayer()
+
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
         ctx=None,
-        prefix: Optional[tuple[Tensor, Tensor]] = None,
+        prefix=None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``prefix=(conv_window [batch, w, d_conv], state [batch, v_head, d_k, d_v])`` resumes the
         layer after earlier positions: the convolution inputs just before this input and the
-        recurrent state after the last earlier position (what the suffix engine and generation pass)."""
+        recurrent state after the last earlier position (what the suffix engine passes). A
+        :class:`DeltaNetCacheLayer` does the same and is then updated in place (generation)."""
         cfg = self.cfg
         b, n, _ = x.shape
         nk, nv, dk, dv = cfg.linear_n_k_heads, cfg.linear_n_v_heads, cfg.linear_d_k, cfg.linear_d_v
@@ -208,7 +238,11 @@ class GatedDeltaNet(nn.Module):
         if key_mask is not None:  # padded positions feed zeros into the mixer (as transformers)
             x = (x * key_mask[:, -n:, None].to(x.device)).to(x.dtype)
         conv_in = self.hook_conv_in(F.linear(x, self.W_qkv))
-        window, state0 = prefix if prefix is not None else (None, None)
+        cache = prefix if isinstance(prefix, DeltaNetCacheLayer) else None
+        if cache is not None:
+            window, state0 = cache.window, cache.state
+        else:
+            window, state0 = prefix if prefix is not None else (None, None)
         mixed = self.hook_conv_out(causal_conv(conv_in, self.W_conv, window))
         q, k, v = mixed.split([nk * dk, nk * dk, nv * dv], dim=-1)
         q = self.hook_q(l2norm(q.reshape(b, n, nk, dk).float()))
@@ -220,11 +254,16 @@ class GatedDeltaNet(nn.Module):
         if nv != nk:  # each key head serves nv/nk consecutive value heads
             q, k = q.repeat_interleave(nv // nk, dim=2), k.repeat_interleave(nv // nk, dim=2)
         if has_hooks(self.hook_state):
-            o = self._with_state_hook(q, k, v, g, beta, state0)
-        elif cfg.delta_rule_impl == "recurrent":
-            o, _ = delta_rule_recurrent(q, k, v, g, beta, state0)
+            o, final = self._with_state_hook(q, k, v, g, beta, state0)
+        elif cfg.delta_rule_impl == "recurrent" or (state0 is not None and n == 1):  # one decode step
+            o, final = delta_rule_recurrent(q, k, v, g, beta, state0)
         else:
-            o, _ = delta_rule_chunked(q, k, v, g, beta, state0, cfg.delta_rule_chunk)
+            o, final = delta_rule_chunked(q, k, v, g, beta, state0, cfg.delta_rule_chunk)
+        if cache is not None:
+            kernel = self.W_conv.shape[-1]
+            seen = conv_in if window is None else torch.cat([window.to(conv_in), conv_in], dim=1)
+            cache.window, cache.state = seen[:, -(kernel - 1):].detach(), final.detach()
+            cache.n_seen += n
         o = self.hook_delta_out(o.to(x.dtype))
         y = self.hook_gated_out(gated_rms_norm(o, self.hook_gate(z), self.norm_w, cfg.rms_norm_eps))
         return F.linear(y.reshape(b, n, nv * dv), self.W_O)
@@ -240,5 +279,6 @@ class GatedDeltaNet(nn.Module):
             )
         changed = (edited != original).flatten(2).any(-1)  # [batch, pos]
         if bool(changed.any()):
-            o, _ = delta_rule_recurrent(q, k, v, g, beta, state0, overrides=(changed, edited))
-        return o
+            o, final = delta_rule_recurrent(q, k, v, g, beta, state0, overrides=(changed, edited))
+            return o, final
+        return o, original[:, -1]

@@ -277,3 +277,27 @@ def test_bf16_matches_within_bf16_rounding(arch, tmp_path):
         agree.append((cache[f"blocks.{layer}.mlp.hook_expert_indices"].sort(-1).values.view(-1, model.cfg.top_k) == theirs).all(-1))
     assert torch.cat(agree).float().mean() >= 0.9
     assert (logits.float() - out.logits.float()).abs().max() < 1.0
+
+
+def test_cache_layer_carries_the_state_between_steps(pair):
+    """A DeltaNetCacheLayer (what generation keeps per linear-attention layer) resumes the conv
+    window and the recurrent state: a prompt then one token at a time equals the full forward."""
+    model, hf = pair
+    layer = model.cfg.linear_attn_layers[0]
+    mixer = model.blocks[layer].attn
+    name = f"blocks.{layer}.ln1.hook_normalized"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(IDS, names_filter=name)
+        x = cache[name]
+        full = mixer(x)
+        c = mixer.new_cache_layer()
+        steps = [mixer(x[:, :50], None, c)] + [mixer(x[:, t:t + 1], None, c) for t in range(50, IDS.shape[1])]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert c.seq_len == IDS.shape[1] and c.window.shape[1] == model.cfg.linear_conv_kernel - 1
+    assert c.state.shape == (2, model.cfg.linear_n_v_heads, model.cfg.linear_d_k, model.cfg.linear_d_v)
+    c.select(torch.tensor([1]))
+    assert c.state.shape[0] == 1 and c.window.shape[0] == 1
+    # the final state equals the token-by-token definition's
+    with torch.no_grad():
+        _, states = model.run_with_cache(IDS, names_filter=f"blocks.{layer}.attn.hook_state")
+    assert (states[f"blocks.{layer}.attn.hook_state"][1:, -1] - c.state).abs().max() < 1e-5

@@ -125,6 +125,15 @@ def test_larger_limit_extends_and_summary_options_resummarise(tmp_path, capsys):
     assert trace(facts, tmp_path / "o", model=bundled_models()["moelens-tiny-facts"]) == 0
     assert "resuming: 8/8 cases done" in capsys.readouterr().out
     assert (tmp_path / "o" / "screen.jsonl").read_text() == screen
+    # another checkpoint (one weight's lowest mantissa bit flipped) is another model
+    other = tmp_path / "other-model"
+    shutil.copytree(bundled_models()["moelens-tiny-facts"], other)
+    data = bytearray((other / "model.safetensors").read_bytes())
+    data[-4] ^= 1
+    (other / "model.safetensors").write_bytes(bytes(data))
+    assert trace(facts, tmp_path / "o", model=other) == 2
+    line = error_line(capsys)
+    assert f"model: 'moelens-tiny-facts' (fingerprint" in line and f"{str(other)!r} (fingerprint" in line
 
 
 def test_killed_and_resumed_through_the_cli(tmp_path, capsys, monkeypatch):
