@@ -16,12 +16,15 @@ def _load():
     from moelens.config import MoEConfig
     from moelens.hooks import HookEditError, check_shapes
     from moelens.model import HookedMoETransformer
+    from moelens.generation import GenerationCache, RoutingTrace
+    from moelens.steering import SteerExperts, detect_experts
     import moelens.tracing as _tracing  # FactCase, trace_layers, trace_experts, ... (all of tracing.__all__)
 
     _tracing_all = list(_tracing.__all__)
     globals().update({k: getattr(_tracing, k) for k in _tracing_all})
     __all__ = [
         "HookedMoETransformer", "MoEActivationCache", "MoEConfig", "check_shapes", "expert_names_filter",
+        "GenerationCache", "RoutingTrace", "SteerExperts", "detect_experts",
         *_tracing_all,
     ]
     globals().update({k: v for k, v in locals().items() if not k.startswith("_")})

@@ -194,6 +194,8 @@ class HookedMoETransformer(HookedRootModule):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
         prepend_bos: Optional[bool] = None,
+        past_kv_cache: Any = None,
+        position_ids: Optional[Tensor] = None,
     ):
         """Run the model.
 
@@ -202,6 +204,10 @@ class HookedMoETransformer(HookedRootModule):
         ``attention_mask``: ``[batch, pos]`` 1 for real tokens. ``return_type``: ``"logits"``,
         ``"loss"`` (mean next-token cross-entropy), ``"both"`` or ``None``.
         ``stop_at_layer=l`` returns the residual stream entering block ``l``.
+        ``past_kv_cache``: a :class:`moelens.generation.GenerationCache` holding the earlier
+        positions (``input`` is then only the new positions; the cache is extended in place);
+        ``attention_mask`` then covers earlier and new positions. ``position_ids`` ``[batch, pos]``:
+        RoPE positions of the new positions (default: their index in the sequence).
         """
         tokens = None
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
@@ -215,9 +221,13 @@ class HookedMoETransformer(HookedRootModule):
         else:
             resid = input
         batch, n_pos = resid.shape[:2]
-        ctx = self.attention_context(n_pos, attention_mask, device=resid.device)
-        for block in self.blocks[start_at_layer:stop_at_layer]:
-            resid = block(resid, ctx)
+        q_offset = 0 if past_kv_cache is None else past_kv_cache.seq_len
+        ctx = self.attention_context(n_pos, attention_mask, q_offset=q_offset, device=resid.device,
+                                     position_ids=position_ids)
+        for i, block in enumerate(self.blocks[start_at_layer:stop_at_layer], start_at_layer):
+            resid = block(resid, ctx) if past_kv_cache is None else block(resid, ctx, past_kv_cache[i])
+        if past_kv_cache is not None:
+            past_kv_cache.seq_len += n_pos
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid))
@@ -232,11 +242,16 @@ class HookedMoETransformer(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def attention_context(
-        self, n_pos: int, attention_mask: Optional[Tensor] = None, q_offset: int = 0, device=None
+        self, n_pos: int, attention_mask: Optional[Tensor] = None, q_offset: int = 0, device=None,
+        position_ids: Optional[Tensor] = None,
     ) -> AttentionContext:
-        """RoPE tables and the padding mask shared by all layers of one forward."""
+        """RoPE tables and the padding mask shared by all layers of one forward. ``position_ids``
+        ``[batch, pos]`` (default ``q_offset .. q_offset + n_pos - 1``) are the RoPE positions."""
         device = device or self.rope_inv_freq.device
-        positions = torch.arange(q_offset, q_offset + n_pos, device=device)[None]
+        if position_ids is None:
+            positions = torch.arange(q_offset, q_offset + n_pos, device=device)[None]
+        else:
+            positions = position_ids.to(device)
         inv_freq = self.rope_inv_freq
         if inv_freq.dtype != torch.float32:  # e.g. after model.to(torch.bfloat16): recompute in fp32
             inv_freq = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0]
@@ -376,6 +391,13 @@ class HookedMoETransformer(HookedRootModule):
     @property
     def W_U(self) -> Tensor:
         return self.unembed.W_U
+
+    def generate(self, input="", max_new_tokens: int = 10, **kwargs):
+        """Generate text or tokens, as TransformerLens' ``HookedTransformer.generate``; hooks apply
+        at every step. See :func:`moelens.generation.generate` for every argument."""
+        from moelens.generation import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ TransformerLens analysis surface
     def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:

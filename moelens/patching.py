@@ -562,9 +562,25 @@ def to_hooks(model, interventions: Sequence[Intervention], rows: Rows = slice(No
 
 def _bind(fn, rows):
     def hook(act, hook):
+        offset = getattr(hook, "pos_offset", 0)  # > 0 during cached generation (moelens.generation)
+        if offset:
+            return _at_offset(fn, act, rows, hook, offset)
         return fn(act, rows, hook)
 
     return hook
+
+
+def _at_offset(fn, act, rows, hook, offset):
+    """Apply ``fn`` to an activation whose first position is absolute position ``offset`` (cached
+    generation): ``fn`` sees the full-length sequence (earlier positions zero), so ``positions=``
+    mean absolute positions (negative ones count from the newest token) as in a full forward."""
+    axes = hook.dims.split()
+    axis = axes.index("pos") if "pos" in axes else axes.index("query_pos")
+    shape = list(act.shape)
+    shape[axis] = offset + act.shape[axis]
+    full = act.new_zeros(shape)
+    full.narrow(axis, offset, act.shape[axis]).copy_(act)
+    return fn(full, rows, hook).narrow(axis, offset, act.shape[axis])
 
 
 def run_with_interventions(model, input, interventions: Sequence[Intervention], **kwargs) -> Tensor:

@@ -64,9 +64,10 @@ def router_attribution(
     """Split sparse layer ``layer``'s router logits into upstream contributions.
 
     Components: ``embed``, each attention layer ``{l}_attn_out`` up to and including ``layer``
-    (``heads=True``: each head ``L{l}H{h}`` instead), each earlier MLP (``expert_level=True``:
-    ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``), ``bias``
-    (accumulated output biases, present when non-zero) and ``router_bias`` (where the router has one).
+    (``heads=True``: each head ``L{l}H{h}`` instead, and the attention output biases as ``bias``;
+    a linear-attention layer stays whole), each earlier MLP (``expert_level=True``:
+    ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``) and
+    ``router_bias`` (where the router has one, e.g. gpt-oss).
     Needs a full cache (``model.run_with_cache(...)``).
     """
     from transformer_lens.utilities import Slice
@@ -83,8 +84,9 @@ def router_attribution(
         head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
         comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
         labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
-    bias = model.accumulated_bias(layer, mlp_input=True)
-    if bool((bias != 0).any()):
+    # attention output biases: inside each "{l}_attn_out" already; per-head results exclude them
+    bias = model.accumulated_bias(layer, mlp_input=True, include_mlp_biases=False)
+    if heads and bool((bias != 0).any()):
         comps = torch.cat([comps, bias.to(comps.device, comps.dtype).expand_as(comps[:1])])
         labels.append("bias")
     ln2 = model.blocks[layer].ln2

@@ -87,21 +87,70 @@ class TLAnalysisMixin:
         return hits[0] if len(hits) == 1 else None
 
     # ------------------------------------------------------------------ heads
+    def _head_results(self, layer: int) -> Optional[Tensor]:
+        """``[batch, pos, head, d_model]``: each head's output ``z_h W_O[:, h]^T`` (times the output
+        gate where the attention has one), without ``b_O``; None where the layer has no per-head
+        split (linear-attention mixers, or a gate that was not cached)."""
+        cfg = self.model.cfg
+        key = f"blocks.{layer}.attn.hook_result"
+        if key in self.cache_dict:
+            return self.cache_dict[key]
+        attn = self.model.blocks[layer].attn
+        z = self.cache_dict.get(f"blocks.{layer}.attn.hook_z")
+        W_O = getattr(attn, "W_O", None)
+        if z is None or W_O is None or z.shape[-2] != cfg.n_heads or W_O.shape[-1] != z.shape[-2] * z.shape[-1]:
+            return None
+        gate = self.cache_dict.get(f"blocks.{layer}.attn.hook_attn_gate")
+        if gate is not None:
+            z = z * gate
+        elif getattr(attn, "W_G", None) is not None:
+            return None
+        W = W_O.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
+        self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
+        return self.cache_dict[key]
+
     def _ensure_head_results(self) -> bool:
         """Per-head results ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` from
         ``hook_z`` and ``W_O`` (moelens layout ``[d_model, head * d_head_v]``)."""
-        all_cached = True
+        cached = all(f"blocks.{l}.attn.hook_result" in self.cache_dict for l in range(self.model.cfg.n_layers))
+        for l in range(self.model.cfg.n_layers):
+            self._head_results(l)
+        return cached
+
+    def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice=None, apply_ln: bool = False):
+        """TransformerLens' ``stack_head_results``: every head (``L{l}H{h}``) of the layers before
+        ``layer``. A layer without a per-head split (a linear-attention mixer) contributes its whole
+        ``hook_attn_out`` (less ``b_O``) as one component ``"{l}_attn_out"``."""
+        pos_slice = _as_slice(pos_slice)
         cfg = self.model.cfg
-        for layer in range(cfg.n_layers):
-            key = f"blocks.{layer}.attn.hook_result"
-            if key in self.cache_dict:
-                continue
-            all_cached = False
-            z = self[f"blocks.{layer}.attn.hook_z"]
-            W_O = self.model.blocks[layer].attn.W_O
-            W = W_O.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
-            self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
-        return all_cached
+        if layer is None or layer == -1:
+            layer = cfg.n_layers
+        pieces, labels = [], []
+        for l in range(layer):
+            r = self._head_results(l)
+            if r is not None:
+                pieces.append(pos_slice.apply(r, dim=-3).movedim(-2, 0))
+                labels += [f"L{l}H{h}" for h in range(cfg.n_heads)]
+            else:
+                out = pos_slice.apply(self[f"blocks.{l}.hook_attn_out"], dim=-2)
+                b_O = getattr(self.model.blocks[l].attn, "b_O", None)
+                if b_O is not None:
+                    out = out - b_O.to(out.device, out.dtype)
+                pieces.append(out[None])
+                labels.append(f"{l}_attn_out")
+        ref = pos_slice.apply(self["hook_embed"], dim=-2)
+        if pieces:
+            components = torch.cat([p.to(ref.device) for p in pieces])
+        else:
+            components = torch.zeros(0, *ref.shape, dtype=ref.dtype, device=ref.device)
+        if incl_remainder:
+            total = ref if layer == 0 else pos_slice.apply(self[f"blocks.{layer - 1}.hook_resid_post"], dim=-2)
+            components = torch.cat([components, (total.to(components.device) - components.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice)
+        return (components, labels) if return_labels else components
 
     # ------------------------------------------------------------------ expert pieces
     def _expert_stack(self, layer: int, pos_slice: Slice) -> Tensor:

@@ -48,8 +48,8 @@ class AttentionContext:
         """``[batch or 1, 1, n_q, n_k]`` additive mask; None for plain causal from position 0
         unless ``always``. ``window``: sliding-window attention, key ``k`` visible from query ``q``
         iff ``q - window < k <= q`` in absolute positions (keys ``0..n_k-1``, queries from ``q_offset``)."""
-        if self.key_mask is None and self.q_offset == 0 and not always and window is None:
-            return None
+        if self.key_mask is None and (self.q_offset == 0 or n_q == 1) and not always and window is None:
+            return None  # plain causal (or one query seeing every key): SDPA needs no mask
         q_pos = torch.arange(n_q, device=device)[:, None] + self.q_offset
         k_pos = torch.arange(n_k, device=device)[None, :]
         allowed = k_pos <= q_pos
@@ -196,7 +196,9 @@ class Attention(nn.Module):
         # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
         q = self.hook_rot_q(apply_rope_partial(q, ctx.cos, ctx.sin, rope))
         k = self.hook_rot_k(apply_rope_partial(k, ctx.cos, ctx.sin, rope))
-        if kv_prefix is not None:
+        if hasattr(kv_prefix, "update"):  # a generation cache layer (moelens.generation.KVCacheLayer)
+            k, v = kv_prefix.update(k, v)
+        elif kv_prefix is not None:
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
         if cfg.attn_output_gate:

@@ -130,7 +130,9 @@ class MLAttention(nn.Module):
 
         q = self.hook_rot_q(self._rope(q, ctx))
         k = self.hook_rot_k(self._rope(k, ctx))
-        if kv_prefix is not None:
+        if hasattr(kv_prefix, "update"):  # a generation cache layer (moelens.generation.KVCacheLayer)
+            k, v = kv_prefix.update(k, v)
+        elif kv_prefix is not None:
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale))
         return F.linear(z.reshape(b, p, -1), self.W_O)

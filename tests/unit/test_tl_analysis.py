@@ -121,7 +121,12 @@ def test_router_attribution_sums_to_router_logits(runs, arch):
         assert ra.labels[0] == "embed" and f"{l}_attn_out" in ra.labels
         heads = A.router_attribution(model, cache, l, heads=True, pos_slice=-1)
         torch.testing.assert_close(heads.values.sum(0), cache["router_logits", l][:, -1].float(), **TOL)
-        assert f"L{l}H0" in heads.labels and not any(lab.endswith("attn_out") for lab in heads.labels)
+        for j in range(l + 1):  # every attention layer up to l: per head, or whole where it has no heads
+            assert (f"L{j}H0" in heads.labels) != (f"{j}_attn_out" in heads.labels)
+        # a layer appears as "{l}_attn_out" only where it has no per-head split (linear attention)
+        for lab in heads.labels:
+            if lab.endswith("_attn_out"):
+                assert f"L{lab.split('_')[0]}H0" not in heads.labels
     frame = ra.to_frame(batch=1, position=3)
     assert frame.groupby("expert")["contribution"].sum().values == pytest.approx(
         cache["router_logits", l][1, 3].tolist(), abs=1e-5)
@@ -185,7 +190,7 @@ def test_short_keys(runs):
     assert mla["k_pe", -1] is mla["blocks.2.attn.hook_k_pe"]
     with pytest.raises(KeyError):
         cache["pre", 1]  # TransformerLens' blocks.1.mlp.hook_pre: a sparse layer has none (no guessing)
-    with pytest.raises(KeyError, match="blocks.0.mlp.hook_expert_indices"):
+    with pytest.raises(KeyError, match="not in this cache"):
         cache["expert_indices", 0]  # a dense layer
     # dense-only neuron stack works; across a sparse layer it says what to use instead
     neurons = cache.stack_neuron_results(1, pos_slice=-1)
