@@ -7,17 +7,47 @@
 
 __version__ = "0.1.0"
 
-from moelens.cache import MoEActivationCache, expert_names_filter
-from moelens.config import MoEConfig
-from moelens.hooks import HookEditError, check_shapes
-from moelens.model import HookedMoETransformer
-from moelens.generation import GenerationCache, RoutingTrace
-from moelens.steering import SteerExperts, detect_experts
-from moelens.tracing import *  # noqa: F401,F403  (FactCase, trace_layers, trace_experts, ...)
-from moelens.tracing import __all__ as _tracing_all
 
-__all__ = [
-    "HookedMoETransformer", "MoEActivationCache", "MoEConfig", "check_shapes", "expert_names_filter",
-    "GenerationCache", "RoutingTrace", "SteerExperts", "detect_experts",
-    *_tracing_all,
-]
+def _load():
+    """Import the public API (torch, transformers...). Deferred until a name is first used, so that
+    ``moelens --help`` and ``--version`` answer at once (PEP 562 module ``__getattr__``)."""
+    global __all__
+    from moelens.cache import MoEActivationCache, expert_names_filter
+    from moelens.config import MoEConfig
+    from moelens.hooks import HookEditError, check_shapes
+    from moelens.model import HookedMoETransformer
+    from moelens.generation import GenerationCache, RoutingTrace
+    from moelens.steering import SteerExperts, detect_experts
+    import moelens.tracing as _tracing  # FactCase, trace_layers, trace_experts, ... (all of tracing.__all__)
+
+    _tracing_all = list(_tracing.__all__)
+    globals().update({k: getattr(_tracing, k) for k in _tracing_all})
+    __all__ = [
+        "HookedMoETransformer", "MoEActivationCache", "MoEConfig", "check_shapes", "expert_names_filter",
+        "GenerationCache", "RoutingTrace", "SteerExperts", "detect_experts",
+        *_tracing_all,
+    ]
+    globals().update({k: v for k, v in locals().items() if not k.startswith("_")})
+
+
+_loading = False
+
+
+def __getattr__(name):
+    global _loading
+    # while loading (or for dunders), unknown names are submodules: let the import system find them
+    if not _loading and "__all__" not in globals() and not (name.startswith("__") and name != "__all__"):
+        _loading = True
+        try:
+            _load()
+        finally:
+            _loading = False
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module 'moelens' has no attribute {name!r}")
+
+
+def __dir__():
+    if "__all__" not in globals():
+        _load()
+    return sorted(set(globals()) | set(__all__))

@@ -11,6 +11,20 @@ import torch
 BUNDLED = "moelens-tiny-facts"
 
 
+def _mean_ci(rows: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column means of ``rows [n_cases, k]`` with 95% percentile-bootstrap CIs (NaN below 2 cases)."""
+    from moelens.tracing.stats import bootstrap_ci
+
+    rows = np.asarray(rows, dtype=float)
+    mean = np.nanmean(rows, axis=0)
+    lo, hi = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
+    for j in range(rows.shape[1]):
+        col = rows[:, j][np.isfinite(rows[:, j])]
+        if len(col) >= 2:
+            _, lo[j], hi[j] = bootstrap_ci(col, n_resamples=2000, seed=seed)
+    return mean, lo, hi
+
+
 def choose_facts(model, facts, n_facts: int, n_samples: int, seed: int):
     """A handful of facts with distinct relations, spread over the world, that pass the dataset
     protocol's filter (clean contrast >= ``min_clean``, noise drop ``clean - corrupted`` >=
@@ -39,12 +53,15 @@ def choose_facts(model, facts, n_facts: int, n_samples: int, seed: int):
                      f"drop >= {protocol.min_drop}) with seed {seed}; ask for fewer facts or another seed")
 
 
-def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progress: bool = True) -> dict:
-    """Trace a handful of the bundled model's facts; write HTML figures into ``out_dir``; return numbers."""
+def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progress: bool = True,
+             image_format: str | None = None) -> dict:
+    """Trace a handful of the bundled model's facts; write one HTML report ``out_dir/report.html``
+    (and, with ``image_format`` png/svg/pdf, every figure as a static image); return the numbers."""
     from tqdm.auto import tqdm
 
     from moelens import HookedMoETransformer, plotting
     from moelens.loading import bundled_models
+    from moelens.report import Report
     from moelens.tracing import load_facts, trace_coalitions, trace_experts, trace_layers
     from moelens.tracing.protocol import ProtocolConfig
     from moelens.tracing.trace import prepare
@@ -68,46 +85,107 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     sparse = list(model.cfg.moe_layers)
     print(f"model {BUNDLED}: {model.cfg.architecture}, {model.cfg.n_layers} layers, {model.cfg.n_experts} experts "
           f"(top-{model.cfg.top_k}), {model.n_params():,} parameters")
-    rescue = np.zeros((len(sparse), model.cfg.n_experts))
-    layer_rescue = np.zeros(len(sparse))
-    lines = []
-    first_trace = None
+    per_fact_rescue = np.zeros((len(chosen), len(sparse), model.cfg.n_experts))
+    per_fact_layer = np.zeros((len(chosen), len(sparse)))
+    lines, layer_traces, expert_traces = [], [], []
     for i, case in enumerate(tqdm(chosen, desc="tracing facts", disable=not progress)):
         setup = setups[i]
-        if first_trace is None:
-            first_trace = trace_layers(model, setup, positions="all", progress=False)
+        layer_traces.append(trace_layers(model, setup, positions="all", progress=False))
+        row = []
         for j, layer in enumerate(sparse):
             r = trace_experts(model, setup, layer, progress=False)
-            rescue[j] += np.array([r.rescue(float(s)) for s in r.scores]) / len(chosen)
-            layer_rescue[j] += r.rescue(r.layer_score) / len(chosen)
+            row.append(r)
+            per_fact_rescue[i, j] = [r.rescue(float(s)) for s in r.scores]
+            per_fact_layer[i, j] = r.rescue(r.layer_score)
+        expert_traces.append(row)
         lines.append((case, setup.clean, setup.corrupted))
+    rescue = per_fact_rescue.mean(0)
+    layer_rescue, layer_lo, layer_hi = _mean_ci(per_fact_layer, seed)
     best = int(np.argmax(layer_rescue))
     best_layer = sparse[best]
-    coalitions = [trace_coalitions(model, prepare(model, c, seed=seed + i, n_samples=n_samples), best_layer, progress=False)
-                  for i, c in enumerate(chosen)]
+    coalitions = [trace_coalitions(model, s, best_layer, progress=False) for s in setups]
+    exp_mean, exp_lo, exp_hi = _mean_ci(per_fact_rescue[:, best], seed)
 
-    files = {
-        "restoration.html": plotting.restoration_heatmap(
-            first_trace.scores, first_trace.str_tokens, subject_positions=first_trace.subject_positions,
-            layers=first_trace.layers, positions=first_trace.positions, clean=first_trace.clean,
-            corrupted=first_trace.corrupted, title=f"Restoring the MoE output: {chosen[0].prompt!r} -> {chosen[0].target_true!r}"),
-        "expert_rescue.html": plotting.expert_rescue_heatmap(
-            rescue, layers=sparse, title=f"Mean normalised expert rescue over {len(chosen)} facts (last position)"),
-        "coalition.html": coalitions[0].plot(title=f"Greedy coalition at layer {best_layer}: {chosen[0].prompt!r}"),
-    }
-    with torch.no_grad():
-        tokens = model.to_tokens(chosen[0].prompt)
-        _, cache = model.run_with_cache(tokens)
-    files["routing.html"] = plotting.routing_map(
-        cache.expert_weight_map(best_layer)[0], model.to_str_tokens(tokens[0]), layer=best_layer)
-    for name, fig in files.items():
-        plotting.save_html(fig, out / name)
+    # ------------------------------------------------------------------ the report
+    import pandas as pd
+
+    rep = Report(f"moelens demo: where do {BUNDLED}'s facts live?",
+                 subtitle=f"{model.cfg.architecture}, {model.cfg.n_layers} layers, {model.cfg.n_experts} experts "
+                          f"(top-{model.cfg.top_k}); {len(chosen)} facts, {n_samples} noise samples each. "
+                          f"Normalised rescue = (patched - corrupted) / (clean - corrupted): 0 = the corrupted "
+                          f"run (subject embeddings noised), 1 = the clean run.")
+    table = pd.DataFrame([{
+        "fact": f"{c.prompt} -> {c.target_true} (vs {c.target_foil})", "clean": cl, "corrupted": co,
+        **{f"layer {l} rescue": per_fact_layer[i, j] for j, l in enumerate(sparse)},
+        f"coalition at L{best_layer} (greedy)": (coalitions[i].rescue(float(coalitions[i].curve[-1]))
+                                                 if len(coalitions[i].curve) else float("nan")),
+    } for i, (c, cl, co) in enumerate(lines)])
+    rep.add_heading("Summary")
+    rep.add_table(table, caption="Each fact: the metric logit(true) - logit(foil) in the clean and corrupted runs, "
+                                 "and the normalised rescue from restoring each sparse layer's MoE output at the "
+                                 "last position")
+    rep.add_heading(f"Across the {len(chosen)} facts")
+    figures = {}
+    figures["layer_rescue"] = plotting.layer_curve(
+        layer_rescue, layers=sparse, ci_low=None if len(chosen) < 2 else layer_lo,
+        ci_high=None if len(chosen) < 2 else layer_hi,
+        title=f"Restoring one layer's MoE output at the last position: mean over {len(chosen)} facts")
+    rep.add_figure(figures["layer_rescue"], "Each point is the mean normalised rescue over the facts when the whole "
+                   "MoE output of that layer is restored (clean value patched into the corrupted run) at the last "
+                   "position; the band is a 95% bootstrap CI over facts. 0 = no effect, 1 = the clean run's "
+                   "metric fully recovered.", name="layer_rescue")
+    figures["expert_rescue"] = plotting.expert_rescue_heatmap(
+        rescue, layers=sparse, title=f"Mean normalised rescue of each expert over {len(chosen)} facts (last position)")
+    rep.add_figure(figures["expert_rescue"], "One cell per (layer, expert): the mean rescue when only that expert's "
+                   "clean contribution is restored. White = no effect (corrupted), blue = towards the clean run, "
+                   "red = restoring the expert moves the prediction further away. The colour range is symmetric "
+                   "and covers every cell.", name="expert_rescue")
+    figures["best_layer_experts"] = plotting.expert_rescue_bar(
+        exp_mean, ci_low=exp_lo if len(chosen) > 1 else None, ci_high=exp_hi if len(chosen) > 1 else None,
+        baseline=float(layer_rescue[best]), layer=best_layer,
+        title=f"Experts at layer {best_layer} (the best layer): mean rescue over {len(chosen)} facts")
+    rep.add_figure(figures["best_layer_experts"], "Bars: mean normalised rescue of each expert at the best layer, "
+                   "sorted; error bars: 95% bootstrap CI over facts. The red dashed line is the rescue from "
+                   "restoring the whole layer: an expert near it carries most of the layer's effect.",
+                   name="best_layer_experts")
+    options = []
+    for i, (case, lt) in enumerate(zip(chosen, layer_traces)):
+        e, c = expert_traces[i][best], coalitions[i]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(setups[i].tokens)
+        items = [
+            rep.figure(lt.plot(title=f"Restoring the MoE output at one layer and position: {case.prompt!r} -> "
+                                     f"{case.target_true!r} (vs {case.target_foil!r})"),
+                       "Each cell: the metric after restoring the clean MoE output of one layer at one position in "
+                       "the corrupted run. White = the corrupted value (no effect), blue = towards clean, red = "
+                       "away; the colour bar marks both. Starred rows are the noised subject tokens.",
+                       name=f"fact{i + 1}_restoration"),
+            rep.figure(e.plot(), "One bar per expert of the best layer: normalised rescue from restoring that "
+                       "expert alone at the last position, coloured by whether the router chose it in the clean "
+                       "and/or corrupted run.", name=f"fact{i + 1}_experts"),
+            rep.figure(c.plot(), "Greedy search: each step restores one more expert (named at the point) together "
+                       "with those before, choosing the one that helps most, until the target fraction of the whole "
+                       "layer's rescue is reached. Values above 1 overshoot the clean run.",
+                       name=f"fact{i + 1}_coalition"),
+            rep.figure(plotting.routing_map(cache.expert_weight_map(best_layer)[0], lt.str_tokens, layer=best_layer,
+                                            prompt=case.prompt),
+                       "The router's combine weight for each token (rows) and expert (columns) in the clean run; "
+                       "white = not routed.", name=f"fact{i + 1}_routing"),
+        ]
+        options.append((f"{i + 1}. {case.prompt} -> {case.target_true}", items))
+    rep.add_heading("Each fact")
+    rep.add_selector("Fact:", options)
+    rep.add_heading("Settings")
+    rep.add_settings({"model": BUNDLED, "n_facts": len(chosen), "n_samples": n_samples, "seed": seed,
+                      "noise_scale": setups[0].settings["noise_scale"], "sigma": setups[0].sigma,
+                      "position traced": "last", "sparse layers": sparse, "best layer": best_layer})
+    report = rep.write(out / "report.html", image_format=image_format)
 
     print(f"\nfacts passing the protocol's filter (clean >= {protocol.min_clean}, noise drop >= {protocol.min_drop}); "
           f"{skipped} candidate(s) skipped")
-    print(f"{'fact':58s} {'clean':>7s} {'noised':>7s}")
+    print(f"{'fact':58s} {'clean':>7s} {'corrupted':>9s}")
     for case, clean, corrupted in lines:
-        print(f"{(case.prompt + ' -> ' + case.target_true + ' (vs ' + str(case.target_foil) + ')')[:58]:58s} {clean:7.2f} {corrupted:7.2f}")
+        print(f"{(case.prompt + ' -> ' + case.target_true + ' (vs ' + str(case.target_foil) + ')')[:58]:58s} {clean:7.2f} {corrupted:9.2f}")
     print("\nmean normalised rescue from restoring each layer's MoE output at the last position:")
     print("  " + "  ".join(f"L{l}: {v:+.2f}" for l, v in zip(sparse, layer_rescue)))
     top = np.argsort(-rescue[best])[:3]
@@ -116,6 +194,8 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     for c, case in zip(coalitions, chosen):
         print(f"  coalition for {case.subject!r}: clean-routed {c.clean_routed} rescue {c.rescue(c.clean_routed_score):+.2f}; "
               f"greedy {c.greedy} reaches {c.rescue(float(c.curve[-1])) if len(c.curve) else float('nan'):+.2f}")
-    print(f"\nwrote {', '.join(files)} to {out} in {time.time() - start:.0f}s")
+    files = [report] + ([out / f"{f.name}.{image_format}" for f in rep.figures()] if image_format else [])
+    print(f"\nwrote {report} ({len(rep.figures())} figures{', and ' + image_format.upper() + ' images' if image_format else ''}) "
+          f"in {time.time() - start:.0f}s")
     return {"layer_rescue": dict(zip(sparse, layer_rescue.tolist())), "best_layer": best_layer,
-            "expert_rescue": rescue.tolist(), "files": [str(out / f) for f in files]}
+            "expert_rescue": rescue.tolist(), "files": [str(f) for f in files]}

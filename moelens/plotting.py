@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+
+from moelens.formatting import format_p
 
 __all__ = [
     "restoration_heatmap",
@@ -54,7 +57,7 @@ _KIND_STYLE: dict[str, tuple[str, str]] = {
 _ROUTE_STYLE: dict[str, tuple[str, str]] = {
     "both": ("routed in both runs", "#7b3294"),
     "clean": ("routed in clean run only", "#1f77b4"),
-    "noise": ("routed in noisy run only", "#d62728"),
+    "noise": ("routed in corrupted run only", "#d62728"),
     "neither": ("not routed", "#b0b0b0"),
 }
 
@@ -203,7 +206,102 @@ def format_token_labels(
     return labels
 
 
+def _html_metric(metric: str) -> str:
+    return html.escape(str(metric), quote=False)
+
+
+# Diverging scale: red = away from the clean run, white = the reference, blue = towards clean.
+_DIVERGING = "RdBu"
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values inside ``[lo, hi]``."""
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0):
+        return [lo]
+    raw = span / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _diverging(
+    z: np.ndarray,
+    *,
+    reference: float | None,
+    other: float | None = None,
+    metric: str = "metric",
+    ref_name: str = "corrupted",
+    other_name: str = "clean",
+    marks: Sequence[tuple[float, str]] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Heatmap colour settings centred on ``reference`` that cover every finite value of ``z``
+    (and ``other``): returns ``(heatmap kwargs, colorbar)``.  Blue points from ``reference``
+    towards ``other`` (red away from it); the colour bar names the metric and marks both values."""
+    finite = z[np.isfinite(z)]
+    if reference is None:  # no meaningful centre: a sequential scale over the data
+        heat: dict[str, Any] = dict(colorscale="Viridis")
+        if finite.size and finite.max() > finite.min():
+            heat.update(zmin=float(finite.min()), zmax=float(finite.max()))
+        return heat, dict(title=dict(text=_html_metric(metric), side="right"))
+    ref = float(reference)
+    extent = [float(np.max(np.abs(finite - ref)))] if finite.size else []
+    if other is not None and math.isfinite(float(other)):
+        extent.append(abs(float(other) - ref))
+    m = max(extent + [0.0])
+    if m == 0:
+        m = 1.0
+    m *= 1.02  # a hair of headroom: the extreme cell is not exactly at the bar's end
+    heat = dict(zmid=ref, zmin=ref - m, zmax=ref + m, colorscale=_DIVERGING)
+    # RdBu runs red (low) -> blue (high); make "towards other" blue
+    heat["reversescale"] = bool(other is not None and float(other) < ref)
+    ticks = _nice_ticks(ref - m, ref + m)
+    named = [(ref, ref_name)]
+    if other is not None:
+        named.append((float(other), other_name))
+    named += list(marks)
+    keep = [t for t in ticks if all(abs(t - v) > 0.12 * m for v, _ in named)]
+    vals = keep + [v for v, _ in named]
+    text = [_fmt(t) for t in keep] + [f"{_fmt(v)} = {html.escape(n)}" for v, n in named]
+    order = np.argsort(vals)
+    colorbar = dict(
+        title=dict(text=_html_metric(metric), side="right"),
+        tickvals=[vals[i] for i in order],
+        ticktext=[text[i] for i in order],
+    )
+    return heat, colorbar
+
+
+def _wrap_title(title: str, width_px: float) -> tuple[str, int]:
+    """Break the title's lines at spaces so that none is wider than the figure (about 8.5 px per
+    character of the 17 px title font, 6 px for ``<sup>`` lines); returns (title, n_lines)."""
+    out: list[str] = []
+    for line in title.split("<br>"):
+        sup = line.startswith("<sup>")
+        text = line[5:-6] if sup and line.endswith("</sup>") else line
+        per_char = 6.0 if sup else 8.5
+        limit = max(20, int((width_px - 60) / per_char))
+        words, cur, pieces = text.split(" "), "", []
+        for w in words:
+            if cur and len(re.sub(r"<[^>]+>", "", cur + " " + w)) > limit:
+                pieces.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}" if cur else w
+        pieces.append(cur)
+        out += [f"<sup>{p}</sup>" if sup else p for p in pieces]
+    return "<br>".join(out), len(out)
+
+
 def _base_layout(fig: go.Figure, title: str | None, **kw: Any) -> go.Figure:
+    n_lines = 1
+    if title and kw.get("width"):
+        title, n_lines = _wrap_title(title, float(kw["width"]))
+    if n_lines > 1 and "margin" not in kw:
+        kw["margin"] = dict(t=60 + 22 * n_lines)
+        if kw.get("height"):
+            kw["height"] = kw["height"] + 22 * (n_lines - 1)
     fig.update_layout(
         title=dict(text=title) if title else None,
         template="plotly_white",
@@ -226,6 +324,7 @@ def restoration_heatmap(
     corrupted: float | None = None,
     kind: str = "mlp",
     title: str | None = None,
+    metric: str = "score",
 ) -> go.Figure:
     """Causal-tracing heatmap: layers on x, token positions on y.
 
@@ -239,13 +338,17 @@ def restoration_heatmap(
         positions: absolute token positions of the ``n_positions`` columns
             (default all of ``str_tokens``, which must then have length
             ``n_positions``).
-        clean: metric of the clean run: the high end of the colour scale
-            (the scale is reversed if ``clean < corrupted``); labelled on the
-            colorbar and in the default title.
-        corrupted: metric of the corrupted run: the low end of the colour scale.
+        clean: metric of the clean run: marked on the colour bar; cells that
+            move towards it are blue.
+        corrupted: metric of the corrupted run: the centre (white) of the
+            diverging colour scale; cells where restoring *hurts* (moves away
+            from clean) are red.  The range is symmetric about ``corrupted``
+            and covers every cell and ``clean``: nothing is clipped.
         kind: restored component (``"mlp"``, ``"attn"``, ``"resid"``, ...);
-            picks the colour scale and the default title.
+            named in the default title.
         title: figure title (default describes ``kind`` and clean/corrupted).
+        metric: name of the metric (the colour bar's title), e.g.
+            ``"logit(true) - logit(foil)"``.
 
     ``fig.data[0].z`` is ``scores`` itself (drawn with ``transpose=True``),
     ``fig.data[0].x`` the layer labels, ``fig.data[0].y`` and
@@ -283,50 +386,23 @@ def restoration_heatmap(
 
     labels = format_token_labels(toks, pos, subj)
 
-    cscale, kind_desc = _KIND_STYLE.get(kind.lower(), ("Blues", kind))
-    heat: dict[str, Any] = dict(colorscale=cscale)
-    colorbar: dict[str, Any] = dict(title=dict(text="score"))
-
-    finite = z[np.isfinite(z)]
-    dmin = float(finite.min()) if finite.size else None
-    dmax = float(finite.max()) if finite.size else None
-    lo, hi, reverse = None, None, False
-    if clean is not None and corrupted is not None:
-        lo, hi = float(corrupted), float(clean)
-        if hi < lo:  # lower-is-better metric: keep corrupted at the "low" colour
-            lo, hi, reverse = hi, lo, True
-    elif corrupted is not None and dmax is not None:
-        c = float(corrupted)
-        if dmax > c:
-            lo, hi = c, dmax
-        elif dmin is not None and dmin < c:
-            lo, hi, reverse = dmin, c, True
-    elif clean is not None and dmin is not None:
-        c = float(clean)
-        if dmin < c:
-            lo, hi = dmin, c
-        elif dmax is not None and dmax > c:
-            lo, hi, reverse = c, dmax, True
-    if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi) and hi > lo:
-        heat.update(zmin=lo, zmax=hi, reversescale=reverse)
-        tickvals = list(np.linspace(lo, hi, 5))
-        ticktext = [_fmt(v) for v in tickvals]
-        if corrupted is not None:
-            idx = -1 if reverse else 0
-            ticktext[idx] = f"{_fmt(float(corrupted))} (corrupted)"
-        if clean is not None:
-            idx = 0 if reverse else -1
-            ticktext[idx] = f"{_fmt(float(clean))} (clean)"
-        colorbar.update(tickvals=tickvals, ticktext=ticktext)
-
+    kind_desc = _KIND_STYLE.get(kind.lower(), ("", kind))[1]
+    heat, colorbar = _diverging(z, reference=corrupted, other=clean, metric=metric,
+                                ref_name="corrupted", other_name="clean")
+    customdata = None
+    if clean is not None and corrupted is not None and float(clean) != float(corrupted):
+        customdata = (z - float(corrupted)) / (float(clean) - float(corrupted))
     fig = go.Figure(
         go.Heatmap(
             z=z,
             transpose=True,  # z stays [n_layers, n_positions]; drawn layers on x
             x=layer_labels,
             y=labels,
+            customdata=customdata.T if customdata is not None else None,
             hovertemplate=(
-                "layer %{x}<br>position %{y}<br>score %{z:.4g}<extra></extra>"
+                "layer %{x}<br>position %{y}<br>" + _html_metric(metric) + " %{z:.4g}"
+                + ("<br>normalised rescue %{customdata:.3f}" if customdata is not None else "")
+                + "<extra></extra>"
             ),
             colorbar=colorbar,
             **heat,
@@ -353,8 +429,10 @@ def restoration_heatmap(
             ticktext=labels,
             autorange="reversed",
         ),
-        height=max(300, 60 + 26 * n_pos),
+        height=max(320, 150 + 24 * n_pos),
+        width=max(720, 330 + 26 * n_layers),
     )
+    fig.update_yaxes(automargin=True)
     # Outline the subject rows so they stand out beyond the tick labels.
     row_of = {p: i for i, p in enumerate(pos)}
     for s in subj:
@@ -375,17 +453,30 @@ def restoration_heatmap(
     return fig
 
 
+RESCUE = "normalised rescue"
+RESCUE_AXIS = "normalised rescue (0 = corrupted, 1 = clean)"
+
+
+def _expert_ticks(n: int) -> dict[str, Any]:
+    """Category axis of ``n`` experts: every label up to 64, then every k-th (hover has all)."""
+    return {} if n <= 64 else dict(nticks=min(n, 64))
+
+
 def expert_rescue_heatmap(
     scores: Any,
     *,
     layers: Sequence[Any],
     experts: Sequence[Any] | None = None,
     title: str | None = None,
+    metric: str = RESCUE,
 ) -> go.Figure:
-    """Per-(layer, expert) rescue heatmap, diverging colours centred on 0.
+    """Per-(layer, expert) normalised rescue, diverging colours centred on 0 (the corrupted run).
 
-    ``scores`` is ``[n_layers, n_experts]``; ``fig.data[0].z`` equals it,
-    layers on the y axis (top to bottom), experts on the x axis.
+    ``scores`` is ``[n_layers, n_experts]``; ``fig.data[0].z`` equals it, layers on the y axis
+    (top to bottom), experts on the x axis.  The colour range is symmetric about 0 and covers
+    every value: nothing is clipped (1 = the clean run is marked on the colour bar when inside the
+    range; small effects are not washed out by it).  Width and height grow with the
+    number of experts and layers (128 experts x 48 layers stays legible; hover gives each value).
     """
     z = _to_numpy(scores, "scores", ndim=2)
     n_layers, n_exp = z.shape
@@ -398,26 +489,30 @@ def expert_rescue_heatmap(
         else _label_list(experts, "experts", n_exp, what="experts (scores.shape[1])")
     )
     finite = z[np.isfinite(z)]
-    m = float(np.abs(finite).max()) if finite.size else 0.0
-    heat: dict[str, Any] = dict(zmid=0.0)
-    if m > 0:
-        heat.update(zmin=-m, zmax=m)
+    # the range is set by the data (small effects stay visible); 1 = clean is marked once it is inside
+    reach = float(np.abs(finite).max()) if finite.size else 0.0
+    heat, colorbar = _diverging(z, reference=0.0, other=1.0 if reach >= 1.0 else None, metric=metric,
+                                ref_name="corrupted", other_name="clean")
     fig = go.Figure(
         go.Heatmap(
             z=z,
             x=expert_labels,
             y=layer_labels,
-            colorscale="RdBu",
-            hovertemplate="layer %{y}<br>expert %{x}<br>rescue %{z:.4g}<extra></extra>",
-            colorbar=dict(title=dict(text="rescue")),
+            hovertemplate="layer %{y}<br>expert %{x}<br>" + _html_metric(metric)
+            + " %{z:.4g}<extra></extra>",
+            colorbar=colorbar,
+            xgap=1 if n_exp <= 64 else 0,
+            ygap=1 if n_layers <= 32 else 0,
             **heat,
         )
     )
     _base_layout(
         fig,
         title if title is not None else "Expert rescue by layer",
-        xaxis=dict(title=dict(text="expert"), type="category"),
+        xaxis=dict(title=dict(text="expert"), type="category", **_expert_ticks(n_exp)),
         yaxis=dict(title=dict(text="layer"), type="category", autorange="reversed"),
+        height=max(260, 170 + 22 * n_layers),
+        width=max(680, 300 + 11 * n_exp),
     )
     return fig
 
@@ -430,19 +525,38 @@ def expert_rescue_bar(
     layer: Any = None,
     baseline: float | None = None,
     title: str | None = None,
+    ci_low: Any = None,
+    ci_high: Any = None,
+    references: Sequence[tuple[float, str]] | None = None,
+    highlight: Any = (),
+    top_n: int | None = None,
+    metric: str = RESCUE_AXIS,
 ) -> go.Figure:
-    """Bar chart of per-expert rescue at one layer.
+    """Bar chart of per-expert rescue at one layer, sorted from most to least helpful.
 
-    ``scores`` is ``[n_experts]``.  ``clean_routed`` / ``noise_routed`` are the
-    experts routed in the clean and noisy runs (index lists or boolean masks).
-    Bars are coloured (one trace, hence one legend entry, per non-empty group)
-    by: routed in both runs, clean only, noisy only, neither.  ``baseline``
-    draws a dashed horizontal reference line.
+    ``scores`` is ``[n_experts]``, the plotted quantity itself (normalised rescue for the
+    result objects: 0 = corrupted, 1 = clean).  One bar per expert on a categorical axis
+    (``"E7"``), sorted by score (NaN last), so bars never overlap; with more than 64 experts
+    only the ``top_n`` (default 40) best are drawn and the title says so.  Bars are coloured by
+    routing: routed in both runs, clean only, corrupted only, neither (one trace per non-empty
+    group).  ``ci_low``/``ci_high`` add error bars (aggregated cases); ``highlight`` outlines
+    chosen experts.  ``references`` are ``(value, label)`` dashed lines named in the legend
+    (default: 0 = corrupted, 1 = clean); ``baseline`` adds one labelled "whole layer restored".
+    Every bar's hover shows expert, value, CI and routing.
     """
     s = _to_numpy(scores, "scores", ndim=1)
     n = s.shape[0]
     clean_set = set(_index_list(clean_routed, "clean_routed", n))
     noise_set = set(_index_list(noise_routed, "noise_routed", n))
+    hi_set = set(_index_list(highlight, "highlight", n))
+    if (ci_low is None) != (ci_high is None):
+        raise ValueError("ci_low and ci_high must be given together")
+    lo = hi = None
+    if ci_low is not None:
+        lo = _to_numpy(ci_low, "ci_low", ndim=1)
+        hi = _to_numpy(ci_high, "ci_high", ndim=1)
+        if lo.shape != s.shape or hi.shape != s.shape:
+            raise ValueError(f"ci_low/ci_high must have shape {s.shape}, got {lo.shape} and {hi.shape}")
 
     def group(e: int) -> str:
         if e in clean_set and e in noise_set:
@@ -453,41 +567,72 @@ def expert_rescue_bar(
             return "noise"
         return "neither"
 
-    groups = [group(e) for e in range(n)]
+    key = np.where(np.isfinite(s), -s, np.inf)
+    order = [int(e) for e in np.argsort(key, kind="stable")]
+    if top_n is None:
+        top_n = n if n <= 64 else 40
+    shown = order[: max(1, int(top_n))]
+    cats = [f"E{e}" for e in shown]
+    routed_info = bool(clean_set or noise_set)
     fig = go.Figure()
-    for key, (name, colour) in _ROUTE_STYLE.items():
-        idx = [e for e in range(n) if groups[e] == key]
+    for gkey, (name, colour) in _ROUTE_STYLE.items():
+        idx = [e for e in shown if group(e) == gkey]
         if not idx:
             continue
+        bar: dict[str, Any] = {}
+        if lo is not None:
+            bar["error_y"] = dict(type="data", symmetric=False, array=np.clip(hi[idx] - s[idx], 0, None),
+                                  arrayminus=np.clip(s[idx] - lo[idx], 0, None), thickness=1.2, width=3)
+            custom = np.stack([lo[idx], hi[idx]], axis=1)
+            ci_hover = "<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+        else:
+            custom, ci_hover = None, ""
         fig.add_trace(
             go.Bar(
-                x=idx,
+                x=[f"E{e}" for e in idx],
                 y=s[idx],
-                name=name,
-                marker_color=colour,
-                customdata=[name] * len(idx),
+                name=name if routed_info else "expert",
+                marker=dict(color=colour if routed_info else "#4c78a8",
+                            line=dict(color=["black" if e in hi_set else "rgba(0,0,0,0)" for e in idx],
+                                      width=[2.5 if e in hi_set else 0 for e in idx])),
+                customdata=custom,
                 hovertemplate=(
-                    "expert %{x}<br>rescue %{y:.4g}<br>%{customdata}<extra></extra>"
+                    "expert %{x}<br>" + _html_metric(metric) + " %{y:.4g}" + ci_hover
+                    + (f"<br>{name}" if routed_info else "") + "<extra></extra>"
                 ),
+                showlegend=routed_info,
+                **bar,
             )
         )
+    refs = list(references) if references is not None else [(0.0, "0 = corrupted run"), (1.0, "1 = clean run")]
     if baseline is not None:
-        fig.add_hline(
-            y=float(baseline),
-            line_dash="dash",
-            line_color="black",
-            annotation_text=f"baseline {_fmt(float(baseline))}",
-            annotation_position="top right",
-        )
+        refs.append((float(baseline), f"whole layer restored ({_fmt(float(baseline))})"))
+    dashes = ["solid", "dash", "dot", "dashdot"]
+    for i, (v, label) in enumerate(refs):
+        v = float(v)
+        if not math.isfinite(v):
+            continue
+        style = dict(color="#444" if i < 2 else "#e45756", width=1, dash=dashes[i % len(dashes)])
+        fig.add_hline(y=v, line=style)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=style, name=html.escape(label),
+                                 hoverinfo="skip", showlegend=True))
     if title is None:
         title = "Expert rescue" + (f" at layer {layer}" if layer is not None else "")
+    if len(shown) < n:
+        title += f"<br><sup>top {len(shown)} of {n} experts by score (sorted)</sup>"
+    else:
+        title += "<br><sup>experts sorted by score</sup>"
     _base_layout(
         fig,
         title,
         barmode="overlay",
-        xaxis=dict(title=dict(text="expert"), **({"dtick": 1} if n <= 40 else {})),
-        yaxis=dict(title=dict(text="rescue")),
-        legend=dict(title=dict(text="routing")),
+        bargap=0.15,
+        xaxis=dict(title=dict(text="expert (sorted)"), type="category", categoryorder="array",
+                   categoryarray=cats, tickangle=-90 if len(shown) > 24 else 0),
+        yaxis=dict(title=dict(text=_html_metric(metric)), zeroline=True),
+        legend=dict(title=dict(text="routing" if routed_info else "")),
+        height=460,
+        width=max(720, 360 + 16 * len(shown)),
     )
     return fig
 
@@ -498,11 +643,13 @@ def routing_map(
     *,
     layer: Any = None,
     title: str | None = None,
+    prompt: str | None = None,
 ) -> go.Figure:
     """Router combine weights ``[n_positions, n_experts]`` (0 = not routed).
 
     Tokens on the y axis (``"i: token"``, top to bottom), experts on x;
-    ``fig.data[0].z`` equals ``weights``.
+    ``fig.data[0].z`` equals ``weights``.  The colour range is ``[0, max]`` (it covers every
+    value); size grows with positions and experts.  ``prompt`` is named in the default title.
     """
     w = _to_numpy(weights, "weights", ndim=2)
     n_pos, n_exp = w.shape
@@ -515,8 +662,8 @@ def routing_map(
     labels = format_token_labels(toks)
     heat: dict[str, Any] = {}
     finite = w[np.isfinite(w)]
-    if finite.size and finite.min() >= 0:
-        heat["zmin"] = 0.0
+    if finite.size:
+        heat.update(zmin=min(0.0, float(finite.min())), zmax=max(float(finite.max()), 1e-12))
     fig = go.Figure(
         go.Heatmap(
             z=w,
@@ -524,9 +671,11 @@ def routing_map(
             y=labels,
             colorscale="Blues",
             hovertemplate=(
-                "position %{y}<br>expert %{x}<br>weight %{z:.4g}<extra></extra>"
+                "position %{y}<br>expert %{x}<br>combine weight %{z:.4g}<extra></extra>"
             ),
-            colorbar=dict(title=dict(text="weight")),
+            colorbar=dict(title=dict(text="combine weight<br>(0 = not routed)", side="right")),
+            xgap=1 if n_exp <= 64 else 0,
+            ygap=1 if n_pos <= 40 else 0,
             **heat,
         )
     )
@@ -534,10 +683,12 @@ def routing_map(
         title = "Router combine weights" + (
             f" at layer {layer}" if layer is not None else ""
         )
+        if prompt is not None:
+            title += f"<br><sup>prompt: {html.escape(repr(prompt))}</sup>"
     _base_layout(
         fig,
         title,
-        xaxis=dict(title=dict(text="expert"), type="category"),
+        xaxis=dict(title=dict(text="expert"), type="category", **_expert_ticks(n_exp)),
         yaxis=dict(
             title=dict(text="position: token"),
             type="category",
@@ -545,8 +696,10 @@ def routing_map(
             tickvals=labels,
             ticktext=labels,
             autorange="reversed",
+            automargin=True,
         ),
-        height=max(300, 60 + 26 * n_pos),
+        height=max(320, 150 + 24 * n_pos),
+        width=max(680, 320 + 11 * n_exp),
     )
     return fig
 
@@ -558,11 +711,15 @@ def coalition_curve(
     labels: Sequence[Any] | None = None,
     target: float | None = None,
     title: str | None = None,
+    target_label: str | None = None,
+    layer_rescue: float | None = None,
 ) -> go.Figure:
-    """Greedy coalition search: rescue vs coalition size.
+    """Greedy coalition search: normalised rescue vs coalition size.
 
-    ``labels[i]`` names the expert added at step ``i`` (shown on hover);
-    ``target`` draws a dashed horizontal line.
+    ``labels[i]`` names the expert added at step ``i``; it is written next to each point (and
+    on hover).  ``target`` draws a dashed line labelled ``target_label`` (in the legend), and
+    ``layer_rescue`` a line for the whole layer restored; 1 (the clean run) is always drawn.
+    Values above 1 mean the coalition overshoots the clean run.
     """
     x = _to_numpy(sizes, "sizes", ndim=1)
     y = _to_numpy(rescue, "rescue", ndim=1)
@@ -585,29 +742,43 @@ def coalition_curve(
         go.Scatter(
             x=xs,
             y=y,
-            mode="lines+markers",
-            name="rescue",
+            mode="lines+markers+text",
+            name="coalition",
+            text=[html.escape(t) for t in labs],
+            textposition=["top right"] + ["top center"] * (len(labs) - 1),
             customdata=labs,
             hovertemplate=(
-                "coalition size %{x}<br>added %{customdata}<br>rescue %{y:.4g}"
+                "coalition size %{x}<br>added %{customdata}<br>" + RESCUE + " %{y:.4g}"
                 "<extra></extra>"
             ),
+            showlegend=False,
         )
     )
+    refs = [(1.0, "1 = clean run", dict(color="#444", width=1, dash="dot"))]
+    if layer_rescue is not None and math.isfinite(float(layer_rescue)):
+        refs.append((float(layer_rescue), f"whole layer restored ({_fmt(float(layer_rescue))})",
+                     dict(color="#4c78a8", width=1, dash="dashdot")))
     if target is not None:
-        fig.add_hline(
-            y=float(target),
-            line_dash="dash",
-            line_color="firebrick",
-            annotation_text=f"target {_fmt(float(target))}",
-            annotation_position="bottom right",
-        )
+        refs.append((float(target), target_label or f"target {_fmt(float(target))}",
+                     dict(color="firebrick", width=1.5, dash="dash")))
+    for v, label, style in refs:
+        fig.add_hline(y=v, line=style)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=style, name=html.escape(label),
+                                 hoverinfo="skip"))
+    finite = [v for v in y.tolist() if math.isfinite(v)] + [v for v, _, _ in refs] + [0.0]
+    pad = 0.12 * (max(finite) - min(finite) or 1.0)
+    if title is None:
+        title = "Greedy expert coalition search"
+    if max(finite) > 1.0 and "above 1" not in title:
+        title += "<br><sup>values above 1: restoring these experts overshoots the clean run</sup>"
     _base_layout(
         fig,
-        title if title is not None else "Greedy expert coalition search",
-        xaxis=dict(title=dict(text="coalition size"), rangemode="tozero", dtick=1),
-        yaxis=dict(title=dict(text="rescue")),
-        showlegend=False,
+        title,
+        xaxis=dict(title=dict(text="coalition size (experts restored together)"), rangemode="tozero", dtick=1),
+        yaxis=dict(title=dict(text=RESCUE_AXIS), range=[min(finite) - pad, max(finite) + 2 * pad]),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),
+        height=480,
+        width=max(720, 300 + 70 * len(y)),
     )
     return fig
 
@@ -647,7 +818,7 @@ def protocol_summary(df: Any, title: str | None = None) -> go.Figure:
     custom = np.stack([lo, hi, p], axis=1)
     hover = "%{text}<br>estimate %{x:.4g}<br>95% CI [%{customdata[0]:.4g}, %{customdata[1]:.4g}]"
     if has_p:
-        hover += "<br>p = %{customdata[2]:.3g}"
+        hover += "<br>%{hovertext}"
     fig = go.Figure(
         go.Scatter(
             x=est,
@@ -657,6 +828,8 @@ def protocol_summary(df: Any, title: str | None = None) -> go.Figure:
             error_x=dict(type="data", symmetric=False, array=plus, arrayminus=minus,
                          thickness=2, width=6),
             text=[html.escape(s, quote=False) for s in q],
+            hovertext=([f"p {format_p(v)}" if format_p(v).startswith("<") else f"p = {format_p(v)}" for v in p]
+                       if has_p else None),
             customdata=custom,
             hovertemplate=hover + "<extra></extra>",
             name="estimate",
@@ -686,8 +859,9 @@ def layer_curve(
     ci_low: Any = None,
     ci_high: Any = None,
     title: str | None = None,
+    metric: str = "mean " + RESCUE_AXIS,
 ) -> go.Figure:
-    """Mean rescue per layer, with an optional CI band.
+    """Mean rescue per layer, with an optional CI band (one x tick per layer).
 
     With a band, the figure's traces are ``[ci_high, ci_low (filled), mean]``;
     without, just ``[mean]``.  The mean trace is always ``fig.data[-1]`` and is
@@ -729,11 +903,15 @@ def layer_curve(
             hovertemplate=hover,
         )
     )
+    fig.add_hline(y=0.0, line=dict(color="#444", width=1))
     _base_layout(
         fig,
         title if title is not None else "Mean rescue per layer",
-        xaxis=dict(title=dict(text="layer")),
-        yaxis=dict(title=dict(text="rescue")),
+        # one tick per layer, at the layer itself (never 0.5, 1.5)
+        xaxis=dict(title=dict(text="layer"), tickmode="array", tickvals=xs, ticktext=[str(v) for v in xs]),
+        yaxis=dict(title=dict(text=metric)),
+        height=420,
+        width=max(720, 300 + 18 * len(xs)),
     )
     return fig
 

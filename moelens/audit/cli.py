@@ -24,7 +24,7 @@ def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="moelens audit",
+        prog="moelens audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Expert importance audit: do routing statistics (utilisation, mean weight, output norm/std) "
                     "predict the causal effect of removing an expert? See docs/audit.md.",
     )
@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, help="truncate each sequence")
     p.add_argument("--split", default=None, help="dataset split for datasets corpora (default: train; test with --protocol paper)")
     p.add_argument("--text-field", default="text", help="dataset text column (datasets corpora)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--image-format", choices=("png", "svg", "pdf"), default=None,
+                   help="also write every figure as a static image next to report.html (needs kaleido, Chromium)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     g = p.add_argument_group("model placement and numerics")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: float32; with --protocol paper the paper's dtype for that model: "
@@ -162,11 +165,13 @@ def _paper_main(args) -> int:
     return 0
 
 
-def audit_main(argv: Optional[Sequence[str]] = None) -> int:
+def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int:
     """``moelens audit``: run :func:`run_audit` (or the paper's protocol, or pool paper runs) from
-    the command line; returns an exit code."""
+    the command line; returns an exit code (user errors: one line on stderr and 2; ``debug=True``
+    or ``--debug`` raises them instead)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = debug or args.debug
     try:
         if args.pool:
             return _pool_main(args)
@@ -202,12 +207,23 @@ def audit_main(argv: Optional[Sequence[str]] = None) -> int:
             ablation_scope=args.ablation_scope, semantics=args.semantics,
         )
     except (AuditSettingsError, FileNotFoundError, ValueError, KeyError, RuntimeError, argparse.ArgumentTypeError) as exc:
-        print(f"moelens audit: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"moelens audit: error: {' '.join(str(exc).split())} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    from moelens.formatting import format_p
+
     cols = ["metric", "layer", "n", "mean_diff", "cohens_d", "p_t", "p_wilcoxon", "p_holm"]
+    table = result.summary[cols].copy()
+    for c in ("p_t", "p_wilcoxon", "p_holm"):
+        table[c] = [format_p(p) for p in table[c]]
     with pd.option_context("display.width", 160, "display.max_rows", 200):
-        print(result.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'audit.html'}, stats.json, effects.jsonl")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.image_format:
+        from moelens.audit.html_report import write_audit_report
+
+        write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format)
+    print(f"\nwrote {Path(args.out) / 'report.html'} (every figure), summary.csv, stats.json, effects.jsonl")
     return 0
 
 

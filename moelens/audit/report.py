@@ -195,10 +195,11 @@ class AuditResult:
             hovertemplate="%{y}, %{x}<br>d = %{z:.3f}<extra></extra>",
         ))
         fig.update_layout(
-            title=title or f"Top- vs bottom-ranked active expert: effect of removal on CE ({self.scope}); "
-                           f"d > 0: higher-ranked expert matters more; stars: Holm-adjusted p",
+            title=title or f"Does the higher-ranked expert matter more? Cohen's d of the CE increase ({self.scope})"
+                           f"<br><sup>top- minus bottom-ranked active expert when removed; d > 0: the ranking "
+                           f"predicts importance; stars: Holm-adjusted p (* < .05, ** < .01, *** < .001)</sup>",
             xaxis_title="layer", yaxis_title="ranking", template="plotly_white",
-            height=150 + 60 * len(metrics), width=max(500, 160 + 110 * len(layers)),
+            height=190 + 60 * len(metrics), width=max(820, 160 + 110 * len(layers)), margin=dict(t=100),
         )
         fig.update_yaxes(autorange="reversed")
         return fig

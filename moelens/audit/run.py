@@ -195,7 +195,7 @@ def run_audit(
     With ``out_dir`` the run is resumable: ``settings.json`` (fingerprint of model weights,
     tokenized corpus, layers, ``n_positions``, ``seed``, ``renormalize``, ``max_seq_len``),
     ``stats.json`` (written once computed), ``effects.jsonl`` (one line appended per finished
-    sequence), and at the end ``summary.csv`` and ``audit.html``. Rerunning with the same
+    sequence), and at the end ``summary.csv`` and ``report.html``. Rerunning with the same
     settings skips finished sequences; different settings raise :class:`AuditSettingsError`.
     ``callback(seq_index, record)`` is called after each sequence is saved.
     """
@@ -251,5 +251,7 @@ def run_audit(
                          scope=scope, out_dir=out)
     if out is not None:
         summary.to_csv(out / "summary.csv", index=False)
-        result.save_html(out / "audit.html")
+        from moelens.audit.html_report import write_audit_report
+
+        write_audit_report(result, out / "report.html")  # one file, every figure
     return result

@@ -35,7 +35,7 @@ Several processes (``torchrun --nproc_per_node N -m moelens.cli trace ...`` or `
 cases are sharded by rank (``RANK``/``WORLD_SIZE`` from the environment), each process appends to its
 own ``screen.rank{r}.jsonl`` / ``experts.rank{r}.jsonl``, ranks meet at a barrier (gloo/NCCL when a
 process group is set up, files otherwise) before the layer choice and before the summary, and rank 0
-writes the merged summary. :func:`merge` (``moelens merge --out DIR``) summarises any directory later.
+writes the merged summary. :func:`merge` (``moelens merge --trace-dir DIR``) summarises any directory later.
 """
 
 from __future__ import annotations
@@ -514,22 +514,15 @@ class ProtocolSummary:
     counts: dict
 
     def write(self, out_dir: Path) -> None:
-        from moelens import plotting
-
         self.table.to_csv(out_dir / "summary.csv", index=False)
         (out_dir / "summary.json").write_text(json.dumps({
             "layer": self.layer, "expert": self.expert, "layer_means": self.layer_means,
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
             "table": self.table.to_dict(orient="records"),
         }, indent=1))
-        plotting.save_html(self.plot(), out_dir / "summary.html")
-        layers = [int(l) for l in self.layer_means]
-        plotting.save_html(plotting.layer_curve([self.layer_means[l] for l in self.layer_means], layers=layers,
-                                                title="Discovery: mean MoE-output rescue per layer"),
-                           out_dir / "layer_rescue.html")
-        plotting.save_html(plotting.expert_rescue_heatmap(np.array([self.expert_means]), layers=[self.layer],
-                                                          title=f"Discovery: mean expert rescue at layer {self.layer}"),
-                           out_dir / "expert_rescue.html")
+        from moelens.tracing.report import write_trace_report
+
+        write_trace_report(out_dir, self)  # report.html: every figure, one file
 
     def plot(self, title: Optional[str] = None):
         """The validation quantities with their 95% bootstrap CIs."""
@@ -538,11 +531,19 @@ class ProtocolSummary:
         return plotting.protocol_summary(self.table, title=title or "Validation: rescue with 95% bootstrap CIs")
 
     def __str__(self) -> str:
+        from moelens.formatting import format_p
+
         c = self.counts
-        head = (f"cases: {c['total']} total, {c['kept']} kept ({c['discovery']} discovery / {c['validation']} validation), "
-                f"{c['errors']} errors, {c['multi_token_targets']} multi-token targets, {c['same_first_token']} identical "
-                f"true/foil first tokens\nlayer {self.layer} (chosen on discovery), expert L{self.layer}E{self.expert:03d}")
-        return head + "\n" + self.table.to_string(index=False, float_format=lambda v: f"{v:+.3f}")
+        n_skip = c.get("skipped_records") or 0
+        skipped = f" (+ {n_skip} malformed record{'s' if n_skip != 1 else ''} skipped)" if n_skip else ""
+        head = (f"cases: {c['total']} total{skipped}, {c['kept']} kept ({c['discovery']} discovery / {c['validation']} "
+                f"validation), {c['errors']} errors, {c['multi_token_targets']} multi-token targets, "
+                f"{c['same_first_token']} identical true/foil first tokens\nlayer {self.layer} (chosen on discovery), "
+                f"expert L{self.layer}E{self.expert:03d}")
+        table = self.table.copy()
+        if "p_value" in table:
+            table["p_value"] = [format_p(p) for p in table["p_value"]]
+        return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:+.3f}")
 
 
 def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: ProtocolConfig, n_experts: int) -> ProtocolSummary:

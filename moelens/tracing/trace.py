@@ -314,6 +314,15 @@ class TraceResult:
         denom = self.clean - self.corrupted
         return (value - self.corrupted) / denom if denom != 0 else float("nan") * value
 
+    @property
+    def metric_name(self) -> str:
+        """What ``clean``, ``corrupted`` and raw scores measure (named on figures)."""
+        case = self.case or {}
+        true = case.get("target_true", "true")
+        if case.get("target_foil") is not None:
+            return f"logit({true!r}) - logit({case['target_foil']!r})"
+        return f"p({true!r})"
+
 
 @dataclass
 class LayerTraceResult(TraceResult):
@@ -340,6 +349,7 @@ class LayerTraceResult(TraceResult):
         return restoration_heatmap(
             self.scores, self.str_tokens, subject_positions=self.subject_positions, layers=self.layers,
             positions=self.positions, clean=self.clean, corrupted=self.corrupted, kind=self.kind, title=title,
+            metric=self.metric_name,
         )
 
 
@@ -370,8 +380,12 @@ class ExpertTraceResult(TraceResult):
     def plot(self, title: Optional[str] = None):
         from moelens.plotting import expert_rescue_bar
 
-        return expert_rescue_bar(self.scores, clean_routed=self.clean_routed, noise_routed=self.noise_routed,
-                                 layer=self.layer, baseline=self.corrupted, title=title)
+        # the plotted quantity is the normalised rescue (0 = corrupted, 1 = clean), not the raw contrast
+        rescue = [float(self.rescue(float(s))) for s in self.scores]
+        return expert_rescue_bar(rescue, clean_routed=self.clean_routed, noise_routed=self.noise_routed,
+                                 layer=self.layer, baseline=float(self.rescue(self.layer_score)),
+                                 title=title or f"Restoring one expert at layer {self.layer}: "
+                                                f"{self.case.get('prompt', '')!r}")
 
 
 @dataclass
@@ -409,8 +423,10 @@ class CoalitionResult(TraceResult):
         values = [0.0] + [float(self.rescue(float(v))) for v in self.curve]
         target = self.target_fraction * float(self.rescue(self.layer_score))
         return coalition_curve(list(range(len(values))), values, labels=["(none)"] + [f"+E{e}" for e in self.greedy],
-                               target=target, title=title or f"Greedy coalition at layer {self.layer} "
-                               f"(target: {self.target_fraction:.0%} of the layer's rescue)")
+                               target=target, target_label=f"target: {self.target_fraction:.0%} of the whole "
+                               f"layer's rescue ({target:.3g})", layer_rescue=float(self.rescue(self.layer_score)),
+                               title=title or f"Greedy coalition at layer {self.layer}: "
+                               f"{self.case.get('prompt', '')!r}")
 
 
 def _common(setup: TraceSetup) -> dict:

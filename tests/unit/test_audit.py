@@ -255,7 +255,7 @@ def test_audit_summary(model, tmp_path):
     # figure and files
     fig = result.plot()
     assert fig.data[0].type == "heatmap" and np.asarray(fig.data[0].z).shape == (len(METRICS) + 1, 2)
-    for name in ("settings.json", "stats.json", "effects.jsonl", "summary.csv", "audit.html"):
+    for name in ("settings.json", "stats.json", "effects.jsonl", "summary.csv", "report.html"):
         assert (tmp_path / "a" / name).is_file(), name
     assert len(result.expert_table()) == 2 * model.cfg.n_experts
     assert set(result.correlations()["metric"]) == set(METRICS)

@@ -29,9 +29,9 @@ def test_zero_noise_samples(model):
 
 @pytest.mark.parametrize("argv,match", [
     (["--samples", "0"], "n_samples=0"),
-    (["--facts", "0"], "n_facts=0"),
-    (["--facts", "-2"], "n_facts=-2"),
-    (["--facts", "7"], "n_facts=7: .* has 6"),
+    (["--n-facts", "0"], "n_facts=0"),
+    (["--n-facts", "-2"], "n_facts=-2"),
+    (["--n-facts", "7"], "n_facts=7: .* has 6"),
 ])
 def test_demo_counts(tmp_path, capsys, argv, match):
     assert main(["demo", "--out", str(tmp_path / "d"), *argv]) == 2

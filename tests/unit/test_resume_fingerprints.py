@@ -87,13 +87,13 @@ def test_two_files_with_ids_do_not_pile_up_and_merge_does_not_mix(tmp_path, caps
     assert trace(b, tmp_path / "o") == 2
     assert n_lines(tmp_path / "o" / "screen.jsonl") == 6
     capsys.readouterr()
-    assert main(["merge", "--out", str(tmp_path / "o")]) == 0
+    assert main(["merge", "--trace-dir", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "summary.csv").read_text() == alone
     # results of another run copied in: merge refuses instead of summarising the mix
     assert trace(b, tmp_path / "other") == 0
     shutil.copy(tmp_path / "other" / "screen.jsonl", tmp_path / "o" / "screen.rank1.jsonl")
     capsys.readouterr()
-    assert main(["merge", "--out", str(tmp_path / "o")]) == 2
+    assert main(["merge", "--trace-dir", str(tmp_path / "o")]) == 2
     assert "another run" in error_line(capsys)
 
 

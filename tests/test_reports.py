@@ -1,0 +1,149 @@
+"""One self-contained HTML report per run (demo, trace, audit), opened in a real headless Chromium.
+
+The browser checks need selenium (dev extras) and Debian's chromium + chromium-driver (`.ci/run`
+installs them); without a browser they skip, saying what to install."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moelens.cli import main
+from moelens.loading import bundled_models
+
+pytestmark = pytest.mark.skipif("moelens-tiny-facts" not in bundled_models(), reason="bundled model absent")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    facts = bundled_models()["moelens-tiny-facts"] / "facts.jsonl"
+    out = {}
+    assert main(["demo", "--out", str(root / "demo"), "--n-facts", "2", "--samples", "2"]) == 0
+    out["demo"] = root / "demo"
+    assert main(["trace", "--model", "moelens-tiny-facts", "--facts", str(facts), "--limit", "8",
+                 "--out", str(root / "trace"), "--bootstrap", "100", "--permutations", "100"]) == 0
+    out["trace"] = root / "trace"
+    audit = ["audit", "--model", "moelens-tiny-facts", "--out", str(root / "audit"), "--layers", "1,3",
+             "--n-positions", "3", "--max-tokens", "120", "--no-progress"]
+    if _can_export():  # the CLI's static export: every figure of the report as an SVG next to it
+        audit += ["--image-format", "svg"]
+    assert main(audit) == 0
+    out["audit"] = root / "audit"
+    return out
+
+
+def _can_export() -> bool:
+    from moelens.report import chromium_path
+
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return chromium_path() is not None
+
+
+def test_cli_image_format_writes_every_figure(runs):
+    if not _can_export():
+        pytest.skip("static export needs kaleido (dev extras) and Chromium (apt-get install chromium)")
+    text = (runs["audit"] / "report.html").read_text()
+    names = re.findall(r'class="ml-plot" id="fig\d+" data-name="([^"]+)"', text)
+    assert names and sorted(p.stem for p in runs["audit"].glob("*.svg")) == sorted(names)
+
+
+def _plotly_js_count(text: str) -> int:
+    from plotly.offline import get_plotlyjs
+
+    return text.count(get_plotlyjs()[:300])
+
+
+@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
+def test_one_self_contained_report_per_run(runs, run):
+    d = runs[run]
+    assert [p.name for p in d.glob("*.html")] == ["report.html"]
+    text = (d / "report.html").read_text()
+    assert _plotly_js_count(text) == 1  # plotly.js once per report, not once per figure
+    # offline: no external scripts or stylesheets
+    assert not re.search(r"<script[^>]*\bsrc=", text) and not re.search(r"<link[^>]*\bhref=", text)
+    n_fig = text.count('class="ml-plot"')
+    assert n_fig >= 3 and text.count("How to read this.") == n_fig
+    assert "Settings" in text and "<table" in text
+
+
+def test_demo_report_has_every_fact(runs, capsys):
+    text = (runs["demo"] / "report.html").read_text()
+    options = re.findall(r'<option value="\d+">', text)
+    assert len(options) == 2  # --n-facts 2: both facts, not only the first
+    assert text.count('class="ml-panel"') == 2
+
+
+def _driver():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver") or (Path("/usr/bin/chromedriver") if Path("/usr/bin/chromedriver").exists() else None)
+    if browser is None or driver is None:
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver (.ci/run installs them)")
+    import tempfile
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+              f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1400,1000"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(driver)), options=opts)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    d = _driver()
+    yield d
+    d.quit()
+
+
+@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
+def test_report_draws_every_figure_in_chromium(runs, browser, run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get((runs[run] / "report.html").resolve().as_uri())
+    plots = browser.find_elements(By.CSS_SELECTOR, ".ml-plot")
+    assert plots
+    WebDriverWait(browser, 60).until(
+        lambda b: all(p.get_attribute("data-drawn") == "1" for p in b.find_elements(By.CSS_SELECTOR, ".ml-plot")))
+    for p in plots:  # plotly drew an SVG with data in every figure
+        assert p.find_elements(By.CSS_SELECTOR, ".main-svg"), p.get_attribute("id")
+        assert browser.execute_script("return arguments[0].data.length", p) > 0
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
+    # every option of every selector shows its own panel, and its figures are drawn and visible
+    for sel in browser.find_elements(By.TAG_NAME, "select"):
+        group = sel.get_attribute("data-group")
+        for opt in Select(sel).options:
+            Select(sel).select_by_value(opt.get_attribute("value"))
+            panels = browser.find_elements(By.CSS_SELECTOR, f'.ml-panel[data-group="{group}"]')
+            shown = [p for p in panels if p.is_displayed()]
+            assert len(shown) == 1 and shown[0].get_attribute("data-index") == opt.get_attribute("value")
+            for plot in shown[0].find_elements(By.CSS_SELECTOR, ".ml-plot"):
+                assert plot.size["width"] > 100 and plot.size["height"] > 100
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_static_export_with_system_chromium(tmp_path):
+    pytest.importorskip("kaleido", reason="static export needs kaleido: pip install -e '.[dev]'")
+    from moelens import plotting
+    from moelens.report import Report, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("static export needs Chromium: apt-get install chromium")
+    rep = Report("export")
+    rep.add_figure(plotting.layer_curve([0.1, 0.5], layers=[0, 1]), "a curve", name="curve")
+    rep.write(tmp_path / "report.html", image_format="svg")
+    svg = (tmp_path / "curve.svg").read_text()
+    assert svg.lstrip().startswith("<svg") and "layer" in svg
