@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     if argv[:1] == ["audit"] or (argv[:1] == ["--debug"] and argv[1:2] == ["audit"]):
         rest = argv[argv.index("audit") + 1:]
-        from moelens.audit import audit_main
+        from moelens.audit.cli import audit_main
 
         return _guarded("audit", lambda: audit_main([a for a in rest if a != "--debug"], debug=debug), debug)
     args = build_parser().parse_args(argv)

@@ -32,63 +32,82 @@ The package is split by idea: :mod:`~moelens.audit.corpus` (loading and tokenizi
 is re-exported here.
 """
 
-# ruff: noqa: F401  (re-exports, including the private helpers the tests use)
+# Names load on first use (PEP 562), so that `moelens audit --help` does not import torch.
+import importlib
 
-from moelens.audit import ablation, paper, pooling
-from moelens.audit.ablation import removal_hooks
-from moelens.audit.cli import _parse_layers, audit_main, build_parser
-from moelens.audit.paper import load_rows, run_paper_protocol
-from moelens.audit.pooling import pool, published_table
-from moelens.audit.constants import (
-    BUNDLED_DEFAULT,
-    CONTROL,
-    EFFECT_COLUMNS,
-    METRICS,
-    SAMPLE_CORPUS,
-    SETTINGS_VERSION,
-    STAT_COLUMNS,
-    CorpusLike,
-)
-from moelens.audit.corpus import (
-    _budget,
-    _check_layers,
-    _count_tokens,
-    _dataset_texts,
-    _import_datasets,
-    _pad_left,
-    _progress,
-    _truncate,
-    bundled_corpus,
-    load_corpus,
-    read_paragraphs,
-    tokenize_corpus,
-)
-from moelens.audit.effects import (
-    _ablate_weights,
-    _row_hook,
-    _sequence_effects,
-    _token_nll,
-    expert_effects,
-    remove_expert_hooks,
-    sample_positions,
-)
-from moelens.audit.report import AuditResult, _pair_row, _safe, _stat_lookup, summarize
-from moelens.audit.run import (
-    AuditSettingsError,
-    _check_settings,
-    _corpus_fingerprint,
-    _default_corpus,
-    _effects_frame,
-    _json_default,
-    _model_fingerprint,
-    _read_effects,
-    _settings,
-    _stats_from_json,
-    _stats_to_json,
-    _write_json,
-    run_audit,
-)
-from moelens.audit.statistics import _StatsAccumulator, expert_statistics
+_SUBMODULES = ("ablation", "cli", "constants", "corpus", "effects", "paper", "pooling", "report", "run", "statistics")
+_NAMES = {
+    "AuditResult": "report",
+    "AuditSettingsError": "run",
+    "BUNDLED_DEFAULT": "constants",
+    "CONTROL": "constants",
+    "CorpusLike": "constants",
+    "EFFECT_COLUMNS": "constants",
+    "METRICS": "constants",
+    "SAMPLE_CORPUS": "constants",
+    "SETTINGS_VERSION": "constants",
+    "STAT_COLUMNS": "constants",
+    "_StatsAccumulator": "statistics",
+    "_ablate_weights": "effects",
+    "_budget": "corpus",
+    "_check_layers": "corpus",
+    "_check_settings": "run",
+    "_corpus_fingerprint": "run",
+    "_count_tokens": "corpus",
+    "_dataset_texts": "corpus",
+    "_default_corpus": "run",
+    "_effects_frame": "run",
+    "_import_datasets": "corpus",
+    "_json_default": "run",
+    "_model_fingerprint": "run",
+    "_pad_left": "corpus",
+    "_pair_row": "report",
+    "_parse_layers": "cli",
+    "_progress": "corpus",
+    "_read_effects": "run",
+    "_row_hook": "effects",
+    "_safe": "report",
+    "_sequence_effects": "effects",
+    "_settings": "run",
+    "_stat_lookup": "report",
+    "_stats_from_json": "run",
+    "_stats_to_json": "run",
+    "_token_nll": "effects",
+    "_truncate": "corpus",
+    "_write_json": "run",
+    "audit_main": "cli",
+    "build_parser": "cli",
+    "bundled_corpus": "corpus",
+    "expert_effects": "effects",
+    "expert_statistics": "statistics",
+    "load_corpus": "corpus",
+    "load_rows": "paper",
+    "pool": "pooling",
+    "published_table": "pooling",
+    "read_paragraphs": "corpus",
+    "removal_hooks": "ablation",
+    "remove_expert_hooks": "effects",
+    "run_audit": "run",
+    "run_paper_protocol": "paper",
+    "sample_positions": "effects",
+    "summarize": "report",
+    "tokenize_corpus": "corpus",
+}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"moelens.audit.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"moelens.audit.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moelens.audit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))
+
 
 __all__ = [
     "METRICS",

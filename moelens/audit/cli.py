@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pandas as pd
-
-from moelens.audit.corpus import load_corpus
-from moelens.audit.run import AuditSettingsError, _default_corpus, run_audit
+# heavy imports (pandas, torch through the audit modules) happen after the arguments are parsed,
+# so that `moelens audit --help` answers at once
 
 
 def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
@@ -103,6 +101,8 @@ def _load_model(args, default_dtype):
 
 
 def _pool_main(args) -> int:
+    import pandas as pd
+
     from moelens.audit import pooling
 
     tables = []
@@ -172,6 +172,11 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = debug or args.debug
+    import pandas as pd
+
+    from moelens.audit.corpus import load_corpus
+    from moelens.audit.run import AuditSettingsError, _default_corpus, run_audit
+
     try:
         if args.pool:
             return _pool_main(args)

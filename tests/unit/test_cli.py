@@ -15,7 +15,7 @@ DATA = Path(__file__).parent.parent / "data"
 def test_help_and_version_import_nothing_heavy():
     code = ("import sys, time; t = time.time()\n"
             "from moelens.cli import main\n"
-            "for argv in (['--help'], ['--version'], ['demo', '--help'], ['trace', '--help'], ['merge', '--help']):\n"
+            "for argv in (['--help'], ['--version'], ['demo', '--help'], ['trace', '--help'], ['merge', '--help'], ['audit', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'plotly', 'numpy', 'pandas') if m in sys.modules]\n"
             "print('HEAVY', heavy, 'SECONDS', time.time() - t)\n")
