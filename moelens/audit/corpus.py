@@ -149,22 +149,28 @@ def load_corpus(
             return _budget(read_paragraphs(path), max_tokens, tokenizer)
         if path.is_dir() and (path / "facts.jsonl").is_file():
             return _budget(bundled_corpus(path), max_tokens, tokenizer)
-        datasets = _import_datasets(s)
-        try:
-            if path.is_dir():
-                ds = datasets.load_from_disk(str(path))
-            else:
-                name, _, config = s.partition(":")
-                ds = datasets.load_dataset(name, config or None, split=split)
-        except Exception as exc:
-            raise FileNotFoundError(
-                f"Could not load corpus {s!r}: not a text file, not 'sample'/'facts', and datasets could not "
-                f"load it ({type(exc).__name__}: {exc}). Offline, a dataset must already be in the local cache."
-            ) from exc
+        ds = load_dataset_source(s, split, what="not a text file, not 'sample'/'facts'")
         return _budget(_dataset_texts(ds, split, text_field), max_tokens, tokenizer)
     if hasattr(source, "column_names"):  # a datasets.Dataset / DatasetDict object
         return _budget(_dataset_texts(source, split, text_field), max_tokens, tokenizer)
     raise TypeError(f"load_corpus: unsupported source of type {type(source).__name__}")
+
+
+def load_dataset_source(source: str, split: str, what: str = "not a file"):
+    """A Hugging Face dataset from a ``save_to_disk`` directory or a ``NAME[:CONFIG]`` name
+    (``datasets.load_dataset(..., split=split)``); a clear ``FileNotFoundError`` otherwise."""
+    datasets = _import_datasets(source)
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            return datasets.load_from_disk(str(path))
+        name, _, config = source.partition(":")
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"could not load corpus {source!r}: {what}, and datasets could not load it "
+            f"({type(exc).__name__}: {exc}); offline, a dataset must already be in the local cache"
+        ) from exc
 
 
 def _import_datasets(what: str):

@@ -672,7 +672,7 @@ def load_rows(source, *, split: str = "test", text_field: str = "text") -> list[
     import json
     from pathlib import Path
 
-    from moelens.audit.corpus import _dataset_texts, _import_datasets
+    from moelens.audit.corpus import _dataset_texts, load_dataset_source
 
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source]
@@ -688,19 +688,7 @@ def load_rows(source, *, split: str = "test", text_field: str = "text") -> list[
                     rows.append(rec[text_field])
             return rows
         return path.read_text().splitlines(keepends=True)
-    datasets = _import_datasets(str(source))
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            name, _, config = str(source).partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"could not load corpus {str(source)!r}: not a file, and datasets could not load it "
-            f"({type(exc).__name__}: {exc}); offline, a dataset must already be in the local cache"
-        ) from exc
-    return list(_dataset_texts(ds, split, text_field))
+    return list(_dataset_texts(load_dataset_source(str(source), split), split, text_field))
 
 
 def verify_against_transformers(model, directory, texts: Sequence[str], *, n_texts: int = 2, atol: Optional[float] = None) -> list[dict]:
