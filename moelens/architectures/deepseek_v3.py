@@ -104,17 +104,26 @@ def mla_fields(hf: dict, arch: str, rope: dict) -> dict:
     )
 
 
+# expert-side key map shared by the whole family (DeepSeek-V3, GLM-4.5/4.6/4.7, GLM-4.7-Flash)
+V3_MOE_RULES = (DENSE_MLP_RULES + expert_rules("mlp", "gate_proj", "up_proj", "down_proj", "gate")
+                + FUSED_EXPERT_RULES + ROUTER_BIAS_RULES + shared_expert_rules("shared_experts"))
+
+
+def v3_moe_fields(hf: dict, arch: str, moe_layers) -> dict:
+    """The family's sizes, layer split, shared experts and noaux_tc router (attention fields apart)."""
+    return dict(
+        n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], d_vocab=hf["vocab_size"],
+        n_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
+        d_mlp=hf["intermediate_size"], moe_layers=tuple(moe_layers), rms_norm_eps=hf["rms_norm_eps"],
+        d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
+        **noaux_tc_router(hf, arch),
+    )
+
+
 def translate(hf: dict) -> dict:
     rope = rope_settings(hf, NAME, allow_yarn=True)
-    n = hf["num_hidden_layers"]
     first_dense = hf["first_k_dense_replace"] or 0
-    return dict(
-        n_layers=n, d_model=hf["hidden_size"], d_vocab=hf["vocab_size"], n_experts=hf["n_routed_experts"],
-        top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"], d_mlp=hf["intermediate_size"],
-        moe_layers=tuple(range(first_dense, n)), rms_norm_eps=hf["rms_norm_eps"],
-        d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
-        **mla_fields(hf, NAME, rope), **noaux_tc_router(hf, NAME),
-    )
+    return dict(**v3_moe_fields(hf, NAME, range(first_dense, hf["num_hidden_layers"])), **mla_fields(hf, NAME, rope))
 
 
 ARCH = Architecture(
@@ -125,9 +134,7 @@ ARCH = Architecture(
     required=REQUIRED,
     ignored=IGNORED,
     aliases={"num_experts": "n_routed_experts", "num_local_experts": "n_routed_experts"},
-    key_rules=COMMON_RULES + MLA_RULES + DENSE_MLP_RULES
-    + expert_rules("mlp", "gate_proj", "up_proj", "down_proj", "gate") + FUSED_EXPERT_RULES
-    + ROUTER_BIAS_RULES + shared_expert_rules("shared_experts"),
+    key_rules=COMMON_RULES + MLA_RULES + V3_MOE_RULES,
     hf_config_class="DeepseekV3Config",
     hf_model_class=NAME,
     skip_keys=MTP_SKIP_KEYS,

@@ -11,10 +11,10 @@
 """
 
 from moelens.architectures.base import (
-    COMMON_RULES, DENSE_MLP_RULES, FUSED_EXPERT_RULES, GQA_RULES, Architecture, UnsupportedConfigError,
-    expert_rules, rope_settings, shared_expert_rules,
+    COMMON_RULES, GQA_RULES, Architecture, UnsupportedConfigError,
+    rope_settings,
 )
-from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, ROUTER_BIAS_RULES, noaux_tc_router
+from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, V3_MOE_RULES, v3_moe_fields
 
 NAME = "Glm4MoeForCausalLM"
 
@@ -64,14 +64,10 @@ def translate(hf: dict) -> dict:
     rotary_dim = int(d_head * factor)
     first_dense = hf["first_k_dense_replace"] or 0
     return dict(
-        n_layers=n, d_model=d, d_vocab=hf["vocab_size"], n_heads=h, n_kv_heads=hf["num_key_value_heads"],
-        d_head=d_head, n_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
-        d_expert=hf["moe_intermediate_size"], d_mlp=hf["intermediate_size"],
-        moe_layers=tuple(range(first_dense, n)), rms_norm_eps=hf["rms_norm_eps"],
+        **v3_moe_fields(hf, NAME, range(first_dense, n)),
+        n_heads=h, n_kv_heads=hf["num_key_value_heads"], d_head=d_head,
         qkv_bias=bool(hf["attention_bias"]), qk_norm="per_head" if hf["use_qk_norm"] else "none",
         rope_theta=rope["rope_theta"] or 1e4, rotary_dim=None if rotary_dim == d_head else rotary_dim,
-        d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
-        **noaux_tc_router(hf, NAME),
     )
 
 
@@ -83,9 +79,7 @@ ARCH = Architecture(
     required=REQUIRED,
     ignored=IGNORED,
     aliases={"num_local_experts": "n_routed_experts"},
-    key_rules=COMMON_RULES + GQA_RULES + DENSE_MLP_RULES
-    + expert_rules("mlp", "gate_proj", "up_proj", "down_proj", "gate") + FUSED_EXPERT_RULES
-    + ROUTER_BIAS_RULES + shared_expert_rules("shared_experts"),
+    key_rules=COMMON_RULES + GQA_RULES + V3_MOE_RULES,
     hf_config_class="Glm4MoeConfig",
     hf_model_class=NAME,
     skip_keys=MTP_SKIP_KEYS,

@@ -5,11 +5,10 @@ skipped on load. ``partial_rotary_factor`` must be 1 (transformers' MLA cannot r
 rope dims either)."""
 
 from moelens.architectures.base import (
-    COMMON_RULES, DENSE_MLP_RULES, FUSED_EXPERT_RULES, Architecture, UnsupportedConfigError, expert_rules,
-    rope_settings, shared_expert_rules,
+    COMMON_RULES, Architecture, UnsupportedConfigError, rope_settings,
 )
 from moelens.architectures.deepseek_v2 import MLA_RULES
-from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, ROUTER_BIAS_RULES, mla_fields, noaux_tc_router
+from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, V3_MOE_RULES, mla_fields, v3_moe_fields
 from moelens.architectures.glm4_moe import partial_rotary
 
 NAME = "Glm4MoeLiteForCausalLM"
@@ -60,13 +59,7 @@ def translate(hf: dict) -> dict:
             f"(default: layer 0 dense, the rest sparse); set mlp_layer_types explicitly"
         )
     rope = rope_settings(hf, NAME, allow_yarn=True)
-    return dict(
-        n_layers=n, d_model=hf["hidden_size"], d_vocab=hf["vocab_size"], n_experts=hf["n_routed_experts"],
-        top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"], d_mlp=hf["intermediate_size"],
-        moe_layers=moe_layers, rms_norm_eps=hf["rms_norm_eps"],
-        d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
-        **mla_fields(hf, NAME, rope), **noaux_tc_router(hf, NAME),
-    )
+    return dict(**v3_moe_fields(hf, NAME, moe_layers), **mla_fields(hf, NAME, rope))
 
 
 ARCH = Architecture(
@@ -77,9 +70,7 @@ ARCH = Architecture(
     required=REQUIRED,
     ignored=IGNORED,
     aliases={"num_local_experts": "n_routed_experts"},
-    key_rules=COMMON_RULES + MLA_RULES + DENSE_MLP_RULES
-    + expert_rules("mlp", "gate_proj", "up_proj", "down_proj", "gate") + FUSED_EXPERT_RULES
-    + ROUTER_BIAS_RULES + shared_expert_rules("shared_experts"),
+    key_rules=COMMON_RULES + MLA_RULES + V3_MOE_RULES,
     hf_config_class="Glm4MoeLiteConfig",
     hf_model_class=NAME,
     skip_keys=MTP_SKIP_KEYS,
