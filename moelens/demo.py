@@ -64,7 +64,6 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     from moelens.report import Report
     from moelens.tracing import load_facts, trace_coalitions, trace_experts, trace_layers
     from moelens.tracing.protocol import ProtocolConfig
-    from moelens.tracing.trace import prepare
 
     start = time.time()
     for name, value in (("n_facts", n_facts), ("n_samples", n_samples)):

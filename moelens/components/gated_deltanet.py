@@ -195,7 +195,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        dm, nk, nv, dk, dv = cfg.d_model, cfg.linear_n_k_heads, cfg.linear_n_v_heads, cfg.linear_d_k, cfg.linear_d_v
+        dm, nv, dv = cfg.d_model, cfg.linear_n_v_heads, cfg.linear_d_v
         self.W_qkv = nn.Parameter(torch.empty(cfg.linear_d_conv, dm))
         self.W_z = nn.Parameter(torch.empty(nv * dv, dm))
         self.W_b = nn.Parameter(torch.empty(nv, dm))
