@@ -373,17 +373,24 @@ def _sample_routing(model, corpus: PaperCorpus, layer: int, cache: dict, si: int
     return cache[si]
 
 
-def _qwen_pairs(model, corpus, layer, stats, metric, rng, n_tests, max_batch) -> list[dict]:
-    score = dict(zip(stats["expert_id"].astype(int), stats[metric]))
-    cache: dict = {}
-    pairs, attempts = [], 0
-    while len(pairs) < n_tests and attempts < n_tests * 10:
-        attempts += 1
+def _draws(corpus: PaperCorpus, rng: np.random.Generator, n_tests: int, choice: bool = False):
+    """``(sample, position)`` draws as the unpadded scripts make them, lazily (the caller stops once
+    it has ``n_tests`` pairs; at most ``10 n_tests`` attempts): a uniform sample, then a position in
+    ``[1, len - 2]`` by ``rng.integers`` (``validation_qwen.py``) or ``rng.choice`` over that range
+    (the OLMoE/DeepSeek control scripts)."""
+    for _ in range(n_tests * 10):
         si = int(rng.integers(0, len(corpus.samples)))
         n = corpus.samples[si].numel()
         if n < 3:
             continue
-        pos = int(rng.integers(1, n - 1))
+        yield si, int(rng.choice(list(range(1, n - 1)))) if choice else int(rng.integers(1, n - 1))
+
+
+def _qwen_pairs(model, corpus, layer, stats, metric, rng, n_tests, max_batch) -> list[dict]:
+    score = dict(zip(stats["expert_id"].astype(int), stats[metric]))
+    cache: dict = {}
+    pairs = []
+    for si, pos in _draws(corpus, rng, n_tests):
         routing = _sample_routing(model, corpus, layer, cache, si)
         active = routing["idx"][pos].numpy()
         scores = np.array([score.get(int(e), 0.0) for e in active])
@@ -394,6 +401,8 @@ def _qwen_pairs(model, corpus, layer, stats, metric, rng, n_tests, max_batch) ->
         base, h, l = removal_ce(model, corpus.samples[si], None, layer, [-1, hi, lo], [pos] * 3, max_batch=max_batch)
         pairs.append({"metric": metric, "layer": layer, "sample": si, "position": pos, "high_expert": hi,
                       "low_expert": lo, "baseline_loss": base, "high_delta": h - base, "low_delta": l - base})
+        if len(pairs) >= n_tests:
+            break
     return pairs
 
 
@@ -404,14 +413,8 @@ def paper_weight_control(model, corpus: PaperCorpus, layer: int, rng: np.random.
     rho(weight ratio, diff). Weights: the softmax probability (``olmoe``, ``qwen``) or the gate's
     top-k weight (``deepseek``, which skips pairs whose weights differ by < 1e-6)."""
     cache: dict = {}
-    pairs, attempts = [], 0
-    while len(pairs) < n_tests and attempts < n_tests * 10:
-        attempts += 1
-        si = int(rng.integers(0, len(corpus.samples)))
-        n = corpus.samples[si].numel()
-        if n < 3:
-            continue
-        pos = int(rng.integers(1, n - 1)) if corpus.flavour == "qwen" else int(rng.choice(list(range(1, n - 1))))
+    pairs = []
+    for si, pos in _draws(corpus, rng, n_tests, choice=corpus.flavour != "qwen"):
         routing = _sample_routing(model, corpus, layer, cache, si)
         experts = routing["idx"][pos].numpy()
         weights = (routing["w"] if corpus.flavour == "deepseek" else routing["p"])[pos].numpy()
@@ -426,6 +429,8 @@ def paper_weight_control(model, corpus: PaperCorpus, layer: int, rng: np.random.
         pairs.append({"layer": layer, "sample": si, "position": pos, "high_expert": hi, "low_expert": lo,
                       "high_weight": w_hi, "low_weight": w_lo, "weight_ratio": w_hi / (w_lo + 1e-9),
                       "baseline_loss": base, "high_delta": h - base, "low_delta": l - base})
+        if len(pairs) >= n_tests:
+            break
     frame = pd.DataFrame(pairs)
     s = _pair_stats(frame["high_delta"] if len(frame) else [], frame["low_delta"] if len(frame) else [], "qwen")
     rho = st.spearmanr(frame["weight_ratio"], frame["high_delta"] - frame["low_delta"]) if len(frame) > 2 else (np.nan, np.nan)

@@ -462,3 +462,23 @@ def test_paper_run_resumes_mid_run_with_the_rng_state(tiny_dirs, tmp_path):
 
     with pytest.raises(AuditSettingsError, match="corpus_sha256"):
         paper.run_paper_protocol(model, _texts(6), out_dir=tmp_path / "b", **kw)
+
+
+@pytest.mark.parametrize("flavour", ["qwen", "olmoe"])
+def test_unpadded_draws_follow_the_scripts_loops(tiny_dirs, flavour):
+    """The (text, position) draws of validation_qwen.py (rng.integers) and of the OLMoE/DeepSeek
+    control scripts (rng.choice over range(1, len-1)), written out as their while-loops."""
+    model = HookedMoETransformer.from_pretrained(tiny_dirs("olmoe")[0])
+    model.tokenizer = toy_tokenizer(256)
+    corpus = paper.paper_tokenize(model, paper.select_texts(_texts(6)), flavour)
+    layer = model.cfg.moe_layers[0]
+    _, pairs = paper.paper_weight_control(model, corpus, layer, np.random.default_rng(7), n_tests=8)
+    rng, want = np.random.default_rng(7), []
+    while len(want) < 8:
+        si = rng.integers(0, len(corpus.samples))
+        n = corpus.samples[si].numel()
+        if n < 3:
+            continue
+        pos = int(rng.integers(1, n - 1)) if flavour == "qwen" else int(rng.choice(list(range(1, n - 1))))
+        want.append((int(si), pos))
+    assert list(zip(pairs["sample"], pairs["position"])) == want
