@@ -11,12 +11,14 @@ seed = fact index), at the last position:
   delta), top-5 recovery of the screen alone, and the number of verified candidates N (highest
   estimates re-scored exactly) needed for the verified top-5 to equal the exhaustive top-5;
 * the estimate's error with and without a downstream routing flip;
-* the same for the layer grid (``attribute_layers`` vs ``trace_layers``, kinds mlp/attn/resid).
+* the same for the layer grid (``attribute_layers`` vs ``trace_layers``, kinds mlp/attn/resid, and the
+  necessity direction for mlp).
 
     python scripts/attribution_accuracy.py [--facts 100] [--threads 2]
 """
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,8 +39,9 @@ def exact_with_flips(model, setup, layer, pos):
 
     hooks = [(f"blocks.{j}.mlp.hook_expert_indices", grab) for j in captured if j in model.cfg.moe_layers]
     deltas = [setup.expert_delta(layer, [e], pos) for e in range(E)]
+    every_row = replace(setup, corrupted_samples=None)  # run zero-delta rows too: one captured row per (expert, sample)
     with model.hooks(fwd_hooks=hooks):
-        scores = setup.restore_scores(model, layer, deltas, pos, max_rows=10_000)
+        scores = every_row.restore_scores(model, layer, deltas, pos, max_rows=10_000)
     flips = torch.zeros(E * n, dtype=torch.bool)
     samples = torch.arange(n).repeat(E)
     for j, chunks in captured.items():
@@ -61,8 +64,9 @@ def main():
     sel = facts[::36][: args.facts]
     L, E = m.cfg.n_layers, m.cfg.n_experts
     corr_all, corr_moved, top5_screen, need_n, err_flip, err_noflip = [], [], [], [], [], []
-    grid_corr = {k: [] for k in ("mlp", "attn", "resid")}
-    grid_err = {k: [] for k in ("mlp", "attn", "resid")}
+    grids = [("mlp", "restore"), ("attn", "restore"), ("resid", "restore"), ("mlp", "necessity")]
+    grid_corr = {k: [] for k in grids}
+    grid_err = {k: [] for k in grids}
     err_by_layer = [[] for _ in range(L)]
     for i, case in enumerate(sel):
         s = prepare(m, case, seed=i, n_samples=5)
@@ -93,14 +97,14 @@ def main():
         err_noflip += list(err[mv & ~fl])
         for l in range(L):
             err_by_layer[l] += list(err.reshape(L, E)[l][moved[l].numpy()])
-        for kind in grid_corr:
-            g = moelens.attribute_layers(m, s, kind=kind)
-            t = moelens.trace_layers(m, s, kind=kind, progress=False)
+        for kind, direction in grid_corr:
+            g = moelens.attribute_layers(m, s, kind=kind, direction=direction)
+            t = moelens.trace_layers(m, s, kind=kind, direction=direction, progress=False)
             gx, gy = g.scores.flatten().numpy(), t.scores.flatten().numpy()
-            keep = np.abs(gy - s.corrupted) > 1e-6
+            keep = np.abs(gy - (s.corrupted if direction == "restore" else s.clean)) > 1e-6
             if keep.sum() >= 3:
-                grid_corr[kind].append(np.corrcoef(gx[keep], gy[keep])[0, 1])
-            grid_err[kind] += list(np.abs(gx - gy)[keep] / abs(span))
+                grid_corr[kind, direction].append(np.corrcoef(gx[keep], gy[keep])[0, 1])
+            grid_err[kind, direction] += list(np.abs(gx - gy)[keep] / abs(span))
         if (i + 1) % 10 == 0:
             print(f"{i + 1} facts done", flush=True)
     need = np.array(need_n)
@@ -115,9 +119,9 @@ def main():
     print(f"normalised |estimate - exact| of pairs with a non-zero delta: with a downstream routing flip "
           f"mean {np.mean(err_flip):.3f} (n={len(err_flip)}), without mean {np.mean(err_noflip):.3f} (n={len(err_noflip)})")
     print("  by layer: " + ", ".join(f"L{l} {np.mean(v):.3f} (n={len(v)})" for l, v in enumerate(err_by_layer) if v))
-    for kind in grid_corr:
-        print(f"layer grid ({kind}): correlation over changed cells median {np.median(grid_corr[kind]):.3f}; "
-              f"normalised |error| mean {np.mean(grid_err[kind]):.3f}")
+    for kind, direction in grid_corr:
+        print(f"layer grid ({kind}, {direction}): correlation over changed cells median {np.median(grid_corr[kind, direction]):.3f}; "
+              f"normalised |error| mean {np.mean(grid_err[kind, direction]):.3f}")
 
 
 if __name__ == "__main__":

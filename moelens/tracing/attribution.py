@@ -31,7 +31,6 @@ corrupted run). See ``docs/attribution.md`` for measurements on the bundled mode
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 
 from moelens.tracing.cases import FactCase
+from moelens.tracing.engine import base_names_filter, frozen_parameters
 from moelens.tracing.trace import (
     KIND_HOOKS, LayerTraceResult, PositionSpec, TraceResult, TraceSetup, _common, prepare, resolve_positions,
     routed_sets,
@@ -49,31 +49,20 @@ _SINGLE = ("last", "subject_last")  # position specs that give one position (2-D
 
 
 def attribution_names_filter(name: str) -> bool:
-    """What the clean and corrupted runs of an attribution must cache: the expert hooks (for the
-    contributions) and the three restorable block outputs (for :func:`attribute_layers`)."""
-    return name.endswith(("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_mlp_out",
-                          "hook_attn_out", "hook_resid_post"))
+    """What the clean and corrupted runs of an attribution must cache: what the suffix engine needs
+    (residuals, block outputs, keys/values or recurrent state: the gradient pass and the exact
+    verification run on it) and the expert hooks the contributions are built from."""
+    return base_names_filter(name) or name.endswith(("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
 
 
-@contextmanager
-def _frozen(model):
-    """Parameters without ``requires_grad`` for the duration (the backward then keeps no activation
-    that only a weight gradient would need); restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+_frozen = frozen_parameters  # parameters without requires_grad for the duration of a backward
 
 
 def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_filter, kinds: Sequence[str],
                                  cache_device=None):
     """The corrupted run, cached as ``prepare`` caches it, and in the same forward (one backward more)
-    the gradients of each row's metric with respect to the ``kinds`` hooks of every layer:
-    ``(logits, cache, {hook name: [n_samples, pos, d_model] fp32})``. See :func:`corrupted_gradients`."""
+    the gradients of each row's metric with respect to the ``kinds`` hooks of every layer at every
+    position: ``(logits, cache, {hook name: [n_samples, pos, d_model] fp32})``. See :func:`corrupted_gradients`."""
     from moelens import patching as P
 
     names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
@@ -97,18 +86,11 @@ def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_fi
     return logits.detach(), cache, out
 
 
-def _gradients(model, setup: TraceSetup, kinds: Sequence[str]) -> dict[str, Tensor]:
-    """The setup's gradients when ``prepare(..., gradients=kinds)`` took them, else a new pass."""
-    have = getattr(setup, "gradients", None) or {}
-    names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
-    if all(n in have for n in names):
-        return have
-    return corrupted_gradients(model, setup, kinds)
-
-
 def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",)) -> dict[str, Tensor]:
     """Gradients ``[n_samples, pos, d_model]`` (fp32) of each corrupted run's metric with respect to
-    ``blocks.{l}.hook_{mlp_out|attn_out|resid_post}`` for every layer, from one forward and one backward.
+    ``blocks.{l}.hook_{mlp_out|attn_out|resid_post}`` for every layer and position, from one whole
+    forward and one backward through plain hooks (the reference the suffix pass of
+    :func:`suffix_gradients` is tested against).
 
     Each hook adds a zero leaf that requires grad (so the gradient is that of the hooked activation,
     whatever ``requires_grad`` the parameters have); parameters are frozen during the pass, so the
@@ -117,13 +99,29 @@ def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",
     return corrupted_run_with_gradients(model, batch, setup.corrupt(), setup.metric, lambda name: False, kinds)[2]
 
 
-def _slot_dots(cache, layer: int, grad: Tensor, positions: list[int]) -> Tensor:
+def suffix_gradients(model, setup: TraceSetup, kinds: Sequence[str], p0: int,
+                     direction: str = "restore") -> dict[str, Tensor]:
+    """Gradients ``[rows, T - p0, d_model]`` (fp32) of the metric with respect to
+    ``blocks.{l}.hook_{kind}`` at positions ``p0..T-1``: of each corrupted run (``"restore"``, rows =
+    noise samples) or of the clean run (``"necessity"``, one row). From the gradients ``prepare(...,
+    gradients=kinds)`` took when it has them; otherwise one forward and backward of the positions
+    ``p0..T-1`` only (:meth:`SuffixEngine.gradients`; the same gradients, since nothing before
+    ``p0`` depends on what comes after it): for the last position, one token per layer."""
+    names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
+    have = (getattr(setup, "gradients", None) or {}) if direction == "restore" else {}
+    if all(n in have for n in names):
+        return {n: have[n][:, p0:] for n in names}
+    return setup.engine(model, direction).gradients(p0, [KIND_HOOKS[k] for k in kinds])
+
+
+def _slot_dots(cache, layer: int, g: Tensor, positions: list[int]) -> Tensor:
     """``sum_e [e routed] w_e g . E_e(x)`` per expert: ``g . c_e`` ``[n_samples, len(positions), n_experts]``
-    for ``grad [n_samples, pos, d]`` against ``cache``'s contributions (batch 1 or n_samples)."""
+    for gradients ``g [n_samples, len(positions), d]`` at ``positions`` against ``cache``'s
+    contributions (batch 1 or n_samples)."""
     idx = cache[f"blocks.{layer}.mlp.hook_expert_indices"][:, positions]  # [b, P, k]
     w = cache[f"blocks.{layer}.mlp.hook_expert_weights"][:, positions].float()
     out = cache[f"blocks.{layer}.mlp.hook_expert_out"][:, positions].float()  # [b, P, k, d]
-    g = grad[:, positions].to(out.device)  # [S, P, d]
+    g = g.to(out.device)  # [S, P, d]
     if out.shape[0] == 1:  # the clean run: one row against every sample's gradient
         dots = torch.einsum("spd,pkd->spk", g, out[0]) * w[0]  # [S, P, k]
         idx = idx[0].expand(g.shape[0], -1, -1)
@@ -215,7 +213,9 @@ class LayerAttributionResult(LayerTraceResult):
 
     def plot(self, title: Optional[str] = None):
         what = {"mlp": "MoE output", "resid": "residual stream", "attn": "attention output"}[self.kind]
-        return super().plot(title=title or f"Attribution estimate: {what} restored at one (layer, token)")
+        done = ("restored at one (layer, token) of the corrupted run" if self.direction == "restore"
+                else "corrupted at one (layer, token) of the clean run")
+        return super().plot(title=title or f"Attribution estimate: {what} {done}")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "LayerAttributionResult":
@@ -307,22 +307,25 @@ def attribute_experts(
     estimate of restoring that expert at that one position. NaN on dense layers. ``case``: a
     :class:`~moelens.FactCase` (then ``noise=``, ``seed=``, ``n_samples=``, ``sigma=``... as for
     :func:`~moelens.trace_experts`) or a :class:`~moelens.TraceSetup` from :func:`moelens.tracing.prepare`.
+    The backward runs over positions ``min(positions)..T-1`` only (:func:`suffix_gradients`).
     """
     setup = case if isinstance(case, TraceSetup) else prepare(
-        model, case, names_filter=attribution_names_filter, gradients=("mlp",), **prepare_kwargs)
+        model, case, names_filter=attribution_names_filter, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     single = _check_single(positions)
-    grads = _gradients(model, setup, ("mlp",))
+    p0 = min(pos)
+    rel = [p - p0 for p in pos]
+    grads = suffix_gradients(model, setup, ("mlp",), p0)
     L, E = model.cfg.n_layers, model.cfg.n_experts
     scores = torch.full((L, len(pos), E), float("nan"))
     layer_scores = torch.empty(L, len(pos))
     clean_routed = []
     with torch.no_grad():
         for l in range(L):
-            g = grads[f"blocks.{l}.hook_mlp_out"]
             name = f"blocks.{l}.hook_mlp_out"
+            g = grads[name][:, rel]  # [S, P, d]
             d = setup.clean_cache[name][:, pos].float().to(g.device) - setup.corrupted_cache[name][:, pos].float().to(g.device)
-            layer_scores[l] = setup.corrupted + (g[:, pos] * d).sum(-1).mean(0).cpu()
+            layer_scores[l] = setup.corrupted + (g * d).sum(-1).mean(0).cpu()
             if l in model.cfg.moe_layers:
                 est = _slot_dots(setup.clean_cache, l, g, pos) - _slot_dots(setup.corrupted_cache, l, g, pos)
                 scores[l] = setup.corrupted + est.mean(0).cpu()
@@ -343,28 +346,52 @@ def attribute_layers(
     *,
     kind: str = "mlp",
     positions: PositionSpec = "all",
+    direction: str = "restore",
+    window: int = 1,
     **prepare_kwargs,
 ) -> LayerAttributionResult:
-    """First-order estimate of :func:`~moelens.trace_layers` (``window=1``, ``direction="restore"``):
-    ``scores[l, p] = corrupted + mean_s g_s . (h_clean - h_corrupted_s)`` for ``h`` the ``kind`` hook
-    (``mlp``: ``hook_mlp_out``, ``attn``: ``hook_attn_out``, ``resid``: ``hook_resid_post``) at (l, p)."""
+    """First-order estimate of :func:`~moelens.trace_layers` (``window=1``) for ``h`` the ``kind``
+    hook (``mlp``: ``hook_mlp_out``, ``attn``: ``hook_attn_out``, ``resid``: ``hook_resid_post``) at
+    each (layer, position):
+
+    * ``direction="restore"``: ``scores[l, p] = corrupted + mean_s g_s . (h_clean - h_corrupted_s)``,
+      ``g_s`` the gradient of corrupted run ``s``'s metric;
+    * ``direction="necessity"``: ``scores[l, p] = clean + mean_s g_clean . (h_corrupted_s - h_clean)``,
+      ``g_clean`` the gradient of the clean run's metric (one row: cheaper still).
+
+    ``window`` must be 1: the first-order estimate of restoring several layers at once is not the
+    sum of their single-layer terms (each layer's gradient includes the paths through the later
+    layers of the window, which the restoration cuts), and computing it takes one extra pass per
+    cell, which is what the exact suffix engine costs: use ``trace_layers(window=w)``."""
     if kind not in KIND_HOOKS:
         raise ValueError(f"kind={kind!r}: use one of {sorted(KIND_HOOKS)}")
+    if direction not in ("restore", "necessity"):
+        raise ValueError(f"direction={direction!r}: use 'restore' or 'necessity'")
+    if window != 1:
+        raise ValueError(
+            f"window={window!r}: attribution estimates single-layer cells only. Restoring a window is not "
+            f"the sum of its layers' first-order terms, and its own estimate costs a pass per cell, as much "
+            f"as the exact result: use moelens.trace_layers(model, case, window={window!r}) (exact, suffix engine)")
     setup = case if isinstance(case, TraceSetup) else prepare(
-        model, case, names_filter=attribution_names_filter, gradients=(kind,), **prepare_kwargs)
+        model, case, names_filter=attribution_names_filter, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
-    grads = _gradients(model, setup, (kind,))
+    p0 = min(pos)
+    rel = [p - p0 for p in pos]
+    grads = suffix_gradients(model, setup, (kind,), p0, direction=direction)
     L = model.cfg.n_layers
     scores = torch.empty(L, len(pos))
+    base = setup.corrupted if direction == "restore" else setup.clean
     with torch.no_grad():
         for l in range(L):
             name = f"blocks.{l}.hook_{KIND_HOOKS[kind]}"
-            g = grads[name][:, pos]
-            d = setup.clean_cache[name][:, pos].float().to(g.device) - setup.corrupted_cache[name][:, pos].float().to(g.device)
-            scores[l] = setup.corrupted + (g * d).sum(-1).mean(0).cpu()
-    settings = {**setup.settings, "kind": kind, "window": 1, "direction": "restore", "positions": positions,
+            g = grads[name][:, rel]
+            clean = setup.clean_cache[name][:, pos].float().to(g.device)
+            corrupted = setup.corrupted_cache[name][:, pos].float().to(g.device)
+            d = clean - corrupted if direction == "restore" else corrupted - clean
+            scores[l] = base + (g * d).sum(-1).mean(0).cpu()
+    settings = {**setup.settings, "kind": kind, "window": 1, "direction": direction, "positions": positions,
                 "method": "attribution"}
-    return LayerAttributionResult(scores=scores, layers=list(range(L)), positions=pos, kind=kind,
+    return LayerAttributionResult(scores=scores, layers=list(range(L)), positions=pos, kind=kind, direction=direction,
                                   **{**_common(setup), "settings": settings})
 
 
@@ -375,12 +402,16 @@ def verify_pairs(model, setup: TraceSetup, pairs: Sequence[tuple[int, int]], pos
     by_layer: dict[int, list[int]] = {}
     for l, e in pairs:
         by_layer.setdefault(int(l), []).append(int(e))
-    exact, layer_exact = {}, {}
+    items, keys = [], []
     for l, experts in sorted(by_layer.items()):
-        deltas = [setup.layer_delta(l, positions)] + [setup.expert_delta(l, [e], positions) for e in experts]
-        vals = setup.restore_scores(model, l, deltas, positions, max_rows=max_rows)
-        layer_exact[l] = float(vals[0])
-        exact.update({(l, e): float(v) for e, v in zip(experts, vals[1:])})
+        items.append((l, setup.layer_delta(l, positions)))
+        keys.append(l)
+        for e in experts:
+            items.append((l, setup.expert_delta(l, [e], positions)))
+            keys.append((l, e))
+    vals = setup.restore_scores_at(model, items, positions, max_rows=max_rows)  # every layer in one pass
+    exact = {k: float(v) for k, v in zip(keys, vals) if isinstance(k, tuple)}
+    layer_exact = {k: float(v) for k, v in zip(keys, vals) if not isinstance(k, tuple)}
     return exact, layer_exact
 
 
@@ -398,7 +429,8 @@ def screen_experts(
     highest estimates exactly (suffix runs, equal to :func:`~moelens.trace_experts`). ``layers``:
     screen only these sparse layers (default: all). ``positions``: as for ``trace_experts`` (a set of
     positions is restored jointly; its estimate is the sum of the per-position first-order terms)."""
-    setup = case if isinstance(case, TraceSetup) else prepare(model, case, gradients=("mlp",), **prepare_kwargs)
+    setup = case if isinstance(case, TraceSetup) else prepare(
+        model, case, names_filter=attribution_names_filter, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     a = attribute_experts(model, setup, positions=pos)  # [L, P, E] per position
     est = setup.corrupted + (a.scores - setup.corrupted).sum(1)  # joint first-order estimate
@@ -432,4 +464,4 @@ def screen_experts(
 
 
 __all__ = ["ExpertAttributionResult", "LayerAttributionResult", "ScreenResult", "attribute_experts",
-           "attribute_layers", "corrupted_gradients", "screen_experts", "verify_pairs"]
+           "attribute_layers", "corrupted_gradients", "screen_experts", "suffix_gradients", "verify_pairs"]

@@ -17,6 +17,7 @@ rounding (tested on every architecture and tracing entry point).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -58,7 +59,7 @@ class SuffixEngine:
     def _block(self, layer: int, state: Tensor, samples: Tensor, p: int, edit=None) -> Tensor:
         """Block ``layer`` on suffix ``state [R, T-p, d]`` (rows from base samples ``samples``).
 
-        ``edit(kind, value, rows_slice)`` may change ``"attn_out"``, ``"mlp_out"`` or ``"resid_post"``.
+        ``edit(kind, value)`` may change ``"attn_out"``, ``"mlp_out"`` or ``"resid_post"``.
         """
         block = self.model.blocks[layer]
         state = state.to(block.ln1.w.device)  # blocks may sit on different devices (device_map)
@@ -101,20 +102,76 @@ class SuffixEngine:
             return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.W_U[ids]))
         return self.metric(self.model.unembed(x))
 
+    # -------------------------------------------------------------- gradients on a suffix
+    def gradients(self, p: int, kinds: Sequence[str]) -> dict[str, Tensor]:
+        """Gradients ``[batch, T - p, d_model]`` (fp32) of each base row's metric with respect to
+        ``blocks.{l}.hook_{kind}`` (``kind`` in ``"attn_out"``, ``"mlp_out"``, ``"resid_post"``) at
+        positions ``p..T-1``, for every layer: one forward and one backward of the suffix only.
+
+        Exact, not an approximation: an activation at position ``q >= p`` influences the metric only
+        through positions ``>= q`` (causal attention), so the graph of positions ``p..T-1`` - with
+        the base run's keys/values (or recurrent state) of earlier positions as constants - holds
+        every path from it to the metric. For the last position alone that is one token per layer
+        instead of the whole sequence. Parameters are frozen during the pass and each hooked value
+        gets a zero leaf, so the graph holds only what these input gradients need."""
+        bad = [k for k in kinds if k not in ("attn_out", "mlp_out", "resid_post")]
+        if bad:
+            raise ValueError(f"gradients of {bad}: use 'attn_out', 'mlp_out' or 'resid_post'")
+        L = self.model.cfg.n_layers
+        rows = torch.arange(self.base.batch)
+        leaves: dict[str, Tensor] = {}
+        with frozen_parameters(self.model), torch.enable_grad():
+            base = self.base.get("blocks.0.hook_resid_pre")
+            state = base[:, p:].to(self.model.blocks[0].ln1.w.device)
+            for j in range(L):
+                def edit(what, value, j=j):
+                    if what not in kinds:
+                        return value
+                    z = torch.zeros_like(value, requires_grad=True)
+                    leaves[f"blocks.{j}.hook_{what}"] = z
+                    return value + z
+                state = self._block(j, state, rows, p, edit)
+            value = self._finish(state)
+            grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
+        return {n: (torch.zeros_like(z, dtype=torch.float32) if g is None else g.float())
+                for (n, z), g in zip(leaves.items(), grads)}
+
     # -------------------------------------------------------------- from a resid_post edit
     def run_from_resid_post(self, layer: int, p: int, deltas: Tensor, samples: Tensor) -> Tensor:
         """Rows whose ``resid_post`` of ``layer`` at positions ``>= p`` is the base's plus
         ``deltas [R, T-p, d]``; returns the metric per row."""
-        out = []
-        for lo in range(0, deltas.shape[0], self.max_rows):
-            d, s = deltas[lo : lo + self.max_rows], samples[lo : lo + self.max_rows]
-            base = self.base.get(f"blocks.{layer}.hook_resid_post")
-            device = self.model.W_E.device
-            state = base[(s % self.base.batch).to(base.device), p:].to(device) + d.to(device, self._dtype)
-            for j in range(layer + 1, self.model.cfg.n_layers):
-                state = self._block(j, state, s, p)
-            out.append(self._finish(state))
-        return torch.cat(out)
+        return self.run_from_resid_posts(torch.full((deltas.shape[0],), int(layer)), p, deltas, samples)
+
+    def run_from_resid_posts(self, layers: Tensor, p: int, deltas: Tensor, samples: Tensor) -> Tensor:
+        """As :meth:`run_from_resid_post`, row ``r`` edited after layer ``layers[r]``: rows of
+        different layers share one pass (a row joins the batch at the first block it changes, so
+        each block is called once per chunk of rows, not once per edited layer)."""
+        L = self.model.cfg.n_layers
+        layers = torch.as_tensor(layers, dtype=torch.long).cpu()
+        order = torch.argsort(layers, stable=True)
+        out = torch.empty(len(order))
+        device = self.model.W_E.device
+        for lo in range(0, len(order), self.max_rows):
+            idx = order[lo : lo + self.max_rows]
+            ls, s = layers[idx], samples[idx]
+            d = deltas[idx.to(deltas.device)]
+            state: Optional[Tensor] = None
+            joined = torch.empty(0, dtype=torch.long)
+            first = int(ls[0])
+            for j in range(first + 1, L + 1):
+                # join the rows edited after block j - 1 (contiguous: the rows are sorted by layer)
+                a, b = int(torch.searchsorted(ls, j - 1)), int(torch.searchsorted(ls, j - 1, right=True))
+                if b > a:
+                    base = self.base.get(f"blocks.{j - 1}.hook_resid_post")
+                    new = base[(s[a:b] % self.base.batch).to(base.device), p:].to(device) + d[a:b].to(device, self._dtype)
+                    state = new if state is None else torch.cat([state.to(new.device), new])
+                    joined = torch.cat([joined, s[a:b]])
+                if j < L:
+                    state = self._block(j, state, joined, p)
+            out[lo : lo + len(idx)] = self._finish(state).float().cpu()
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
 
     @property
     def _dtype(self):
@@ -185,6 +242,20 @@ class SuffixEngine:
         for b, i in enumerate(order):
             out[i * n_samples : (i + 1) * n_samples] = values[b * n_samples : (b + 1) * n_samples]
         return out
+
+
+@contextmanager
+def frozen_parameters(model):
+    """Parameters without ``requires_grad`` for the duration (a backward then keeps no activation
+    that only a weight gradient would need); restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def base_run(model, tokens: Tensor, fwd_hooks=(), names_filter=base_names_filter) -> tuple[Tensor, BaseRun]:

@@ -300,7 +300,7 @@ def screen_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layers: 
     from moelens.tracing.attribution import attribute_experts
 
     setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,
-                    prepend_bos=cfg.prepend_bos, sigma=sigma, gradients=("mlp",))
+                    prepend_bos=cfg.prepend_bos, sigma=sigma)
     pos = resolve_positions(cfg.position, setup.tokenized)
     a = attribute_experts(model, setup, positions=pos)
     # a set of positions is restored jointly: the first-order estimate is the sum over positions
@@ -321,7 +321,7 @@ def expert_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layer: i
     from moelens.tracing.attribution import screen_experts
 
     setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,
-                    prepend_bos=cfg.prepend_bos, sigma=sigma, gradients=("mlp",))
+                    prepend_bos=cfg.prepend_bos, sigma=sigma)
     s = screen_experts(model, setup, n_verify=cfg.n_verify, positions=cfg.position, layers=[layer])
     pos = resolve_positions(cfg.position, setup.tokenized)
     clean_routed, noise_routed, _ = routed_sets(setup, layer, pos)

@@ -59,6 +59,9 @@ class TraceSetup:
     settings: dict
     _slots: dict = field(default_factory=dict, repr=False, compare=False)  # memo of _slots_at per layer/positions
     gradients: Optional[dict] = field(default=None, repr=False, compare=False)  # prepare(..., gradients=kinds)
+    # the metric of each corrupted run ``[n_samples]`` (their mean is ``corrupted``): the value of any
+    # row whose patch is zero, which the sweeps then do not run (None: every row is run)
+    corrupted_samples: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def metric(self):
@@ -108,13 +111,32 @@ class TraceSetup:
 
     def restore_scores(self, model, layer: int, deltas: list[Tensor], positions: list[int], max_rows: int = 512) -> Tensor:
         """Mean metric for each resid_post delta ``[n_samples, T-p0, d]`` added after ``layer``."""
+        return self.restore_scores_at(model, [(layer, d) for d in deltas], positions, max_rows=max_rows)
+
+    def restore_scores_at(self, model, items: Sequence[tuple[int, Tensor]], positions: list[int],
+                          max_rows: int = 512) -> Tensor:
+        """Mean metric for each ``(layer, delta)``: the resid_post delta ``[n_samples, T-p0, d]`` added
+        after ``layer``. Items of different layers share one engine pass."""
         n = self.n_samples
-        eng = self.engine(model, max_rows=max_rows)
-        stacked = torch.cat(deltas) if deltas else torch.empty(0)
-        samples = torch.arange(n).repeat(len(deltas))
-        with torch.no_grad():
-            vals = eng.run_from_resid_post(layer, min(positions), stacked, samples)
-        return vals.reshape(len(deltas), n).mean(-1).cpu()
+        if not items:
+            return torch.empty(0)
+        stacked = torch.cat([d for _, d in items])
+        layers = torch.tensor([int(l) for l, _ in items]).repeat_interleave(n)
+        samples = torch.arange(n).repeat(len(items))
+        vals = torch.empty(len(samples))
+        run = torch.ones(len(samples), dtype=torch.bool)
+        if self.corrupted_samples is not None:
+            # a row whose delta is exactly zero (an expert routed neither in the clean run nor in
+            # that noise sample) is the corrupted run itself: its value is known, nothing to run
+            run = stacked.flatten(1).ne(0).any(1).cpu()
+            vals[~run] = self.corrupted_samples[samples[~run]]
+        if run.any():
+            eng = self.engine(model, max_rows=max_rows)
+            rows = run.nonzero().flatten()
+            with torch.no_grad():
+                vals[rows] = eng.run_from_resid_posts(layers[rows], min(positions), stacked[rows.to(stacked.device)],
+                                                      samples[rows])
+        return vals.reshape(len(items), n).mean(-1)
 
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,10 +256,12 @@ def prepare(
             corrupted_logits, corrupted_cache = model.run_with_cache(
                 batch, names_filter=names_filter, fwd_hooks=P.to_hooks(model, [corrupt]), device=cache_device
             )
+    per_sample = metric(corrupted_logits).detach().float().cpu()
     return TraceSetup(
         case=case, tokenized=tc, tokens=tokens, noise=scaled, sigma=float(sigma),
-        clean=float(metric(clean_logits).mean()), corrupted=float(metric(corrupted_logits).mean()),
+        clean=float(metric(clean_logits).mean()), corrupted=float(per_sample.mean()),
         clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings, gradients=grads,
+        corrupted_samples=per_sample,
     )
 
 

@@ -206,3 +206,82 @@ def test_gradients_taken_in_the_corrupted_run_equal_a_separate_pass(tiny_dirs):
                                moelens.attribute_experts(model, plain).scores, equal_nan=True, atol=1e-5, rtol=0)
     torch.testing.assert_close(moelens.attribute_layers(model, joint, kind="attn").scores,
                                moelens.attribute_layers(model, plain, kind="attn").scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen3_next", "gpt_oss"])
+def test_suffix_gradients_equal_the_whole_backward(tiny_dirs, name):
+    """The gradients attribution uses come from a pass over positions p0..T-1 only; they equal the
+    whole corrupted run's backward at those positions (hybrid linear attention and sliding-window
+    attention with sinks included), for every kind and several p0."""
+    from moelens.tracing.attribution import corrupted_gradients, suffix_gradients
+
+    model = _load(tiny_dirs, name)
+    z = torch.randn(3, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(7))
+    setup = prepare(model, CASE, noise=z)
+    kinds = ("mlp", "attn", "resid")
+    full = corrupted_gradients(model, setup, kinds)
+    T = setup.tokens.shape[1]
+    for p0 in (0, 3, T - 2, T - 1):
+        got = suffix_gradients(model, setup, kinds, p0)
+        assert set(got) == set(full)
+        for n, g in full.items():
+            assert got[n].shape == (3, T - p0, model.cfg.d_model)
+            scale = max(1.0, float(g.abs().max()))
+            assert (got[n] - g[:, p0:]).abs().max() < 1e-4 * scale, (p0, n)
+    assert float(full["blocks.0.hook_mlp_out"][:, -1].abs().max()) > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe"])
+def test_necessity_estimate_equals_autograd_on_the_clean_run(tiny_dirs, name):
+    model = _load(tiny_dirs, name)
+    z = torch.randn(3, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    sigma = 3.0 * float(model.W_E.detach().std())
+    _, clean, corr, _ = reference(model, CASE, z, sigma)
+    tc = tokenize_case(model.tokenizer, CASE, prepend_bos=model.default_prepend_bos())
+    stored = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        stored[hook.name] = act
+
+    grad_names = lambda n: n.endswith(("hook_mlp_out", "hook_attn_out", "hook_resid_post"))  # noqa: E731
+    with torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        logits = model.run_with_hooks(tc.tokens, fwd_hooks=[("hook_embed", lambda a, hook: a.detach().requires_grad_(True)),
+                                                             (grad_names, keep)])
+        metric = logits[:, -1, tc.target_true_id] - logits[:, -1, tc.target_foil_id]
+        metric.sum().backward()
+    model.zero_grad(set_to_none=True)
+    clean_value = float(metric.detach())
+    for kind, hook in (("mlp", "hook_mlp_out"), ("attn", "hook_attn_out"), ("resid", "hook_resid_post")):
+        for positions in ("all", "last"):
+            got = moelens.attribute_layers(model, CASE, noise=z, kind=kind, direction="necessity", positions=positions)
+            assert got.direction == "necessity" and got.settings["direction"] == "necessity"
+            assert got.clean == pytest.approx(clean_value, abs=1e-4)
+            for l in range(model.cfg.n_layers):
+                name = f"blocks.{l}.{hook}"
+                g = stored[name].grad  # [1, T, d]
+                ref = clean_value + (g * (corr[name] - clean[name])).sum(-1).mean(0)  # [T]
+                want = ref if positions == "all" else ref[-1:]
+                assert (got.scores[l] - want).abs().max() < 1e-4, (kind, l, positions)
+    with pytest.raises(ValueError, match="trace_layers"):
+        moelens.attribute_layers(model, CASE, noise=z, window=3)
+    with pytest.raises(ValueError, match="direction"):
+        moelens.attribute_layers(model, CASE, noise=z, direction="denoise")
+
+
+def test_necessity_estimate_approaches_exact_for_vanishing_noise(tiny_dirs):
+    model = _load(tiny_dirs, "qwen3_moe")
+    z = torch.randn(2, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    std = float(model.W_E.detach().std())
+    ratios = []
+    for scale in (0.3, 0.03, 0.003):
+        setup = prepare(model, CASE, noise=z, sigma=scale * std)
+        est = moelens.attribute_layers(model, setup, kind="mlp", direction="necessity").scores
+        exact = moelens.trace_layers(model, setup, kind="mlp", direction="necessity", progress=False).scores
+        effect = float((exact - setup.clean).abs().max())
+        assert effect > 0
+        ratios.append(float((est - exact).abs().max()) / effect)
+    assert ratios[2] < ratios[1] < ratios[0] or ratios[2] < 1e-3
+    assert ratios[2] < 0.02, ratios

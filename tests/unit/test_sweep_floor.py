@@ -69,3 +69,62 @@ def test_expert_sweep_equals_the_plain_computation(model, monkeypatch):
     # the engine reads only the two declared rows of W_U: the whole-vocabulary unembedding is never called
     monkeypatch.setattr(model.unembed, "forward", lambda x: (_ for _ in ()).throw(AssertionError("full unembed")))
     moelens.trace_experts(model, setup, model.cfg.moe_layers[-1], progress=False)
+
+
+def test_rows_with_a_zero_patch_are_not_run(model, monkeypatch):
+    """An expert routed neither in the clean run nor in noise sample s has a zero delta in row s: the
+    sweep takes that row's value from the corrupted run instead of running it. The scores equal
+    running every row, and only the rows with a non-zero delta reach the engine."""
+    from dataclasses import replace
+
+    setup = prepare(model, CASE, seed=1, n_samples=4)
+    assert setup.corrupted_samples.shape == (4,)
+    assert float(setup.corrupted_samples.mean()) == pytest.approx(setup.corrupted, abs=1e-6)
+    every_row = replace(setup, corrupted_samples=None)
+    seen = []
+    real = SuffixEngine.run_from_resid_posts
+
+    def counting(self, layers, p, deltas, samples):
+        seen.append(len(samples))
+        return real(self, layers, p, deltas, samples)
+
+    monkeypatch.setattr(SuffixEngine, "run_from_resid_posts", counting)
+    T = setup.tokens.shape[1]
+    for layer in model.cfg.moe_layers:
+        for positions in ("last", [T - 3, T - 1]):
+            seen.clear()
+            fast = moelens.trace_experts(model, setup, layer, positions=positions, progress=False)
+            n_fast = sum(seen)
+            seen.clear()
+            slow = moelens.trace_experts(model, every_row, layer, positions=positions, progress=False)
+            assert sum(seen) == setup.n_samples * (model.cfg.n_experts + 1)  # every (expert, sample) and the layer
+            assert (fast.scores - slow.scores).abs().max() < 1e-5
+            assert fast.layer_score == pytest.approx(slow.layer_score, abs=1e-5)
+            pos = fast.positions
+            clean = setup.clean_cache.expert_mask(layer)[0, pos].any(0)  # [E]
+            noisy = setup.corrupted_cache.expert_mask(layer)[:, pos].any(1)  # [S, E]
+            nonzero = int((clean | noisy).sum())  # the rows whose delta is non-zero (an expert routed somewhere)
+            assert n_fast == setup.n_samples + nonzero < sum(seen)
+    full = moelens.trace_experts(model, setup, model.cfg.moe_layers[-1], progress=False, engine="full")
+    fast = moelens.trace_experts(model, setup, model.cfg.moe_layers[-1], progress=False)
+    assert (fast.scores - full.scores).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_next", "gpt_oss"])
+def test_rows_of_different_layers_share_one_pass(tiny_dirs, name):
+    """Verification batches the rows of every layer into one engine pass (rows join at the first
+    block they change); each row's value equals its own single-layer run, in any chunking."""
+    d, _ = tiny_dirs(name)
+    model = HookedMoETransformer.from_pretrained(d)
+    model.tokenizer = toy_tokenizer(256)
+    setup = prepare(model, CASE, seed=3, n_samples=2)
+    T = setup.tokens.shape[1]
+    for positions in ([T - 1], [T - 4, T - 1]):
+        items = []
+        for l in reversed(model.cfg.moe_layers):  # given out of layer order
+            items += [(l, setup.layer_delta(l, positions))] + [(l, setup.expert_delta(l, [e], positions)) for e in (0, 1)]
+        separate = torch.cat([setup.restore_scores(model, l, [dl], positions) for l, dl in items])
+        for max_rows in (512, 3):
+            joint = setup.restore_scores_at(model, items, positions, max_rows=max_rows)
+            assert (joint - separate).abs().max() < 1e-5, max_rows
+    assert (separate - setup.corrupted).abs().max() > 1e-3  # the patches do something
