@@ -7,11 +7,14 @@ was written on is shared). Measured side by side in one run:
 1. a 64-expert last-position exact sweep at one layer (``prepare`` + ``trace_experts``) against the
    floor that any method must run: the clean forward plus the 10-sample corrupted forward;
 2. screen (``attribute_experts``: every layer and expert, one backward) + exact verification of the
-   top 10, against exhaustive exact tracing of every sparse layer (``trace_experts`` per layer), both
-   as moelens runs it (a row whose patch is zero - an expert routed neither in the clean run nor in
-   that noise sample - is not run: it is the corrupted run) and running every (layer, expert,
-   sample) row, as the sweep did when issue #15 was filed;
-3. peak memory (extra RSS over the loaded model) of each.
+   top 10, against exhaustive exact tracing of every sparse layer three ways: ``trace_expert_grid``
+   (every layer in one sweep), ``trace_experts`` layer by layer (both skip a row whose patch is
+   zero - an expert routed neither in the clean run nor in that noise sample: it is the corrupted
+   run), and ``trace_experts`` layer by layer running every (layer, expert, sample) row, as the
+   sweep did when issue #15 was filed;
+3. the per-position grid ``[n_layers, n_positions, n_experts]``: ``attribute_experts(positions="all")``
+   (one backward over the whole prompt) against exact ``trace_expert_grid`` at every position;
+4. peak memory (extra RSS over the loaded model) of each.
 
     python benchmarks/attribution.py            # 16 layers x 64 experts (the issue's configuration)
     python benchmarks/attribution.py --layers 48 --experts 128 --top-k 8 --d-model 128   # Qwen3-30B-A3B's shape, narrow
@@ -45,6 +48,7 @@ def main():
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--no-per-position", action="store_true", help="skip the exact per-position grid (long on big configs)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -125,9 +129,22 @@ def main():
     t_sweep, _ = best_of(sweep, r)
     t_att, _ = best_of(lambda: moelens.attribute_experts(model, case, **kw), r)
     t_screen, sc = best_of(screen, r)
+    T = tokens.shape[1]
+    t_att_all, a_all = best_of(lambda: moelens.attribute_experts(model, case, positions="all", **kw), r)
+
+    def exact_per_position():  # [L, T, E]: trace_expert_grid at each position on one prepared setup
+        s = prepare(model, case, **kw)
+        return torch.stack([moelens.trace_expert_grid(model, s, positions=[p], progress=False).scores
+                            for p in range(T)], 1)
+
+    if not args.no_per_position:
+        t_exact_all, exact_all = best_of(exact_per_position, 1)
+        fin = torch.isfinite(exact_all)
+        corr_all = float(torch.corrcoef(torch.stack([a_all.scores[fin], exact_all[fin]]))[0, 1])
+    t_grid, grid = best_of(lambda: moelens.trace_expert_grid(model, case, progress=False, **kw), r)
     t_exh, ex = best_of(exhaustive, 1)
     t_every, ex_every = best_of(lambda: exhaustive(every_row=True), 1)
-    same = max(float((ex[l] - ex_every[l]).abs().max()) for l in ex)
+    same = max(max(float((ex[l] - ex_every[l]).abs().max()), float((ex[l] - grid.scores[l]).abs().max())) for l in ex)
     mem = {}
     exact = torch.stack([ex[l] for l in range(L)])
     top_exact = set(torch.argsort(exact.flatten(), descending=True)[:5].tolist())
@@ -142,11 +159,22 @@ def main():
           f"{t_sweep * 1e3:.0f} ms = {t_sweep / t_floor:.2f}x the floor (prepare alone {t_prep / t_floor:.2f}x)")
     print(f"attribution of every layer and expert: {t_att * 1e3:.0f} ms = {t_att / t_floor:.2f}x the floor")
     print(f"screen + verify top 10: {t_screen * 1e3:.0f} ms = {t_screen / t_floor:.2f}x the floor")
-    print(f"exhaustive exact ({len(model.cfg.moe_layers)} layers x {model.cfg.n_experts} experts): {t_exh * 1e3:.0f} ms = "
+    print(f"exhaustive exact, trace_expert_grid ({len(model.cfg.moe_layers)} layers x {model.cfg.n_experts} experts in "
+          f"one sweep): {t_grid * 1e3:.0f} ms = {t_grid / t_floor:.1f}x the floor -> screen + verify "
+          f"{t_grid / t_screen:.1f}x faster")
+    print(f"exhaustive exact, trace_experts layer by layer: {t_exh * 1e3:.0f} ms = "
           f"{t_exh / t_floor:.1f}x the floor -> screen + verify {t_exh / t_screen:.1f}x faster")
     print(f"exhaustive exact running every (layer, expert, sample) row: {t_every * 1e3:.0f} ms = "
           f"{t_every / t_floor:.1f}x the floor -> screen + verify {t_every / t_screen:.1f}x faster "
-          f"(max |difference| of the two exhaustive results {same:.1e})")
+          f"(max |difference| of the three exhaustive results {same:.1e})")
+    print(f"per-position expert grid [{L} layers, {T} positions, {model.cfg.n_experts} experts]: attribute_experts("
+          f"positions='all') {t_att_all * 1e3:.0f} ms = {t_att_all / t_floor:.1f}x the floor", end="")
+    if args.no_per_position:
+        print(" (exact per-position grid not measured: --no-per-position)")
+    else:
+        print(f"; exact (trace_expert_grid at each position) {t_exact_all * 1e3:.0f} ms = {t_exact_all / t_floor:.1f}x "
+              f"the floor -> attribution {t_exact_all / t_att_all:.1f}x faster; correlation(estimate, exact) over all "
+              f"cells {corr_all:.3f}")
     print(f"  this prompt: verified top-5 == exhaustive top-5: {top_screen == top_exact}; "
           f"correlation(estimate, exact) over all pairs {corr:.3f}")
     sys.stdout.flush()

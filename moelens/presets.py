@@ -20,9 +20,13 @@ exactly the published total (``PRESET_INFO[...]["published_params"]``, to 0.5 % 
 ``published_tolerance`` that the published rounding allows), in moelens and in transformers
 (``tests/unit/test_presets.py``). Fields that a parameter count cannot confirm
 (``num_experts_per_tok``, ``norm_topk_prob``, RoPE, eps, token ids, context length) are taken
-from the public checkpoint ``config.json`` as quoted in /work/shared/MOE_ARCHITECTURES.md
-(§2.6, §3.6, §4.6, §5.6, §6.6) and cross-checked against copies of the hub files found in
-public repositories; ``PRESET_INFO[...]["notes"]`` says which is which per model. Fields that
+from the public checkpoint ``config.json``: for the five first architectures as quoted in
+/work/shared/MOE_ARCHITECTURES.md (§2.6, §3.6, §4.6, §5.6, §6.6) and cross-checked against
+copies of the hub files found in public repositories; for Kimi-K2, GLM-4.5-Air and GLM-4.7-Flash
+checked field by field against public copies of their hub files (repository, path and commit in
+the notes); for GLM-4.5 the token ids and context length rest on the GLM-4.7 hub file and a
+published comparison of the two files, no copy of GLM-4.5's own file having been found.
+``PRESET_INFO[...]["notes"]`` says which is which per model. Fields that
 are inert for inference (``initializer_range``, ``router_aux_loss_coef``, ...) are kept so the
 dicts read like the real files.
 """
@@ -328,7 +332,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "aux_loss_alpha": 0.001,
         "bos_token_id": 163584,
         "eos_token_id": 163585,
-        "ep_size": 1,
         "first_k_dense_replace": 1,
         "hidden_act": "silu",
         "hidden_size": 7168,
@@ -448,12 +451,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "architectures": ["Glm4MoeLiteForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": 0,
+        "dtype": "bfloat16",
         "eos_token_id": [154820, 154827, 154829],
         "first_k_dense_replace": 1,
         "hidden_act": "silu",
         "hidden_size": 2048,
-        "initializer_range": 0.02,
         "intermediate_size": 10240,
         "kv_lora_rank": 512,
         "max_position_embeddings": 202752,
@@ -474,16 +476,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 192,
         "qk_rope_head_dim": 64,
         "rms_norm_eps": 1e-05,
-        "rope_interleave": True,
         "rope_scaling": None,
         "rope_theta": 1000000,
         "routed_scaling_factor": 1.8,
         "tie_word_embeddings": False,
         "topk_group": 1,
         "topk_method": "noaux_tc",
-        "torch_dtype": "bfloat16",
-        "transformers_version": "5.0.0.dev0",
-        "use_cache": True,
+        "transformers_version": "5.0.0rc0",
         "v_head_dim": 256,
         "vocab_size": 154880,
     },
@@ -591,9 +590,20 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
         "notes": (
             f"{_STRUCTURAL} (the count equals §9's 1026.4 B and its 32.86 B active); layers, widths, 64 heads, "
             "384 experts, top-8, n_group 1, routed_scaling_factor 2.827, first_k_dense_replace 1, rope base 5e4: "
-            "§4 (Megatron-Bridge KimiK2Provider, kimi-k25-tiny router fields). NOT verified: vocab 163840 "
-            "(confirmed only through the parameter count), the YaRN values (factor 32, beta 1/1, original 4096), "
-            "bos/eos ids and max_position. model_type kimi_k2 (no transformers class) is read as DeepSeek-V3"
+            "§4 (Megatron-Bridge KimiK2Provider, kimi-k25-tiny router fields). The other fields are the hub "
+            "config.json (transformers_version 4.48.3) as copied in public repositories: vocab 163840, bos/eos "
+            "163584/163585, max_position 131072, rms_norm_eps 1e-6 and YaRN (factor 32, beta_fast = beta_slow = 1, "
+            "mscale = mscale_all_dim = 1, original 4096) are in mfarisadip/Kimi-K2-Mini "
+            "k2-mini-broken/config_backup.json (commit 0fd6b81d91089f15b0217642272142a89590d0ae; the Instruct file "
+            "with only layers, experts, top-k and model_type edited) and in a verbatim copy of the file inside a "
+            "public model-inspection report whose repository the code search does not name (its weight table also "
+            "gives embed_tokens and lm_head [163840, 7168]); vocab and the YaRN values also equal "
+            "NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/models/kimi/kimi_provider.py (commit "
+            "1e59114075c83a04b94bed4f1f44e848e521024d: rotary_scaling_factor 32, beta_fast/beta_slow/mscale/"
+            "mscale_all_dim 1.0, vocab_size 163840). Neither copy has ep_size, so the preset has none; the hub's "
+            "auto_map (remote code) is omitted. Kimi-K2-Instruct-0905 is a different file (YaRN factor 64: "
+            "ParagEkbote/hf-model-inspector model_inspection_report.md). model_type kimi_k2 (no transformers "
+            "class) is read as DeepSeek-V3"
         ),
     },
     "zai-org/GLM-4.5": {
@@ -606,8 +616,15 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
             f"{_STRUCTURAL} up to the MTP layer (published 355 B includes it; the decoder alone is 352.8 B); "
             "shapes of zai-org/GLM-4.7 (= GLM-4.6, MOE_ARCHITECTURES_2026.md §5), which GLM-4.5 shares: 92 layers, "
             "hidden 5120, 96/8 heads of 128, partial_rotary_factor 0.5, attention_bias and use_qk_norm true, "
-            "160 experts + 1 shared, top-8, routed_scaling_factor 2.5, 3 dense layers, rope_theta 1e6. "
-            "max_position 131072 and token ids as in the GLM-4.5 hub file (recalled, not verified)"
+            "160 experts + 1 shared, top-8, routed_scaling_factor 2.5, 3 dense layers, rope_theta 1e6. Token ids "
+            "(pad 151329, eos [151329, 151336, 151338], no bos_token_id) and max_position 131072: no verbatim public "
+            "copy of the GLM-4.5 file was found. The zai-org/GLM-4.7 hub file (revision 602d01ef, as stored in "
+            "rengzhengcodes/SmolBench scripts/arch/arch_configs_raw.json, commit "
+            "a4d1710a298ac091b074a8131b00f71354163b79) has these token ids and every other field of this preset "
+            "except max_position 202752, the GLM-4.5-Air file has the same ids, and the same repository's "
+            "scripts/arch/research/glm.md (commit dff6f8abaf1ffd2d96e1778b48e8361f0f6216b4) reports that "
+            "GLM-4.5's config.json, re-fetched, equals GLM-4.7's field for field except max_position 131072; "
+            "corroborated, not read from a copy of the file"
         ),
     },
     "zai-org/GLM-4.5-Air": {
@@ -619,7 +636,10 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
         "notes": (
             f"{_STRUCTURAL}; GQA 96/8 heads of 128, partial_rotary_factor 0.5, attention_bias true, use_qk_norm "
             "false, 128 experts + 1 shared, top-8, routed_scaling_factor 1.0, rope_theta 1e6, rms_norm_eps 1e-5: "
-            "§5 (PrimeIntellect/INTELLECT-3, GLM-4.5-Air shaped). Token ids and max_position recalled"
+            "§5 (PrimeIntellect/INTELLECT-3, GLM-4.5-Air shaped). Token ids (pad 151329, eos [151329, 151336, "
+            "151338], no bos_token_id), max_position 131072 and every other field equal the hub file at revision "
+            "a24ceef6ce4f3536971efe9b778bdaa1bab18daa as stored in rengzhengcodes/SmolBench "
+            "scripts/arch/arch_configs_raw.json (commit a4d1710a298ac091b074a8131b00f71354163b79)"
         ),
     },
     "zai-org/GLM-4.7-Flash": {
@@ -630,7 +650,13 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
         "notes": (
             f"{_STRUCTURAL}; MLA q_lora 768 / kv_lora 512 / nope 192 / rope 64 / v 256, 20 heads, 64 experts + 1 "
             "shared, top-4, routed_scaling_factor 1.8, layer 0 dense, rope_theta 1e6 (no YaRN), rms_norm_eps 1e-5, "
-            "max_position 202752: §5 (derivatives with identical shapes). Token ids recalled, not verified"
+            "max_position 202752: §5 (derivatives with identical shapes). The preset is the hub file at revision "
+            "7dd20894a642a0aa287e9827cb1a1f7f91386b67 field for field, as stored in rengzhengcodes/SmolBench "
+            "scripts/arch/arch_configs_raw.json (commit a4d1710a298ac091b074a8131b00f71354163b79) and in a "
+            "verbatim copy inside a public model-inspection report: pad 154820, eos [154820, 154827, 154829], "
+            "max_position 202752. The file has no bos_token_id (the transformers and moelens class default 0 "
+            "applies), no rope_interleave (default true), initializer_range or use_cache, and writes dtype, "
+            "not torch_dtype"
         ),
     },
     "openai/gpt-oss-20b": {

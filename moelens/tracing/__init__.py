@@ -9,14 +9,14 @@ from moelens.tracing.attribution import (
 )
 from moelens.tracing.datasets import load_facts
 from moelens.tracing.trace import (
-    CoalitionResult, ExpertTraceResult, LayerTraceResult, TraceResult, TraceSetup, prepare, trace_coalitions,
-    trace_experts, trace_layers,
+    CoalitionResult, ExpertGridResult, ExpertTraceResult, LayerTraceResult, TraceResult, TraceSetup, prepare,
+    trace_coalitions, trace_expert_grid, trace_experts, trace_layers,
 )
 
 __all__ = [
     "ExpertAttributionResult", "LayerAttributionResult", "ScreenResult", "attribute_experts", "attribute_layers",
     "screen_experts",
-    "CoalitionResult", "ExpertTraceResult", "FactCase", "LayerTraceResult", "MultiTokenTargetWarning",
+    "CoalitionResult", "ExpertGridResult", "ExpertTraceResult", "FactCase", "LayerTraceResult", "MultiTokenTargetWarning",
     "SameTargetTokenWarning", "TokenizedCase", "TraceResult", "TraceSetup", "load_facts", "prepare",
-    "tokenize_case", "trace_coalitions", "trace_experts", "trace_layers",
+    "tokenize_case", "trace_coalitions", "trace_expert_grid", "trace_experts", "trace_layers",
 ]

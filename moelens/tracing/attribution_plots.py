@@ -22,9 +22,11 @@ def expert_attribution_heatmap(
     verified=None,
     title: Optional[str] = None,
     metric: str = "normalised rescue",
+    status: str = "estimate",
 ) -> go.Figure:
     """Heatmap ``rescue [n_layers, n_experts]`` (layers down, experts across); ``clean_routed[l]``:
-    experts to ring at layer ``l``; ``verified``: bool ``[n_layers, n_experts]`` of exact values."""
+    experts to ring at layer ``l``; ``verified``: bool ``[n_layers, n_experts]`` of exact values;
+    ``status``: what the other values are, named on hover (``"estimate"`` or ``"exact"``)."""
     z = np.asarray(rescue.detach().cpu() if isinstance(rescue, torch.Tensor) else rescue, dtype=float)
     if z.ndim != 2:
         raise ValueError(f"rescue must be [n_layers, n_experts], got shape {z.shape}")
@@ -34,7 +36,7 @@ def expert_attribution_heatmap(
     finite = zz[np.isfinite(zz)]
     m = float(np.abs(finite).max()) if finite.size else 1.0
     m = m if m > 0 else 1.0
-    status = np.full(zz.shape, "estimate", dtype=object)
+    status = np.full(zz.shape, status, dtype=object)
     if verified is not None:
         v = np.asarray(verified.cpu() if isinstance(verified, torch.Tensor) else verified, dtype=bool)[rows]
         status[v] = "exact"

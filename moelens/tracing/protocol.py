@@ -269,7 +269,8 @@ def screen_case(model, case: FactCase, cfg: ProtocolConfig, layers: Sequence[int
     setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,
                     prepend_bos=cfg.prepend_bos, sigma=sigma)
     pos = resolve_positions(cfg.position, setup.tokenized)
-    scores = [float(setup.restore_scores(model, l, [setup.layer_delta(l, pos)], pos)[0]) for l in layers]
+    # every layer's MoE output restored, the rows of all layers in one engine pass
+    scores = setup.restore_scores_at(model, [(l, setup.layer_delta(l, pos)) for l in layers], pos).tolist()
     keep = setup.clean >= cfg.min_clean and setup.clean - setup.corrupted >= cfg.min_drop
     return {
         "clean": setup.clean, "corrupted": setup.corrupted, "kept": bool(keep),

@@ -327,8 +327,9 @@ class TraceResult:
     @staticmethod
     def load(path: Union[str, Path]) -> "TraceResult":
         data = json.loads(Path(path).read_text())
-        cls = {c.__name__: c for c in (LayerTraceResult, ExpertTraceResult, CoalitionResult)}[data.pop("type")]
-        for key in ("scores", "curve"):
+        cls = {c.__name__: c for c in (LayerTraceResult, ExpertTraceResult, CoalitionResult, ExpertGridResult)}[
+            data.pop("type")]
+        for key in ("scores", "curve", "layer_scores"):
             if key in data and data[key] is not None:
                 data[key] = torch.tensor(data[key])
         return cls(**data)
@@ -571,6 +572,137 @@ def trace_experts(
         scores=scores, layer=layer, positions=pos, layer_score=float(values[0]), clean_routed=clean_routed,
         noise_routed=noise_routed, noise_routed_counts=counts,
         **{**_common(setup), "settings": {**setup.settings, "positions": positions}},
+    )
+
+
+@dataclass
+class ExpertGridResult(TraceResult):
+    """Exact :func:`trace_experts` of every sparse layer at once.
+
+    ``scores [n_layers, n_experts]``: the contrast with expert ``e``'s clean contribution restored at
+    layer ``l`` (``trace_experts(model, case, l).scores[e]``); NaN on dense and unselected layers.
+    ``layer_scores [n_layers]``: the whole MoE output restored. ``clean_routed[l]`` /
+    ``noise_routed[l]``: experts routed at the positions in the clean run / in at least one noise
+    sample (empty for dense layers)."""
+
+    scores: Tensor = None
+    layer_scores: Tensor = None
+    positions: list = field(default_factory=list)
+    clean_routed: list = field(default_factory=list)
+    noise_routed: list = field(default_factory=list)
+    method: str = "exact"
+
+    def top(self, n: int = 5) -> list[tuple[int, int, float]]:
+        """The ``n`` highest scores as ``(layer, expert, score)``."""
+        flat = torch.nan_to_num(self.scores, nan=-float("inf")).flatten()
+        order = torch.argsort(flat, descending=True)[:n]
+        E = self.scores.shape[1]
+        return [(int(i) // E, int(i) % E, float(flat[i])) for i in order if torch.isfinite(flat[i])]
+
+    def to_dataframe(self):
+        """One row per (layer, expert) of a traced layer: score, rescue and routing."""
+        import pandas as pd
+
+        rows = []
+        for l in range(self.scores.shape[0]):
+            if torch.isnan(self.scores[l]).all():
+                continue
+            for e in range(self.scores.shape[1]):
+                v = float(self.scores[l, e])
+                rows.append({"layer": l, "expert": e, "score": v, "rescue": float(self.rescue(v)),
+                             "clean_routed": e in self.clean_routed[l], "noise_routed": e in self.noise_routed[l],
+                             "method": self.method})
+        return pd.DataFrame(rows)
+
+    def plot(self, title: Optional[str] = None):
+        """Layers x experts heatmap of the normalised rescue (clean-routed experts ringed)."""
+        from moelens.tracing.attribution_plots import expert_attribution_heatmap
+
+        p = self.positions[-1]
+        return expert_attribution_heatmap(
+            self.rescue(self.scores), clean_routed=self.clean_routed, status="exact",
+            title=title or f"Restoring one expert's clean contribution at '{self.str_tokens[p]}' (position {p}), "
+                           f"every layer (exact)",
+        )
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ExpertGridResult":
+        data = json.loads(Path(path).read_text())
+        kind = data.pop("type")
+        if kind != cls.__name__:
+            raise ValueError(f"{path} holds a {kind}, not a {cls.__name__}")
+        for key in ("scores", "layer_scores"):
+            data[key] = torch.tensor(data[key], dtype=torch.float32)
+        return cls(**data)
+
+
+def trace_expert_grid(
+    model,
+    case: Union[FactCase, TraceSetup],
+    *,
+    layers: Optional[Sequence[int]] = None,
+    positions: PositionSpec = "last",
+    max_rows: int = 512,
+    progress: bool = True,
+    **prepare_kwargs,
+) -> ExpertGridResult:
+    """Exact :func:`trace_experts` for every expert of every sparse layer (or of ``layers``), in one
+    sweep: ``scores [n_layers, n_experts]``, equal to ``trace_experts(model, case, l).scores`` row by
+    row. Only the (layer, expert, noise sample) rows whose patch is non-zero are run (at most
+    ``2 * top_k`` per sample and layer: an expert routed in neither run leaves the corrupted run
+    unchanged), and the rows of all layers share the engine's passes (``max_rows`` rows at a time,
+    which also bounds the memory of the pending patches)."""
+    setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
+    pos = resolve_positions(positions, setup.tokenized)
+    L, E, n = model.cfg.n_layers, model.cfg.n_experts, setup.n_samples
+    layers = list(model.cfg.moe_layers) if layers is None else [_check_layer(model, l, sparse=True) for l in layers]
+    p0 = min(pos)
+    known = setup.corrupted_samples
+    # values [L, 1 + E, n]: column 0 the whole layer; rows not run keep the corrupted run's value
+    vals = torch.full((L, 1 + E, n), float("nan"))
+    pending: list[tuple[int, int, Tensor, Tensor]] = []  # (layer, column, samples, deltas [r, T-p0, d])
+    eng = setup.engine(model, max_rows=max_rows)
+
+    def flush():
+        if not pending:
+            return
+        ls = torch.cat([torch.full((len(sm),), l) for l, _, sm, _ in pending])
+        samples = torch.cat([sm for *_, sm, _ in pending])
+        deltas = torch.cat([d for *_, d in pending])
+        with torch.no_grad():
+            out = eng.run_from_resid_posts(ls, p0, deltas, samples)
+        i = 0
+        for l, col, sm, _ in pending:
+            vals[l, col, sm] = out[i : i + len(sm)]
+            i += len(sm)
+        pending.clear()
+
+    from tqdm.auto import tqdm
+
+    count = 0
+    for l in tqdm(layers, desc="expert grid", disable=not progress):
+        for col in range(1 + E):
+            delta = setup.layer_delta(l, pos) if col == 0 else setup.expert_delta(l, [col - 1], pos)
+            rows = torch.arange(n) if known is None else delta.flatten(1).ne(0).any(1).nonzero().flatten().cpu()
+            if known is not None:
+                vals[l, col] = known
+            if len(rows):
+                pending.append((l, col, rows, delta[rows.to(delta.device)]))
+                count += len(rows)
+            if count >= max_rows:
+                flush()
+                count = 0
+    flush()
+    means = vals.mean(-1)
+    scores = torch.full((L, E), float("nan"))
+    layer_scores = torch.full((L,), float("nan"))
+    scores[layers], layer_scores[layers] = means[layers, 1:], means[layers, 0]
+    clean_routed, noise_routed = [[] for _ in range(L)], [[] for _ in range(L)]
+    for l in layers:
+        clean_routed[l], noise_routed[l], _ = routed_sets(setup, l, pos)
+    return ExpertGridResult(
+        scores=scores, layer_scores=layer_scores, positions=pos, clean_routed=clean_routed, noise_routed=noise_routed,
+        **{**_common(setup), "settings": {**setup.settings, "positions": positions, "layers": layers}},
     )
 
 

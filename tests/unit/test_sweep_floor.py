@@ -128,3 +128,42 @@ def test_rows_of_different_layers_share_one_pass(tiny_dirs, name):
             joint = setup.restore_scores_at(model, items, positions, max_rows=max_rows)
             assert (joint - separate).abs().max() < 1e-5, max_rows
     assert (separate - setup.corrupted).abs().max() > 1e-3  # the patches do something
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_next", "gpt_oss", "deepseek_v2_lite"])
+def test_expert_grid_equals_trace_experts_layer_by_layer(tiny_dirs, name, tmp_path):
+    from moelens.tracing.trace import ExpertGridResult, TraceResult
+
+    if name.startswith("deepseek") and "DeepseekV2ForCausalLM" not in ARCHITECTURES:
+        pytest.skip("DeepSeek-V2 not registered")
+    d, _ = tiny_dirs(name)
+    model = HookedMoETransformer.from_pretrained(d)
+    model.tokenizer = toy_tokenizer(256)
+    setup = prepare(model, CASE, seed=5, n_samples=3)
+    T = setup.tokens.shape[1]
+    sparse = list(model.cfg.moe_layers)
+    for positions, max_rows in (("last", 512), ([T - 3, T - 1], 7)):
+        g = moelens.trace_expert_grid(model, setup, positions=positions, max_rows=max_rows, progress=False)
+        assert g.scores.shape == (model.cfg.n_layers, model.cfg.n_experts)
+        for l in range(model.cfg.n_layers):
+            if l not in sparse:
+                assert torch.isnan(g.scores[l]).all() and torch.isnan(g.layer_scores[l])
+                continue
+            r = moelens.trace_experts(model, setup, l, positions=positions, progress=False)
+            assert (g.scores[l] - r.scores).abs().max() < 1e-5, (positions, l)
+            assert float(g.layer_scores[l]) == pytest.approx(r.layer_score, abs=1e-5)
+            assert g.clean_routed[l] == r.clean_routed and g.noise_routed[l] == r.noise_routed
+    assert (g.scores[sparse] - setup.corrupted).abs().max() > 1e-3
+    one = moelens.trace_expert_grid(model, setup, layers=[sparse[-1]], progress=False)
+    assert torch.isnan(one.scores[sparse[0]]).all() and torch.isfinite(one.scores[sparse[-1]]).all()
+    (l, e, v), = one.top(1)
+    assert l == sparse[-1] and v == pytest.approx(float(one.scores[l].max()))
+    df = g.to_dataframe()
+    assert len(df) == len(sparse) * model.cfg.n_experts and set(df["method"]) == {"exact"}
+    back = TraceResult.load(g.save(tmp_path / "g.json"))
+    assert isinstance(back, ExpertGridResult) and torch.allclose(back.scores, g.scores, equal_nan=True)
+    fig = g.plot()
+    assert fig.data[0].z.shape == (len(sparse), model.cfg.n_experts) and "exact" in set(fig.data[0].customdata.flatten())
+    if sparse[0] != 0:
+        with pytest.raises(ValueError, match="dense"):
+            moelens.trace_expert_grid(model, setup, layers=[0], progress=False)
