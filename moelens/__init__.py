@@ -7,6 +7,9 @@
 
 __version__ = "0.1.0"
 
+import importlib as _importlib
+import importlib.util as _importlib_util
+
 
 def _load():
     """Import the public API (torch, transformers...). Deferred until a name is first used, so that
@@ -35,6 +38,11 @@ _loading = False
 
 def __getattr__(name):
     global _loading
+    # a submodule (``from moelens import loading`` inside moelens.model, ``moelens.presets``): import
+    # just it. Loading the whole API here would re-enter a module that is still initialising
+    # (``import moelens.model`` first in a fresh interpreter raised a circular ImportError).
+    if not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        return _importlib.import_module(f"{__name__}.{name}")
     # while loading (or for dunders), unknown names are submodules: let the import system find them
     if not _loading and "__all__" not in globals() and not (name.startswith("__") and name != "__all__"):
         _loading = True

@@ -149,13 +149,21 @@ def _audit(args) -> int:  # never called: `moelens audit ...` is handed to the a
     raise AssertionError("unreachable")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default; keeps the descriptions' line breaks."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default; keeps the descriptions' line breaks. Flags (``--bos``,
+    ``--no-bos``), options without a default (None) and help texts that already say what the
+    default is get no second, misleading ``(default: ...)``."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moelens", formatter_class=_Formatter,
+        prog="moelens", formatter_class=HelpFormatter,
         description="Mechanistic interpretability for sparse mixture-of-experts LMs: trace where facts live.",
         epilog="Each command writes one self-contained HTML report (report.html) into its output directory.\n"
                "`moelens COMMAND --help` lists a command's options.",
@@ -172,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write every figure as a static image of this format next to report.html "
                             "(needs kaleido and Chrome/Chromium)")
 
-    p = sub.add_parser("demo", parents=[common], formatter_class=_Formatter,
+    p = sub.add_parser("demo", parents=[common], formatter_class=HelpFormatter,
                        help="trace a few facts of the bundled model; write report.html",
                        description="Trace a few facts of the bundled moelens-tiny-facts model (layer sweep, expert "
                                    "tracing, coalitions), print a summary and write OUT/report.html.")
@@ -183,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_format(p)
     p.set_defaults(fn=_demo)
 
-    p = sub.add_parser("trace", parents=[common], formatter_class=_Formatter,
+    p = sub.add_parser("trace", parents=[common], formatter_class=HelpFormatter,
                        help="the expert-aware causal tracing protocol over a facts file (resumable)",
                        description="Screen every case, pick the layer and expert on discovery cases, evaluate them "
                                    "on validation cases (see docs/tracing.md). Rerun with the same --out to resume.")
@@ -216,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_format(p)
     p.set_defaults(fn=_trace)
 
-    p = sub.add_parser("merge", parents=[common], formatter_class=_Formatter,
+    p = sub.add_parser("merge", parents=[common], formatter_class=HelpFormatter,
                        help="recompute the summary and report of a `moelens trace` output directory (all ranks)",
                        description="Read a `moelens trace` output directory (every rank's results), recompute "
                                    "the summary and rewrite summary.csv, summary.json and report.html there.")

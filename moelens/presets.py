@@ -21,7 +21,7 @@ exactly the published total (``PRESET_INFO[...]["published_params"]``, to 0.5 % 
 (``tests/unit/test_presets.py``). Fields that a parameter count cannot confirm
 (``num_experts_per_tok``, ``norm_topk_prob``, RoPE, eps, token ids, context length) are taken
 from the public checkpoint ``config.json``: for the five first architectures as quoted in
-/work/shared/MOE_ARCHITECTURES.md (§2.6, §3.6, §4.6, §5.6, §6.6) and cross-checked against
+the project's architecture notes (not part of this repository; §2.6, §3.6, §4.6, §5.6, §6.6) and cross-checked against
 copies of the hub files found in public repositories; for Kimi-K2, GLM-4.5-Air and GLM-4.7-Flash
 checked field by field against public copies of their hub files (repository, path and commit in
 the notes); for GLM-4.5 the token ids and context length rest on the GLM-4.7 hub file and a

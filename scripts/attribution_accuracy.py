@@ -26,6 +26,7 @@ import torch
 import moelens
 from moelens import HookedMoETransformer
 from moelens.loading import bundled_models
+from moelens.tracing.engine import hooks_allowed
 from moelens.tracing.trace import prepare
 
 
@@ -40,7 +41,7 @@ def exact_with_flips(model, setup, layer, pos):
     hooks = [(f"blocks.{j}.mlp.hook_expert_indices", grab) for j in captured if j in model.cfg.moe_layers]
     deltas = [setup.expert_delta(layer, [e], pos) for e in range(E)]
     every_row = replace(setup, corrupted_samples=None)  # run zero-delta rows too: one captured row per (expert, sample)
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks), hooks_allowed():  # the hooks only read each row's routing
         scores = every_row.restore_scores(model, layer, deltas, pos, max_rows=10_000)
     flips = torch.zeros(E * n, dtype=torch.bool)
     samples = torch.arange(n).repeat(E)

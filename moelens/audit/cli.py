@@ -21,8 +21,10 @@ def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moelens.cli import HelpFormatter  # one help style: defaults shown once, never for flags
+
     p = argparse.ArgumentParser(
-        prog="moelens audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="moelens audit", formatter_class=HelpFormatter,
         description="Expert importance audit: do routing statistics (utilisation, mean weight, output norm/std) "
                     "predict the causal effect of removing an expert? See docs/audit.md.",
     )

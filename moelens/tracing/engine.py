@@ -45,8 +45,48 @@ class BaseRun:
         return self.cache[name]
 
 
+_HOOKS_ALLOWED = [False]
+
+
+@contextmanager
+def hooks_allowed():
+    """Let the engine run while hooks are attached to the model, for hooks that only *read* what
+    the engine's block calls compute (e.g. the routing of each patched row). The caller takes on
+    that such a hook sees suffix positions ``p..T-1`` only, in row order of the engine's batches,
+    and that block-level hook points (``hook_resid_*``, ``hook_attn_out``, ``hook_mlp_out``) do
+    not fire."""
+    _HOOKS_ALLOWED.append(True)
+    try:
+        yield
+    finally:
+        _HOOKS_ALLOWED.pop()
+
+
+def check_no_hooks(model) -> None:
+    """Refuse to run the engine while hooks are attached to ``model``: it calls attention and MoE
+    modules on the positions a patch can change only, so an attached hook would see a shorter,
+    offset position axis (an edit at position ``i`` landing on position ``p + i``), and the
+    block-level hook points would not fire at all - a silently different intervention."""
+    if _HOOKS_ALLOWED[-1]:
+        return
+    attached = [name for name, hp in model.hook_dict.items() if hp._forward_hooks]
+    if attached:
+        from moelens.errors import MoelensUserError
+
+        more = f" and {len(attached) - 3} more" if len(attached) > 3 else ""
+        raise MoelensUserError(
+            f"hooks are attached to the model ({', '.join(attached[:3])}{more}): the tracing engine recomputes "
+            f"only the positions and layers a patch can change, so they would see offset positions or not fire. "
+            f"Remove them first (model.reset_hooks(), or leave the `with model.hooks(...)` block; permanent hooks: "
+            f"model.reset_hooks(including_permanent=True), spliced SAEs: moelens.sae.remove_saes(model)); to trace "
+            f"with your own intervention in place, use engine='full' (trace_layers / trace_experts), which runs "
+            f"whole forwards through your hooks"
+        )
+
+
 class SuffixEngine:
-    """Run suffixes of a cached base run with edits. ``metric(logits [rows, pos, vocab]) -> [rows]``."""
+    """Run suffixes of a cached base run with edits. ``metric(logits [rows, pos, vocab]) -> [rows]``.
+    Refuses to run while hooks are attached to the model (:func:`check_no_hooks`)."""
 
     def __init__(self, model, base: BaseRun, metric: Callable[[Tensor], Tensor], max_rows: int = 512):
         self.model = model
@@ -114,6 +154,7 @@ class SuffixEngine:
         every path from it to the metric. For the last position alone that is one token per layer
         instead of the whole sequence. Parameters are frozen during the pass and each hooked value
         gets a zero leaf, so the graph holds only what these input gradients need."""
+        check_no_hooks(self.model)
         bad = [k for k in kinds if k not in ("attn_out", "mlp_out", "resid_post")]
         if bad:
             raise ValueError(f"gradients of {bad}: use 'attn_out', 'mlp_out' or 'resid_post'")
@@ -146,6 +187,7 @@ class SuffixEngine:
         """As :meth:`run_from_resid_post`, row ``r`` edited after layer ``layers[r]``: rows of
         different layers share one pass (a row joins the batch at the first block it changes, so
         each block is called once per chunk of rows, not once per edited layer)."""
+        check_no_hooks(self.model)
         L = self.model.cfg.n_layers
         layers = torch.as_tensor(layers, dtype=torch.long).cpu()
         order = torch.argsort(layers, stable=True)
@@ -189,6 +231,7 @@ class SuffixEngine:
         """Scores of cells ``(lo, hi, p)``: replace ``kind`` (``"mlp_out"``, ``"attn_out"``,
         ``"resid_post"``) at layers ``lo..hi-1``, position ``p``, with ``source``'s value; metric
         averaged over ``n_samples`` rows per cell. Returns ``[len(cells)]``."""
+        check_no_hooks(self.model)
         scores = torch.empty(len(cells))
         by_p: dict[int, list[int]] = {}
         for i, (_, _, p) in enumerate(cells):

@@ -49,6 +49,15 @@ def test_every_option_has_help_and_shows_its_default():
             assert action.help, f"{name} {action.option_strings} has no help text"
             if not action.required and action.default not in (None, False, "==SUPPRESS==") and action.nargs != 0:
                 assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)
+        flat = " ".join(text.split())
+        # no misleading defaults: a flag's stored value ("--no-bos (default: True)"), a bare None, or a
+        # second "(default: ...)" after a help text that already says what the default is
+        for bad in ("(default: None)", "(default: True)", "(default: False)", "(default: ==SUPPRESS==)"):
+            assert bad not in flat, (name, bad)
+        for action in sub._actions:
+            if action.option_strings and action.help:
+                helped = " ".join(sub._get_formatter()._expand_help(action).split()) if action.help else ""
+                assert helped.count("(default") <= 1, (name, action.option_strings, helped)
 
 
 def test_one_meaning_per_flag_name():

@@ -60,3 +60,40 @@ def test_engine_does_less_work(model):
         eng.grid("mlp_out", cells, setup.clean_cache, 2, 1)
     floor = sum((L - l) * (T - p) for l, _, p in cells) * 2
     assert eng.token_layers == floor < L * T * len(cells) * 2 * 0.6
+
+
+def test_engine_refuses_attached_hooks(tiny_dirs):
+    """The engine runs modules on suffix positions only: an attached hook would see offset positions
+    (or, at block level, not fire). It refuses, naming the hook and the way out; engine='full' runs
+    whole forwards through the hook; hooks_allowed() lets reading hooks through."""
+    from moelens.errors import MoelensUserError
+    from moelens.tracing.engine import hooks_allowed
+
+    d, _ = tiny_dirs("mixtral")
+    model = HookedMoETransformer.from_pretrained(d)
+    model.tokenizer = toy_tokenizer(256)
+    setup = prepare(model, CASE, seed=0, n_samples=2)
+    layer = model.cfg.moe_layers[0]
+
+    def zero_first(act, hook):  # an edit at position 1 of the full sequence
+        act = act.clone()
+        act[:, 1] = 0
+        return act
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", zero_first)]):
+        for call in (lambda: moelens.trace_experts(model, setup, layer, progress=False),
+                     lambda: moelens.trace_layers(model, setup, progress=False),
+                     lambda: moelens.trace_expert_grid(model, setup, progress=False),
+                     lambda: moelens.attribute_experts(model, setup)):
+            with pytest.raises(MoelensUserError, match=r"blocks\.0\.hook_attn_out.*engine='full'"):
+                call()
+        hooked = moelens.trace_experts(model, setup, layer, progress=False, engine="full")
+    plain = moelens.trace_experts(model, setup, layer, progress=False, engine="full")
+    assert (hooked.scores - plain.scores).abs().max() > 1e-4  # the full engine ran the user's edit
+    seen = []
+    with model.hooks(fwd_hooks=[(f"blocks.{layer + 1}.mlp.hook_expert_indices",
+                                 lambda act, hook: seen.append(act.shape))]), hooks_allowed():
+        moelens.trace_experts(model, setup, layer, progress=False)
+    assert seen and all(s[1] == 1 for s in seen)  # the reading hook saw the one-position suffix
+    assert not any(hp._forward_hooks for hp in model.hook_dict.values())
+    moelens.trace_experts(model, setup, layer, progress=False)  # nothing attached: runs
