@@ -78,13 +78,14 @@ class Report:
         self.items.append(("p", text))
         return self
 
-    def add_table(self, df, caption: str = "", formatters: Optional[dict] = None) -> "Report":
-        """A pandas DataFrame (or list of dicts) as an HTML table."""
+    def add_table(self, df, caption: str = "", formatters: Optional[dict] = None, collapsed: bool = False) -> "Report":
+        """A pandas DataFrame (or list of dicts) as an HTML table; ``collapsed``: behind a closed
+        ``<details>`` whose summary is the caption (long tables)."""
         import pandas as pd
 
         if not isinstance(df, pd.DataFrame):
             df = pd.DataFrame(df)
-        self.items.append(("table", df, caption, formatters or {}))
+        self.items.append(("table", df, caption, formatters or {}, collapsed))
         return self
 
     def add_settings(self, settings: dict, caption: str = "Settings") -> "Report":
@@ -121,7 +122,7 @@ class Report:
         if isinstance(it, str):
             return f"<p>{html.escape(it)}</p>"
         if hasattr(it, "to_html") and hasattr(it, "columns"):  # a DataFrame inside a selector panel
-            return self._render_item(("table", it, "", {}), counter)
+            return self._render_item(("table", it, "", {}, False), counter)
         if isinstance(it, _Group):
             gid = f"group{counter[0]}-{id(it)}"
             opts = "".join(f'<option value="{i}">{html.escape(n)}</option>' for i, (n, _) in enumerate(it.options))
@@ -139,10 +140,12 @@ class Report:
         if kind == "p":
             return f"<p>{html.escape(it[1])}</p>"
         if kind == "table":
-            _, df, caption, formatters = it
+            _, df, caption, formatters, collapsed = it
             table = df.to_html(index=False, escape=True, border=0, classes="ml-table", na_rep="n/a",
                                formatters=formatters or None,
                                float_format=lambda v: f"{v:.4g}")
+            if collapsed:
+                return f"<details><summary>{html.escape(caption or 'table')}</summary>{table}</details>"
             cap = f"<p class='ml-caption'>{html.escape(caption)}</p>" if caption else ""
             return cap + table
         if kind == "settings":

@@ -147,3 +147,17 @@ def test_static_export_with_system_chromium(tmp_path):
     rep.write(tmp_path / "report.html", image_format="svg")
     svg = (tmp_path / "curve.svg").read_text()
     assert svg.lstrip().startswith("<svg") and "layer" in svg
+
+
+def test_trace_report_lists_every_case(runs):
+    """Figures stop at MAX_CASES_IN_REPORT cases; the collapsed table lists every traced case."""
+    import json
+
+    d = runs["trace"]
+    keys = {json.loads(line)["key"] for p in d.glob("experts*.jsonl") for line in p.read_text().splitlines() if line}
+    text = (d / "report.html").read_text()
+    m = re.search(r"<details><summary>Every traced case \((\d+)\)[^<]*</summary>(.*?)</details>", text, re.S)
+    assert m and int(m.group(1)) == len(keys) > 0
+    body = m.group(2).split("<tbody>")[1]
+    assert body.count("<tr") == len(keys)
+    assert "best expert rescue" in m.group(2) and "layer rescue" in m.group(2)

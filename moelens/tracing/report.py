@@ -52,6 +52,30 @@ def _mean_ci(rows: np.ndarray, seed: int, n_resamples: int) -> tuple[np.ndarray,
     return mean, lo, hi
 
 
+def _case_table(ordered: Sequence[dict], labels: dict, summary):
+    """One row per traced case: split, clean and corrupted contrast, the rescue of the whole layer,
+    of the chosen expert and of the case's own best expert (``exact`` or ``estimate`` when the run
+    screened by attribution and that expert was not verified)."""
+    import pandas as pd
+
+    rows = []
+    for r in ordered:
+        res = [_rescue(s, r["clean"], r["corrupted"]) for s in r["expert_scores"]]
+        finite = [(v, e) for e, v in enumerate(res) if np.isfinite(v)]
+        best_v, best_e = max(finite) if finite else (float("nan"), None)
+        verified = r.get("verified")
+        chosen = summary.expert
+        rows.append({
+            "case": labels.get(r["key"], f"case {r.get('case_id', r['key'])}"), "split": r.get("split", ""),
+            "clean": r["clean"], "corrupted": r["corrupted"], "layer": r["layer"],
+            "layer rescue": _rescue(r["layer_score"], r["clean"], r["corrupted"]),
+            f"L{summary.layer}E{chosen} rescue": res[chosen] if chosen is not None and chosen < len(res) else float("nan"),
+            "best expert": best_e, "best expert rescue": best_v,
+            "best is": "estimate" if verified is not None and best_e not in verified else "exact",
+        })
+    return pd.DataFrame(rows)
+
+
 def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
     """A :class:`moelens.report.Report` for the trace run in ``out_dir`` (``cases``, when given,
     label each case by its prompt)."""
@@ -139,8 +163,11 @@ def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
     if options:
         rep.add_heading("Each traced case")
         if len(ordered) > MAX_CASES_IN_REPORT:
-            rep.add_text(f"The first {MAX_CASES_IN_REPORT} of {len(ordered)} traced cases (all are in experts.jsonl).")
+            rep.add_text(f"Figures for the first {MAX_CASES_IN_REPORT} of {len(ordered)} traced cases; the table "
+                         f"below lists every case (all are in experts.jsonl).")
         rep.add_selector("Case:", options)
+        rep.add_table(_case_table(ordered, labels, summary), collapsed=True,
+                      caption=f"Every traced case ({len(ordered)}): normalised rescue at the traced position")
     skipped = [(k, r.get("error")) for k, r in screened.items() if "error" in r]
     if skipped:
         rep.add_table(pd.DataFrame(skipped, columns=["case", "error"]), caption="Cases that could not be traced")
