@@ -601,7 +601,11 @@ def progressive_ablation(model, positions: Sequence[tuple[Tensor, int]], layers:
             for k in range(1, k_max + 1):
                 steps.append({"layer": layer, "position_index": i, "target": target, "k": k,
                               "delta": ce[k] - ce[0], "baseline_loss": ce[0], "weight_removed": sum(wsorted[:k])})
-    frame = pd.DataFrame(steps)
+    return progressive_summary(pd.DataFrame(steps), cliff=cliff), pd.DataFrame(steps)
+
+
+def progressive_summary(frame: pd.DataFrame, *, cliff: float = 0.1) -> pd.DataFrame:
+    """The per (layer, k) summary of :func:`progressive_ablation`'s ``steps`` frame (see there)."""
     agg = frame.groupby(["layer", "k"])["delta"]
     summary = pd.DataFrame({
         "mean": agg.mean(), "std": agg.std(), "median": agg.median(), "p25": agg.quantile(0.25),
@@ -613,7 +617,7 @@ def progressive_ablation(model, positions: Sequence[tuple[Tensor, int]], layers:
         over = sub[sub["mean"] > cliff]
         cliffs[layer] = int(over["k"].min()) if len(over) else None
     summary["cliff"] = summary["layer"].map(cliffs)
-    return summary, frame
+    return summary
 
 
 @torch.no_grad()
