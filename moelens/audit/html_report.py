@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 
 
 def build_audit_report(result, experiments: Optional[dict] = None):
@@ -132,9 +133,10 @@ def _progressive_figure(summary, cliff: float):
     for layer, sub in summary.groupby("layer"):
         sub = sub.sort_values("k")
         fig.add_trace(go.Scatter(x=sub["k"], y=sub["mean"], mode="lines+markers", name=f"layer {layer}",
-                                 error_y=dict(type="data", symmetric=False, array=sub["p75"] - sub["mean"],
-                                              arrayminus=sub["mean"] - sub["p25"], thickness=1),
-                                 hovertemplate=f"layer {layer}, k=%{{x}}<br>mean Delta CE %{{y:.4f}}<extra></extra>"))
+                                 customdata=sub[["median", "p25", "p75"]].to_numpy(),
+                                 hovertemplate=f"layer {layer}, k=%{{x}}<br>mean Delta CE %{{y:.4f}}<br>median "
+                                               "%{customdata[0]:.4f} (p25 %{customdata[1]:.4f}, p75 "
+                                               "%{customdata[2]:.4f})<extra></extra>"))
     fig.add_hline(y=cliff, line_dash="dash", line_color="gray", annotation_text=f"cliff threshold {cliff:g} nats",
                   annotation_position="top left")
     fig.update_layout(title="Progressive ablation: CE increase when the top-1..k experts are removed",
@@ -159,10 +161,10 @@ def add_experiments_section(rep, experiments: Optional[dict]) -> None:
                      f"{st['scope']}/{st['semantics']}), and the increase of that prediction's cross-entropy is "
                      f"measured. The cliff is the first k whose mean increase exceeds {cliff:g} nats.")
         rep.add_figure(_progressive_figure(s, cliff), "One line per layer: the mean CE increase after removing the "
-                       "top-k experts; error bars: 25th to 75th percentile over positions; dashed: the cliff "
-                       "threshold.", name="progressive_ablation")
+                       "top-k experts (hover: median and quartiles; the table below has the spread); dashed: the "
+                       "cliff threshold.", name="progressive_ablation")
         cliffs = s.groupby("layer")["cliff"].first()
-        rep.add_table([{"layer": int(l), "cliff": "none" if v != v else f"k = {int(v)}"} for l, v in cliffs.items()],
+        rep.add_table([{"layer": int(l), "cliff": "none" if pd.isna(v) else f"k = {int(v)}"} for l, v in cliffs.items()],
                       caption=f"The cliff per layer (first k with mean CE increase > {cliff:g} nats)")
         cols = ["layer", "k", "mean", "std", "median", "p25", "p75", "p95", "pct_positive", "weight_removed"]
         rep.add_table(s[cols], caption="Per (layer, k): CE increase (nats) over positions; pct_positive: % of "
@@ -183,5 +185,7 @@ def add_experiments_section(rep, experiments: Optional[dict]) -> None:
                    for layer, sub in e.groupby("layer")]
         if options:
             rep.add_selector("Per-expert redistribution, layer:", options)
-    settings = {name: {k: v for k, v in r["settings"].items()} for name, r in experiments.items()}
-    rep.add_settings(settings, caption="Further experiments: settings (also in {name}_settings.json)")
+    settings = {f"{name}: {k}": v for name, r in experiments.items() for k, v in r["settings"].items()
+                if k != "experiment"}
+    rep.add_settings(settings, caption="Further experiments: settings (also in progressive_settings.json, "
+                                       "redistribution_settings.json)")
