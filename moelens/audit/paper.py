@@ -36,7 +36,8 @@ What it reproduces, per flavour:
   sequence** (``scope="sequence"``, ``semantics="zero"``, see :mod:`moelens.audit.ablation`);
   Delta CE at the position; Cohen's d with ddof 0 (``olmoe``/``deepseek``) or ddof 1 + 1e-9 (``qwen``).
 * **Routing-weight control** (:func:`paper_weight_control`), **progressive ablation**
-  (:func:`progressive_ablation`) and **redistribution** (:func:`redistribution`).
+  (:func:`progressive_ablation`) and **redistribution** (:func:`redistribution`); the last two also
+  from the command line, ``moelens audit --experiments`` (:mod:`moelens.audit.experiments`).
 
 Differences that remain, all documented in docs/audit.md: cross-entropy is computed from fp32
 logits; pad rows' activations follow moelens' masking of fully padded query rows (they enter
