@@ -1,7 +1,9 @@
 """Fidelity of the Qwen3-Next / Qwen3.5-MoE hybrids against transformers on tiny random checkpoints.
 
-For each architecture: the max |logit| error of moelens vs transformers in fp32 and in bf16 (each
-in its own dtype, same weights), the bf16 expert agreement (share of token x layer routing
+For each architecture: the max |logit| error of moelens vs transformers in fp32 and in bf16 (both
+loaded from the same checkpoint with ``from_pretrained(dtype=...)``, as users load them; a
+``.to(torch.bfloat16)`` of an fp32 transformers model would also round its RoPE inverse
+frequencies to bf16, a different computation), the bf16 expert agreement (share of token x layer routing
 decisions whose expert *sets* are identical), and how far the token-by-token delta rule
 (``delta_rule_impl="recurrent"``, the definition) is from the chunked one that both libraries use
 for prompts. Batch 4 x 100 tokens (longer than the 64-token chunk).
@@ -21,6 +23,8 @@ def routed_sets(out, b, p, k):
 
 def main():
     torch.set_num_threads(2)
+    from transformers import AutoModelForCausalLM
+
     from moelens import HookedMoETransformer
     from moelens.testing import save_tiny
 
@@ -30,11 +34,11 @@ def main():
           f"{'recurrent-chunked fp32':>23s} {'bf16':>8s}  (max |logit| {'':s})")
     for arch in ("qwen3_next", "qwen3_5_moe"):
         d = tempfile.mkdtemp()
-        hf = save_tiny(arch, d)
+        save_tiny(arch, d)
         row = {}
         for dtype in (torch.float32, torch.bfloat16):
             model = HookedMoETransformer.from_pretrained(d, dtype=dtype)
-            hf_d = hf.to(dtype)
+            hf_d = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
             with torch.no_grad():
                 want = hf_d(tokens, output_router_logits=True)
                 got, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_expert_indices"))
@@ -48,7 +52,6 @@ def main():
                 row["agree"] = float(same.float().mean())
             else:
                 row["scale"] = float(want.logits.abs().max())
-        hf.to(torch.float32)
         print(f"{arch:24s} {row[torch.float32]:12.2e} {row[torch.bfloat16]:12.2e} {row['agree']:13.2%} "
               f"{row[(torch.float32, 'rec')]:23.2e} {row[(torch.bfloat16, 'rec')]:8.2e}  ({row['scale']:.2f})")
 

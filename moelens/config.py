@@ -73,6 +73,11 @@ class MoEConfig:
     # DeepSeek-V3 interleaved RoPE: pairs (2i, 2i+1) rotated in the model dtype with cos/sin cast to
     # it, written de-interleaved ([rotated evens || rotated odds]) as transformers' V3 does
     rope_deinterleave: bool = False
+    # RoPE arithmetic. "real": cos/sin from torch.cos/torch.sin, rotations written with real products.
+    # "complex" (DeepSeek-V2): transformers' V2 arithmetic, cos + i sin from torch.polar (the C
+    # library's cosf/sinf, which differ from torch.cos/sin in the last fp32 bit) and the interleaved
+    # rotation (rope_interleaved) as an fp32 complex multiply in [batch, head, pos] layout
+    rope_arith: Literal["real", "complex"] = "real"
     # MLA (DeepSeek-V2)
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0

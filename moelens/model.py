@@ -256,7 +256,7 @@ class HookedMoETransformer(HookedRootModule):
         if inv_freq.dtype != torch.float32:  # e.g. after model.to(torch.bfloat16): recompute in fp32
             inv_freq = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0]
             self._buffers["rope_inv_freq"] = inv_freq = inv_freq.to(device)
-        cos, sin = rope_cos_sin(positions, inv_freq.to(device), self._rope_factor)
+        cos, sin = rope_cos_sin(positions, inv_freq.to(device), self._rope_factor, self.cfg.rope_arith)
         key_mask = None
         if attention_mask is not None:
             if attention_mask.shape[-1] != q_offset + n_pos:

@@ -1,11 +1,12 @@
 """DeepSeek-V2 (``DeepseekV2ForCausalLM``, e.g. deepseek-ai/DeepSeek-V2-Lite), as transformers 5 computes it.
 
 * Multi-head latent attention (:mod:`moelens.components.mla`), interleaved RoPE on the
-  ``qk_rope_head_dim`` parts, YaRN, softmax scale times ``mscale(factor, mscale_all_dim)**2``.
+  ``qk_rope_head_dim`` parts in transformers' complex arithmetic (``rope_arith="complex"``: polar
+  cos/sin, fp32 complex multiply), YaRN, softmax scale times ``mscale(factor, mscale_all_dim)**2``.
 * Layers ``< first_k_dense_replace`` are dense SwiGLU (``intermediate_size``); ``moe_layer_freq`` is
   ignored, as in transformers.
-* Router: fp32 logits, softmax, ``greedy`` or ``group_limited_greedy`` (group max, 0-masking),
-  ``topk(sorted=False)``, weights ``* routed_scaling_factor`` in fp32, **never** renormalised
+* Router: weight kept fp32 in a bf16 model (transformers' ``_keep_in_fp32_modules_strict``),
+  fp32 logits, softmax, ``greedy`` or ``group_limited_greedy`` (group max, 0-masking), ``topk(sorted=False)``, weights ``* routed_scaling_factor`` in fp32, **never** renormalised
   (transformers ignores ``norm_topk_prob`` for V2).
 * Shared experts: one ungated SwiGLU of width ``n_shared_experts * moe_intermediate_size``.
 """
@@ -80,10 +81,11 @@ def translate(hf: dict) -> dict:
         moe_layers=tuple(range(first_dense, n)), rms_norm_eps=hf["rms_norm_eps"],
         attention="mla", q_lora_rank=hf["q_lora_rank"] or None, kv_lora_rank=hf["kv_lora_rank"],
         qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=hf["v_head_dim"],
-        rope_theta=rope["rope_theta"] or 1e4, rope_interleaved=True, rope_scaling=rope["rope_scaling"],
+        rope_theta=rope["rope_theta"] or 1e4, rope_interleaved=True, rope_arith="complex",
+        rope_scaling=rope["rope_scaling"],
         router_dtype="float32", router_weights_dtype="float32", norm_topk_prob=False,
         routed_scaling_factor=float(hf["routed_scaling_factor"]), topk_method=method, topk_sorted=False,
-        n_group=n_group or 1, topk_group=topk_group or 1,
+        n_group=n_group or 1, topk_group=topk_group or 1, router_fp32_params=True,
         d_shared=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"], shared_gate=False,
     )
 

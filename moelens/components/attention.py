@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from moelens.components.norm import norm_fn, rms_norm
-from moelens.components.rope import apply_rope_half, apply_rope_interleaved, apply_rope_partial
+from moelens.components.rope import apply_rope_partial, rope_fn
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
@@ -192,7 +192,7 @@ class Attention(nn.Module):
             qk_norm = norm_fn(cfg.norm_zero_centered)
             q, k = qk_norm(q, self.q_norm_w, cfg.rms_norm_eps), qk_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        rope = apply_rope_interleaved if cfg.rope_interleaved else apply_rope_half
+        rope = rope_fn(cfg)
         # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
         q = self.hook_rot_q(apply_rope_partial(q, ctx.cos, ctx.sin, rope))
         k = self.hook_rot_k(apply_rope_partial(k, ctx.cos, ctx.sin, rope))

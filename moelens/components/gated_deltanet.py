@@ -42,7 +42,13 @@ from moelens.hooks import ShapedHookPoint, has_hooks
 
 
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / sqrt(sum(x^2) + eps)`` over the last axis (as FLA and transformers)."""
+    """``x * rsqrt(sum(x^2) + eps)`` over the last axis (as FLA and transformers).
+
+    The sum runs over a contiguous copy: transformers normalises contiguous ``[batch, head, pos, d]``
+    rows, and torch's CPU sum rounds differently when the reduced axis is strided (as it is in a
+    slice of the transposed convolution output): one fp32 ulp in a few percent of the rows, enough
+    to move a bf16 model's output by an ulp now and then."""
+    x = x.contiguous()
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 

@@ -10,6 +10,7 @@ Notation: ``dn = qk_nope_head_dim``, ``dr = qk_rope_head_dim`` (axis ``d_rope``)
     k_nope, v = split(W_kv_b c_kv, [dn, dv])          per head
     k      = [k_nope || broadcast(k_pe)]
     rot    = interleaved RoPE (pairs 2i, 2i+1, fp32) on the last dr dims of q and k only
+             (``rope_arith="complex"``: as transformers' fp32 complex multiply, see moelens.components.rope)
     z      = softmax(rot_q rot_k^T * (dn+dr)^-1/2 * mscale(factor, mscale_all_dim)^2 + mask) v
     out    = W_O concat_heads(z)
 
@@ -51,9 +52,7 @@ from torch import Tensor, nn
 
 from moelens.components.attention import AttentionContext, attend
 from moelens.components.norm import rms_norm
-from moelens.components.rope import (
-    apply_rope_deinterleave, apply_rope_half, apply_rope_interleaved, yarn_softmax_scale,
-)
+from moelens.components.rope import rope_fn, yarn_softmax_scale
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
 
@@ -99,11 +98,7 @@ class MLAttention(nn.Module):
     def _rope(self, t: Tensor, ctx: AttentionContext) -> Tensor:
         """Rotate the last ``qk_rope_head_dim`` dims of ``t [batch, pos, head, d_head]``."""
         dn = self.cfg.qk_nope_head_dim
-        if self.cfg.rope_deinterleave:
-            rope = apply_rope_deinterleave
-        else:
-            rope = apply_rope_interleaved if self.cfg.rope_interleaved else apply_rope_half
-        return torch.cat([t[..., :dn], rope(t[..., dn:], ctx.cos, ctx.sin)], dim=-1)
+        return torch.cat([t[..., :dn], rope_fn(self.cfg)(t[..., dn:], ctx.cos, ctx.sin)], dim=-1)
 
     def forward(
         self,

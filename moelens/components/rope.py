@@ -3,6 +3,16 @@
 ``cos``/``sin`` are computed in fp32. The half-split layout casts them to the model dtype before
 rotating (as transformers does); the interleaved layout (DeepSeek-V2) rotates in fp32 and casts
 the result back.
+
+Two arithmetics (``cfg.rope_arith``) for the same rotation:
+
+* ``"real"``: ``cos``/``sin`` from ``torch.cos``/``torch.sin``, the rotation written with real
+  products (:func:`apply_rope_interleaved`; the readable reference).
+* ``"complex"`` (DeepSeek-V2, as transformers' ``DeepseekV2RotaryEmbedding`` / ``apply_rotary_emb``):
+  ``cos + i sin = torch.polar(1, angle)``, which calls the C library's ``cosf``/``sinf`` (torch's
+  vectorised ``cos``/``sin`` differ from them in the last fp32 bit for some angles), and the pairs
+  rotated by an fp32 complex multiply (:func:`apply_rope_complex`). Mathematically the same as
+  ``"real"``; the last fp32 bit can differ, which a bf16 cast turns into one bf16 ulp now and then.
 """
 
 from __future__ import annotations
@@ -60,9 +70,19 @@ def yarn_softmax_scale(yarn: Optional[dict]) -> float:
     return m * m
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_factor: float) -> tuple[Tensor, Tensor]:
-    """fp32 angles ``[.., pos, dim/2]`` -> (cos, sin) each scaled by ``attention_factor``."""
+def rope_cos_sin(
+    positions: Tensor, inv_freq: Tensor, attention_factor: float, arith: str = "real"
+) -> tuple[Tensor, Tensor]:
+    """fp32 angles ``[.., pos, dim/2]`` -> (cos, sin) each scaled by ``attention_factor``.
+
+    ``arith="complex"``: the real and imaginary parts of ``torch.polar(1, angles) * attention_factor``
+    (transformers' DeepSeek-V2 ``freqs_cis``), bit for bit."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device)
+    if arith == "complex":
+        freqs_cis = torch.polar(torch.ones_like(angles), angles) * attention_factor
+        return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
+    if arith != "real":
+        raise ValueError(f"unknown rope_arith {arith!r} (real, complex)")
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
@@ -84,6 +104,22 @@ def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def apply_rope_complex(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`apply_rope_interleaved` as transformers' DeepSeek-V2 ``apply_rotary_emb`` computes it:
+    pairs ``(2i, 2i+1)`` of ``x [batch, pos, head, d]`` viewed as complex numbers in fp32 and
+    multiplied by ``cos + i sin``, in the ``[batch, head, pos, d/2]`` layout transformers uses (the
+    CPU kernel's vectorised body and its scalar tail round ``a c - b s`` differently, so the layout
+    decides which elements get which rounding), cast back to ``x``'s dtype."""
+    xh = x.transpose(1, 2).float()  # [batch, head, pos, d]: transformers' q_pe / k_pe layout
+    pairs = xh.reshape(*xh.shape[:-1], -1, 2)
+    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # a complex view needs even offsets (transformers would fail here)
+    xc = torch.view_as_complex(pairs)
+    freqs_cis = torch.complex(cos, sin)[:, None]  # [batch, 1, pos, d/2]
+    out = torch.view_as_real(xc * freqs_cis).flatten(3).to(x.dtype)
+    return out.transpose(1, 2)
+
+
 def apply_rope_deinterleave(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """DeepSeek-V3's interleaved rotation (transformers ``apply_rotary_pos_emb_interleave``): pairs
     ``(2i, 2i+1)`` rotated **in x's dtype** with cos/sin cast to it, the output written de-interleaved,
@@ -93,6 +129,15 @@ def apply_rope_deinterleave(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     s = sin.to(x.dtype)[:, :, None, :]
     a, b = x[..., 0::2], x[..., 1::2]
     return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+def rope_fn(cfg):
+    """The rotation ``cfg`` selects (``rope_deinterleave``, ``rope_interleaved``, ``rope_arith``)."""
+    if cfg.rope_deinterleave:
+        return apply_rope_deinterleave
+    if cfg.rope_interleaved:
+        return apply_rope_complex if cfg.rope_arith == "complex" else apply_rope_interleaved
+    return apply_rope_half
 
 
 def apply_rope_partial(x: Tensor, cos: Tensor, sin: Tensor, rope) -> Tensor:

@@ -297,7 +297,7 @@ def expert_case(model, case: FactCase, cfg: ProtocolConfig, layer: int, seed: in
 def screen_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layers: Sequence[int], seed: int,
                             sigma: Optional[float] = None) -> dict:
     """:func:`screen_case` with first-order layer scores (one backward pass for every layer,
-    :func:`moelens.tracing.attribution.attribute_experts`) instead of one suffix run per layer."""
+    :func:`moelens.tracing.attribution.attribute_experts`) instead of restoring every layer exactly."""
     from moelens.tracing.attribution import attribute_experts
 
     setup = prepare(model, case, seed=seed, n_samples=cfg.n_samples, noise_scale=cfg.noise_scale,

@@ -266,6 +266,69 @@ def test_bf16_matches_both_attention_paths(one_thread, tmp_path, name):
     assert sdpa < 1e-2 and eager < 1e-2, (sdpa, eager)
 
 
+def _bf16_run(hf, model, tokens, **overrides):
+    """Logits and per sparse layer the router's (logits, weights, indices) of both libraries."""
+    routed, handles = [], []
+    for layer in hf.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            handles.append(layer.mlp.gate.register_forward_hook(lambda m, i, o: routed.append(o)))
+    names = [f"blocks.{l}.mlp.{h}" for l in model.cfg.moe_layers
+             for h in ("hook_router_logits", "hook_expert_weights", "hook_expert_indices")]
+    try:
+        with torch.no_grad():
+            want = hf(tokens).logits
+            got, cache = model.run_with_cache(tokens, names_filter=names)
+    finally:
+        for h in handles:
+            h.remove()
+    return want, got, routed, cache
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_lite", "deepseek_v2_full"])
+def test_bf16_bit_identical_to_transformers(one_thread, tmp_path, name):
+    """An fp32 checkpoint loaded in bf16 by both libraries (as benchmarks/fidelity.py does): the same
+    logits, router logits, combine weights and experts in every slot, bit for bit (CPU, SDPA). This
+    needs the router weight kept fp32 (transformers' ``_keep_in_fp32_modules_strict``) and the RoPE in
+    transformers' complex arithmetic (``rope_arith="complex"``); without either the bits differ."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(name, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    m = HookedMoETransformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert m.cfg.rope_arith == "complex"
+    for l in m.cfg.moe_layers:
+        assert m.blocks[l].mlp.router.W_router.dtype == hf.model.layers[l].mlp.gate.weight.dtype == torch.float32
+        assert torch.equal(m.blocks[l].mlp.router.W_router, hf.model.layers[l].mlp.gate.weight)
+    # 37 positions: pos * d_rope/2 is not a multiple of the complex multiply's vector width (a scalar tail)
+    for shape in [(8, 64), (3, 37)]:
+        tokens = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+        want, got, routed, cache = _bf16_run(hf, m, tokens)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), (got.float() - want.float()).abs().max()
+        for l, (logits, weights, indices) in zip(m.cfg.moe_layers, routed):
+            k = m.cfg.top_k
+            assert torch.equal(cache[f"blocks.{l}.mlp.hook_router_logits"].reshape(logits.shape), logits)
+            assert torch.equal(cache[f"blocks.{l}.mlp.hook_expert_indices"].reshape(-1, k), indices)
+            assert torch.equal(cache[f"blocks.{l}.mlp.hook_expert_weights"].reshape(-1, k), weights)
+
+
+@pytest.mark.parametrize("name, override, shape", [
+    ("deepseek_v2_lite", dict(rope_arith="real"), (16, 128)),
+    ("deepseek_v2_lite", dict(router_fp32_params=False), (8, 64)),
+    ("deepseek_v2_full", dict(router_fp32_params=False), (8, 64)),
+])
+def test_bf16_bit_identity_needs_both_fixes(one_thread, tmp_path, name, override, shape):
+    """Negative controls: torch's cos/sin and real products for the RoPE (one fp32 ulp here and there,
+    which reaches the bf16 logits on some inputs), or a bf16-rounded router weight, break it."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(name, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    m = HookedMoETransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, **override)
+    tokens = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+    want, got, _, _ = _bf16_run(hf, m, tokens)
+    assert not torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------- negative controls
 @pytest.mark.parametrize(
     "override",

@@ -279,6 +279,49 @@ def test_bf16_matches_within_bf16_rounding(arch, tmp_path):
     assert (logits.float() - out.logits.float()).abs().max() < 1.0
 
 
+def _strided_l2norm(x, eps=1e-6):
+    """The l2norm before the fix: the sum over the (strided) last axis of the conv output's slice."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_bit_identical_to_transformers(arch, tmp_path, monkeypatch):
+    """An fp32 checkpoint loaded in bf16 by both libraries (as benchmarks/fidelity.py does): the same
+    logits, router logits and experts in every slot, bit for bit (CPU, one thread), at a length inside
+    one delta-rule chunk and at one spanning two. Negative control (Qwen3-Next): normalising q and k
+    over the strided slice of the convolution output, as moelens did before, breaks it."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(arch, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model = HookedMoETransformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    routed = []
+    for layer in hf.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda m, i, o: routed.append(o))
+    names = [f"blocks.{l}.mlp.{h}" for l in model.cfg.moe_layers for h in ("hook_router_logits", "hook_expert_indices")]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for shape in [(8, 64), (2, 100)]:
+            ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+            routed.clear()
+            with torch.no_grad():
+                want = hf(ids).logits
+                got, cache = model.run_with_cache(ids, names_filter=names)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want), (got.float() - want.float()).abs().max()
+            for l, (logits, _, indices) in zip(model.cfg.moe_layers, routed):
+                assert torch.equal(cache[f"blocks.{l}.mlp.hook_router_logits"].reshape(logits.shape), logits)
+                assert torch.equal(cache[f"blocks.{l}.mlp.hook_expert_indices"].reshape(indices.shape), indices)
+        if arch == "qwen3_next":
+            monkeypatch.setattr(gdn, "l2norm", _strided_l2norm)
+            ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                assert not torch.equal(model(ids), hf(ids).logits)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_cache_layer_carries_the_state_between_steps(pair):
     """A DeltaNetCacheLayer (what generation keeps per linear-attention layer) resumes the conv
     window and the recurrent state: a prompt then one token at a time equals the full forward."""

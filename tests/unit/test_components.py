@@ -1,5 +1,6 @@
 """Router, experts and the MoE combine, each on its own."""
 
+import pytest
 import torch
 
 from moelens.components.experts import Experts
@@ -116,3 +117,58 @@ def test_router_keeps_fp32_params_under_to_bfloat16():
     r = Router(v3_cfg()).to(torch.bfloat16)
     assert r.W_router.dtype == r.b_correction.dtype == torch.float32
     assert Router(cfg()).to(torch.bfloat16).W_router.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ RoPE arithmetic, l2norm layout
+def test_complex_rope_is_transformers_deepseek_v2_rope_bit_for_bit():
+    """``rope_arith="complex"`` tables equal transformers' V2 ``freqs_cis`` and the rotation its
+    ``apply_rotary_emb``, bit for bit, also for shapes whose complex multiply has a scalar tail
+    (pos * d/2 not a multiple of the vector width); both equal the readable real rotation to ~1 ulp."""
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
+
+    from moelens.components.rope import (
+        apply_rope_complex, apply_rope_interleaved, rope_cos_sin, rope_frequencies,
+    )
+
+    inv_freq, factor = rope_frequencies(8, 10000.0, {"factor": 40, "original_max_position_embeddings": 4,
+                                                     "mscale": 1.0, "mscale_all_dim": 0.5})
+    assert factor != 1.0
+    g = torch.Generator().manual_seed(0)
+    for b, p, h in [(2, 37, 3), (1, 5, 4), (3, 64, 2)]:
+        positions = torch.arange(p)[None]
+        angles = positions[..., None].float() * inv_freq
+        freqs_cis = torch.polar(torch.ones_like(angles), angles) * factor  # transformers' V2 rotary_emb
+        cos, sin = rope_cos_sin(positions, inv_freq, factor, "complex")
+        assert torch.equal(cos, freqs_cis.real) and torch.equal(sin, freqs_cis.imag)
+        real_cos, real_sin = rope_cos_sin(positions, inv_freq, factor)
+        assert (real_cos - cos).abs().max() < 1e-6 and (real_sin - sin).abs().max() < 1e-6
+        for dtype in (torch.bfloat16, torch.float32):
+            # as in the MLA: the rope part is the tail of [.., dn + dr] heads
+            q = torch.randn(b, p, h, 16 + 8, generator=g).to(dtype)[..., 16:]
+            k = torch.randn(b, p, 1, 8, generator=g).to(dtype)
+            want_q, want_k = apply_rotary_emb(q.transpose(1, 2), k.transpose(1, 2), freqs_cis)
+            assert torch.equal(apply_rope_complex(q, cos, sin), want_q.transpose(1, 2))
+            assert torch.equal(apply_rope_complex(k, cos, sin), want_k.transpose(1, 2))
+            ref = apply_rope_interleaved(q.float(), cos, sin)
+            assert (apply_rope_complex(q.float(), cos, sin) - ref).abs().max() < 1e-5
+    cos, sin = rope_cos_sin(torch.arange(64)[None], inv_freq, factor, "complex")
+    real_cos, real_sin = rope_cos_sin(torch.arange(64)[None], inv_freq, factor)
+    assert not (torch.equal(cos, real_cos) and torch.equal(sin, real_sin))  # libm vs torch's vectorised cos/sin
+    with pytest.raises(ValueError, match="rope_arith"):
+        rope_cos_sin(torch.arange(3)[None], inv_freq, 1.0, "polar")
+
+
+def test_l2norm_is_independent_of_the_memory_layout():
+    """A strided last axis (a slice of the transposed conv output, as in the mixer) gives the same
+    bits as a contiguous copy, which is what transformers normalises; the plain strided sum differs."""
+    from moelens.components.gated_deltanet import l2norm
+
+    mixed = torch.randn(8, 96, 64, generator=torch.Generator().manual_seed(0)).transpose(1, 2)  # [b, pos, ch]
+    q = mixed[..., :32].reshape(8, 64, 2, 16)
+    assert q.stride(-1) != 1
+    contiguous = q.contiguous()
+    assert torch.equal(l2norm(q), l2norm(contiguous))
+    assert torch.equal(l2norm(contiguous), contiguous * torch.rsqrt((contiguous * contiguous).sum(-1, keepdim=True) + 1e-6))
+    strided_sum = (q * q).sum(-1)
+    assert not torch.equal(strided_sum, (contiguous * contiguous).sum(-1))  # why the copy is needed
