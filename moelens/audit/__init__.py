@@ -23,7 +23,9 @@ whether those rankings predict what happens when an expert is *removed* (docs/au
    (``moelens audit --protocol paper``), with its other experiments (routing-weight control,
    progressive ablation, redistribution); :mod:`~moelens.audit.pooling` pools several models'
    runs into one family with Bonferroni, Holm and BH and sets them beside the published cells;
-   :mod:`~moelens.audit.ablation` names the removal semantics both protocols share.
+   :mod:`~moelens.audit.ablation` names the removal semantics both protocols share;
+   :mod:`~moelens.audit.experiments` runs progressive ablation and redistribution from the command
+   line (``moelens audit --experiments``), resumably in the output directory.
 
 The package is split by idea: :mod:`~moelens.audit.corpus` (loading and tokenizing the corpus),
 :mod:`~moelens.audit.statistics` (1), :mod:`~moelens.audit.effects` (2),
@@ -35,7 +37,7 @@ is re-exported here.
 # Names load on first use (PEP 562), so that `moelens audit --help` does not import torch.
 import importlib
 
-_SUBMODULES = ("ablation", "cli", "constants", "corpus", "effects", "paper", "pooling", "report", "run", "statistics")
+_SUBMODULES = ("ablation", "cli", "constants", "corpus", "effects", "experiments", "paper", "pooling", "report", "run", "statistics")
 _NAMES = {
     "AuditResult": "report",
     "AuditSettingsError": "run",

@@ -80,7 +80,47 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pool", nargs="+", metavar="DIR", default=None,
                    help="pool finished --protocol paper runs (one per model) into the paper's 60-cell table with "
                         "Bonferroni, Holm and BH over the whole family, beside the published values; no model is run")
+    x = p.add_argument_group("further experiments (both protocols; docs/audit.md)")
+    x.add_argument("--experiments", default="none", metavar="LIST",
+                   help="also run the paper's further experiments on the audit's layers, resumably in --out: "
+                        "comma-separated 'progressive' (cumulative removal of the top-1..k experts, the cliff), "
+                        "'redistribution' (gap norm, compensation, Spearman correlations), 'all' or 'none' "
+                        "(default: %(default)s)")
+    x.add_argument("--progressive-positions", type=int, default=500,
+                   help="progressive: targets, one per document (default: %(default)s)")
+    x.add_argument("--progressive-k-max", type=int, default=None,
+                   help="progressive: remove the top-1..K experts (default: top_k - 1)")
+    x.add_argument("--progressive-min-context", type=int, default=32,
+                   help="progressive: tokens before the earliest target (default: %(default)s)")
+    x.add_argument("--cliff", type=float, default=0.1,
+                   help="progressive: the cliff is the first k whose mean CE increase exceeds this many nats; "
+                        "analysis only, may change on a rerun (default: %(default)s)")
+    x.add_argument("--redistribution-texts", type=int, default=200,
+                   help="redistribution: the first N qualifying rows (default: %(default)s)")
+    x.add_argument("--experiment-min-chars", type=int, default=100,
+                   help="both: use corpus rows longer than this many characters, stripped (default: %(default)s)")
+    x.add_argument("--experiment-max-length", type=int, default=256,
+                   help="both: truncate each row to this many tokens (default: %(default)s)")
     return p
+
+
+def _experiment_config(args, seed: int, scope: str, semantics: str):
+    from moelens.audit.experiments import ExperimentConfig
+
+    return ExperimentConfig(progressive_positions=args.progressive_positions, k_max=args.progressive_k_max,
+                            cliff=args.cliff, min_context=args.progressive_min_context,
+                            redistribution_texts=args.redistribution_texts, min_chars=args.experiment_min_chars,
+                            max_length=args.experiment_max_length, seed=seed, scope=scope, semantics=semantics,
+                            max_batch=args.max_batch)
+
+
+def _print_experiments(results: dict, out) -> None:
+    from moelens.audit.experiments import format_summary
+
+    if results:
+        print("\n" + format_summary(results))
+        files = [f for r in results.values() for f in r.get("files", [])]
+        print(f"wrote {', '.join(files)} in {out}")
 
 
 def _load_model(args, default_dtype):
@@ -130,7 +170,7 @@ def _pool_main(args) -> int:
     return 0
 
 
-def _paper_main(args) -> int:
+def _paper_main(args, names) -> int:
     from moelens.audit import paper, pooling
     from moelens.model import HookedMoETransformer
 
@@ -144,13 +184,23 @@ def _paper_main(args) -> int:
     texts = paper.select_texts(rows, min_chars=args.min_chars, n=args.first_n)
     if not texts:
         raise ValueError(f"the corpus {args.corpus} has no row longer than {args.min_chars} characters")
+    seed = 42 if args.seed is None else args.seed
+    plans = []
+    if names:
+        from moelens.audit.experiments import plan_experiments
+
+        layers = _parse_layers(args.layers)
+        layers = list(paper.PAPER_LAYERS[flavour] if layers is None else layers)
+        plans = plan_experiments(names, model, rows, layers, _experiment_config(args, seed, "sequence", "zero"),
+                                 args.out, info={"protocol": "paper", "corpus": args.corpus, "split": args.split or "test",
+                                                 "text_field": args.text_field})
     if args.verify:
         from moelens import loading
 
         for r in paper.verify_against_transformers(model, loading.resolve(args.model), texts):
             print(f"verify: moelens {r['moelens']:.6f} == transformers {r['transformers']:.6f}  ({r['text']!r})")
     res = paper.run_paper_protocol(model, texts, layers=_parse_layers(args.layers), flavour=flavour, n_tests=args.n_tests,
-                                   seed=42 if args.seed is None else args.seed, filter_texts=False,
+                                   seed=seed, filter_texts=False,
                                    control=not args.no_control, max_batch=args.max_batch, progress=not args.no_progress,
                                    out_dir=args.out, add_special_tokens=True if args.bos is None else args.bos)
     summary = res["summary"]
@@ -162,7 +212,16 @@ def _paper_main(args) -> int:
     if len(res["control"]):
         cols = ["layer", "n", "d", "p_t", "p_w", "spearman_rho"]
         print("routing-weight control:\n" + res["control"][cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {Path(args.out) / 'summary.csv'}, pairs.csv, stats.csv, control.csv "
+    results = {}
+    if plans:
+        from moelens.audit.experiments import run_planned
+
+        results = run_planned(plans, model, args.out, progress=not args.no_progress)
+        _print_experiments(results, args.out)
+    from moelens.audit.html_report import write_paper_report
+
+    write_paper_report(res, Path(args.out) / "report.html", experiments=results, image_format=args.image_format)
+    print(f"\nwrote {Path(args.out) / 'report.html'}, summary.csv, pairs.csv, stats.csv, control.csv "
           f"(pool several models with: moelens audit --pool DIR1 DIR2 DIR3)")
     return 0
 
@@ -180,7 +239,12 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
     from moelens.audit.run import AuditSettingsError, _default_corpus, run_audit
 
     try:
+        from moelens.audit.experiments import parse_experiments
+
+        names = parse_experiments(args.experiments)
         if args.pool:
+            if names:
+                raise ValueError("--experiments runs a model; it does not combine with --pool")
             return _pool_main(args)
         if args.model is None or args.out is None:
             raise ValueError("--model and --out are required (unless --pool)")
@@ -188,7 +252,7 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
             if args.corpus is None:
                 raise ValueError("--protocol paper needs --corpus (e.g. wikitext:wikitext-2-raw-v1, or a local "
                                  "text/JSONL file of WikiText-2 raw test rows)")
-            return _paper_main(args)
+            return _paper_main(args, names)
         import torch
 
         layers = _parse_layers(args.layers)
@@ -207,12 +271,28 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
         else:
             corpus = load_corpus(args.corpus, tokenizer=model.tokenizer, max_tokens=args.max_tokens,
                                  split=args.split or "train", text_field=args.text_field)
+        plans = []
+        if names:
+            from moelens.audit.corpus import _check_layers
+            from moelens.audit.experiments import plan_experiments
+
+            semantics = "route_around" if args.renormalize and args.semantics == "zero" else args.semantics
+            rows = corpus if isinstance(corpus, (list, tuple)) else list(corpus)
+            plans = plan_experiments(names, model, rows, _check_layers(model, layers),
+                                     _experiment_config(args, args.seed or 0, args.ablation_scope, semantics), args.out,
+                                     info={"protocol": "corrected", "corpus": args.corpus, "max_tokens": args.max_tokens,
+                                           "split": args.split or "train", "text_field": args.text_field})
         result = run_audit(
             model, corpus, layers=layers, n_positions=args.n_positions or None, seed=args.seed or 0,
             renormalize=args.renormalize, scope=args.scope, max_batch=args.max_batch, batch_size=args.batch_size,
             max_seq_len=args.max_seq_len, out_dir=args.out, progress=not args.no_progress,
             ablation_scope=args.ablation_scope, semantics=args.semantics,
         )
+        results = {}
+        if plans:
+            from moelens.audit.experiments import run_planned
+
+            results = run_planned(plans, model, args.out, progress=not args.no_progress)
     except (AuditSettingsError, FileNotFoundError, ValueError, KeyError, RuntimeError, argparse.ArgumentTypeError) as exc:
         if debug:
             raise
@@ -226,10 +306,11 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
         table[c] = [format_p(p) for p in table[c]]
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if args.image_format:
+    _print_experiments(results, args.out)
+    if args.image_format or results:
         from moelens.audit.html_report import write_audit_report
 
-        write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format)
+        write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format, experiments=results)
     print(f"\nwrote {Path(args.out) / 'report.html'} (every figure), summary.csv, stats.json, effects.jsonl")
     return 0
 

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 
 
-def build_audit_report(result):
-    """A :class:`moelens.report.Report` for an :class:`~moelens.audit.report.AuditResult`."""
+def build_audit_report(result, experiments: Optional[dict] = None):
+    """A :class:`moelens.report.Report` for an :class:`~moelens.audit.report.AuditResult` (and the
+    results of :func:`moelens.audit.experiments.run_planned`, if any)."""
     from moelens import plotting
     from moelens.formatting import format_p
     from moelens.report import Report
@@ -66,11 +68,124 @@ def build_audit_report(result):
     if options:
         rep.add_heading("Each layer")
         rep.add_selector("Layer:", options)
+    add_experiments_section(rep, experiments)
     rep.add_heading("Settings")
     rep.add_settings({"scope": result.scope, **{k: v for k, v in (result.settings or {}).items()}})
     return rep
 
 
-def write_audit_report(result, path, image_format: Optional[str] = None) -> Path:
+def write_audit_report(result, path, image_format: Optional[str] = None, experiments: Optional[dict] = None) -> Path:
     """Write the audit's report to ``path`` (and static images with ``image_format``)."""
-    return build_audit_report(result).write(Path(path), image_format=image_format)
+    return build_audit_report(result, experiments).write(Path(path), image_format=image_format)
+
+
+def _fmt_p_columns(df, cols):
+    from moelens.formatting import format_p
+
+    df = df.copy()
+    for c in cols:
+        if c in df:
+            df[c] = [format_p(p) for p in df[c]]
+    return df
+
+
+def build_paper_report(res: dict, experiments: Optional[dict] = None):
+    """A :class:`moelens.report.Report` for :func:`moelens.audit.paper.run_paper_protocol`'s result:
+    the per-token table, the routing-weight control, the further experiments and the settings."""
+    from moelens.report import Report
+
+    s = res["summary"]
+    model = s["model"].iloc[0] if len(s) else ""
+    rep = Report(f"moelens audit, the paper's protocol (arXiv 2606.10703): {model}",
+                 subtitle="Per-token ablation as the paper's scripts compute it: at each sampled position, the CE "
+                          "increase when the active expert ranked highest by a metric is removed (sequence-wide) "
+                          "minus the increase for the lowest-ranked one. No multiple-comparison correction here; "
+                          "pool models with moelens audit --pool.")
+    rep.add_heading("Per-token ablation")
+    cols = [c for c in ["layer", "metric", "n", "mean_high", "mean_low", "mean_diff", "d", "p_t", "p_w",
+                        "pct_high", "uniq_top", "uniq_bot"] if c in s]
+    rep.add_table(_fmt_p_columns(s[cols], ("p_t", "p_w")),
+                  caption="Per (layer, metric): n pairs, mean CE increase of the high- and low-ranked expert, their "
+                          "mean difference, Cohen's d (the flavour's definition), paired t and Wilcoxon p, % of pairs "
+                          "where the high-ranked expert mattered more, distinct experts on each side")
+    c = res.get("control")
+    if c is not None and len(c):
+        cols = [x for x in ["layer", "n", "mean_diff", "d", "p_t", "p_w", "spearman_rho", "spearman_p"] if x in c]
+        rep.add_heading("Routing-weight control")
+        rep.add_table(_fmt_p_columns(c[cols], ("p_t", "p_w", "spearman_p")),
+                      caption="Highest vs lowest per-token routing weight among the active experts (sequence-wide "
+                              "removal); spearman_rho: weight ratio vs effect difference")
+    add_experiments_section(rep, experiments)
+    rep.add_heading("Settings")
+    rep.add_settings(res.get("settings") or {})
+    return rep
+
+
+def write_paper_report(res: dict, path, image_format: Optional[str] = None, experiments: Optional[dict] = None) -> Path:
+    """Write the paper protocol's report to ``path`` (and static images with ``image_format``)."""
+    return build_paper_report(res, experiments).write(Path(path), image_format=image_format)
+
+
+def _progressive_figure(summary, cliff: float):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for layer, sub in summary.groupby("layer"):
+        sub = sub.sort_values("k")
+        fig.add_trace(go.Scatter(x=sub["k"], y=sub["mean"], mode="lines+markers", name=f"layer {layer}",
+                                 customdata=sub[["median", "p25", "p75"]].to_numpy(),
+                                 hovertemplate=f"layer {layer}, k=%{{x}}<br>mean Delta CE %{{y:.4f}}<br>median "
+                                               "%{customdata[0]:.4f} (p25 %{customdata[1]:.4f}, p75 "
+                                               "%{customdata[2]:.4f})<extra></extra>"))
+    fig.add_hline(y=cliff, line_dash="dash", line_color="gray", annotation_text=f"cliff threshold {cliff:g} nats",
+                  annotation_position="top left")
+    fig.update_layout(title="Progressive ablation: CE increase when the top-1..k experts are removed",
+                      xaxis_title="k (experts removed, highest routing weight first)",
+                      yaxis_title="mean CE increase (nats)", template="plotly_white", height=420, width=820)
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def add_experiments_section(rep, experiments: Optional[dict]) -> None:
+    """The further experiments' tables (``moelens audit --experiments``), if any were run."""
+    if not experiments:
+        return
+    if "progressive" in experiments:
+        r = experiments["progressive"]
+        s, st = r["summary"], r["settings"]
+        cliff = float(s["cliff_threshold"].iloc[0])
+        n = int(r["steps"]["position_index"].nunique()) if len(r["steps"]) else 0
+        rep.add_heading("Progressive ablation")
+        rep.add_text(f"At {n} target positions (one per document), the experts routed at the position predicting the "
+                     f"target are removed cumulatively, highest routing weight first (k = 1..{st['k_max']}; removal "
+                     f"{st['scope']}/{st['semantics']}), and the increase of that prediction's cross-entropy is "
+                     f"measured. The cliff is the first k whose mean increase exceeds {cliff:g} nats.")
+        rep.add_figure(_progressive_figure(s, cliff), "One line per layer: the mean CE increase after removing the "
+                       "top-k experts (hover: median and quartiles; the table below has the spread); dashed: the "
+                       "cliff threshold.", name="progressive_ablation")
+        cliffs = s.groupby("layer")["cliff"].first()
+        rep.add_table([{"layer": int(l), "cliff": "none" if pd.isna(v) else f"k = {int(v)}"} for l, v in cliffs.items()],
+                      caption=f"The cliff per layer (first k with mean CE increase > {cliff:g} nats)")
+        cols = ["layer", "k", "mean", "std", "median", "p25", "p75", "p95", "pct_positive", "weight_removed"]
+        rep.add_table(s[cols], caption="Per (layer, k): CE increase (nats) over positions; pct_positive: % of "
+                                       "positions where it increased; weight_removed: mean share of the routing "
+                                       "weight removed")
+    if "redistribution" in experiments:
+        r = experiments["redistribution"]
+        c = r["correlations"]
+        rep.add_heading("Redistribution")
+        rep.add_text("Per expert, over the tokens where it is routed: the gap (its weighted contribution to the MoE "
+                     "block output, i.e. what removing it takes away), the compensation cosine cos(gap, output "
+                     "without it), the relative compensation |ablated| max(cos, 0) / |gap|, its mean routing "
+                     "probability and token coverage; then Spearman correlations across the experts of a layer.")
+        table = c[["layer", "pair", "x", "y", "rho", "p", "n_experts"]]
+        rep.add_table(_fmt_p_columns(table, ("p",)), caption="Spearman rho across experts, per layer")
+        e = r["experts"]
+        options = [(f"layer {layer}", [sub.drop(columns="layer").reset_index(drop=True)])
+                   for layer, sub in e.groupby("layer")]
+        if options:
+            rep.add_selector("Per-expert redistribution, layer:", options)
+    settings = {f"{name}: {k}": v for name, r in experiments.items() for k, v in r["settings"].items()
+                if k != "experiment"}
+    rep.add_settings(settings, caption="Further experiments: settings (also in progressive_settings.json, "
+                                       "redistribution_settings.json)")

@@ -36,7 +36,8 @@ What it reproduces, per flavour:
   sequence** (``scope="sequence"``, ``semantics="zero"``, see :mod:`moelens.audit.ablation`);
   Delta CE at the position; Cohen's d with ddof 0 (``olmoe``/``deepseek``) or ddof 1 + 1e-9 (``qwen``).
 * **Routing-weight control** (:func:`paper_weight_control`), **progressive ablation**
-  (:func:`progressive_ablation`) and **redistribution** (:func:`redistribution`).
+  (:func:`progressive_ablation`) and **redistribution** (:func:`redistribution`); the last two also
+  from the command line, ``moelens audit --experiments`` (:mod:`moelens.audit.experiments`).
 
 Differences that remain, all documented in docs/audit.md: cross-entropy is computed from fp32
 logits; pad rows' activations follow moelens' masking of fully padded query rows (they enter
@@ -601,7 +602,11 @@ def progressive_ablation(model, positions: Sequence[tuple[Tensor, int]], layers:
             for k in range(1, k_max + 1):
                 steps.append({"layer": layer, "position_index": i, "target": target, "k": k,
                               "delta": ce[k] - ce[0], "baseline_loss": ce[0], "weight_removed": sum(wsorted[:k])})
-    frame = pd.DataFrame(steps)
+    return progressive_summary(pd.DataFrame(steps), cliff=cliff), pd.DataFrame(steps)
+
+
+def progressive_summary(frame: pd.DataFrame, *, cliff: float = 0.1) -> pd.DataFrame:
+    """The per (layer, k) summary of :func:`progressive_ablation`'s ``steps`` frame (see there)."""
     agg = frame.groupby(["layer", "k"])["delta"]
     summary = pd.DataFrame({
         "mean": agg.mean(), "std": agg.std(), "median": agg.median(), "p25": agg.quantile(0.25),
@@ -613,7 +618,7 @@ def progressive_ablation(model, positions: Sequence[tuple[Tensor, int]], layers:
         over = sub[sub["mean"] > cliff]
         cliffs[layer] = int(over["k"].min()) if len(over) else None
     summary["cliff"] = summary["layer"].map(cliffs)
-    return summary, frame
+    return summary
 
 
 @torch.no_grad()
