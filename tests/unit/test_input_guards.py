@@ -1,6 +1,5 @@
 """Input guards: bad input is an error that says what to do, never a silently wrong number."""
 
-import json
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ same model by name or by path, kill and resume with a torn line, and `moelens me
 
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -133,7 +132,7 @@ def test_larger_limit_extends_and_summary_options_resummarise(tmp_path, capsys):
     (other / "model.safetensors").write_bytes(bytes(data))
     assert trace(facts, tmp_path / "o", model=other) == 2
     line = error_line(capsys)
-    assert f"model: 'moelens-tiny-facts' (fingerprint" in line and f"{str(other)!r} (fingerprint" in line
+    assert "model: 'moelens-tiny-facts' (fingerprint" in line and f"{str(other)!r} (fingerprint" in line
 
 
 def test_killed_and_resumed_through_the_cli(tmp_path, capsys, monkeypatch):
