@@ -15,8 +15,8 @@ so untouched experts keep their relative scores (``softmax(lp) == softmax(logits
 edit) and an activated expert gets a combine weight slightly above the best original expert's.
 :class:`SteerExperts` applies exactly that on ``hook_router_logits`` (``method="logits"``), or
 forces only the selection (``method="route"``: activated experts replace the lowest-scored chosen
-ones, deactivated ones are replaced by the next best; the combine weights follow the
-architecture's rule from the unedited scores). The logit rule is written for softmax routers;
+ones, deactivated ones are replaced by the next best unchosen one, the router's other chosen
+experts stay; the combine weights follow the architecture's rule from the unedited scores). The logit rule is written for softmax routers;
 on a sigmoid router (DeepSeek-V3 family) ``method="logits"`` raises and ``method="route"`` applies
 (the other experts ranked on the biased selection scores, as the router ranks them).
 
