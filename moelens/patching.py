@@ -101,10 +101,32 @@ def _pos_axis(model, name: str) -> int:
     raise ValueError(f"{name} has no position axis ([{' '.join(axes)}])")
 
 
+def _int_list(values, what: str) -> list[int]:
+    """Python ints from an int or a sequence/tensor of ints; floats and booleans (e.g. a boolean
+    mask, which ``torch.as_tensor(..., dtype=long)`` would silently turn into indices 0/1) raise."""
+    import operator
+
+    if isinstance(values, Tensor):
+        if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+            raise IndexError(f"{what}: give integer indices, got a {values.dtype} tensor")
+        return [int(v) for v in values.reshape(-1).tolist()]
+    if isinstance(values, bool) or not isinstance(values, Iterable):
+        values = [values]
+    out = []
+    for v in values:
+        try:
+            if isinstance(v, bool) or (isinstance(v, Tensor) and v.dtype == torch.bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise IndexError(f"{what}={v!r}: give integer indices") from None
+    return out
+
+
 def _positions(pos: Positions, n: int, what: str = "positions") -> Union[slice, Tensor]:
     if pos is None:
         return slice(None)
-    idx = torch.as_tensor([pos] if isinstance(pos, int) else pos, dtype=torch.long).reshape(-1)
+    idx = torch.as_tensor(_int_list(pos, what), dtype=torch.long)
     bad = idx[(idx < -n) | (idx >= n)]
     if bad.numel():
         raise IndexError(f"{what} {bad.tolist()} out of range for a sequence of {n} tokens")
@@ -227,7 +249,7 @@ def _sub_axis(model, name, slots, experts):
 
 def _check_range(values, n, what) -> list[int]:
     """Indices normalised by :func:`normalize_index` (negative counts from the end)."""
-    values = [int(v) for v in values]
+    values = _int_list(values, what)
     bad = [v for v in values if not -n <= v < n]
     if bad:
         raise IndexError(f"{what} {bad} out of range: there are {n} ({what} 0..{n - 1}, or -{n}..-1 from the end)")
@@ -405,6 +427,8 @@ class AblateExpert(Intervention):
             state["indices"] = act
             return act
 
+        grab.reads_only = True  # to_hooks runs it after every edit of hook_expert_indices
+
         def fn(w, rows, hook):
             idx = state["indices"]
             pos = _positions(self.positions, w.shape[1])
@@ -426,6 +450,12 @@ class AblateExpert(Intervention):
         l = layer
         mean = {int(e): self.reference.expert_contribution(l, int(e)).float() for e in experts}
         routed_mask = {int(e): self.reference.expert_mask(l)[..., int(e)] for e in experts}
+        never = [e for e, m in routed_mask.items() if not bool(m.any())]
+        if never:
+            raise ValueError(
+                f"AblateExpert(mode='mean'): expert(s) {never} are never routed at layer {l} in the reference cache, "
+                f"so their mean contribution is undefined; use a larger reference or mode='zero'"
+            )
         mean = {e: m.sum((0, 1)) / routed_mask[e].sum().clamp_min(1) for e, m in mean.items()}
         state = {}
         names = [hook_name(model, n, l) for n in ("expert_indices", "expert_weights", "expert_out", "routed_out")]
@@ -434,6 +464,7 @@ class AblateExpert(Intervention):
             def fn(act, rows, hook):
                 state[key] = act
                 return act
+            fn.reads_only = True  # to_hooks runs it after every edit of that hook point
             return fn
 
         def fn(act, rows, hook):
@@ -481,7 +512,8 @@ class ForceRouting(Intervention):
 
     def _setter(self, name, value, model, is_index):
         if isinstance(value, (list, tuple)):
-            value = torch.as_tensor(value, dtype=torch.long if is_index else torch.float32)
+            # ids keep their own dtype so that floats / booleans reach the integer check below
+            value = torch.as_tensor(value) if is_index else torch.as_tensor(value, dtype=torch.float32)
         if not isinstance(value, Tensor):
             value = _source_tensor(value, name)
         if is_index:
@@ -552,12 +584,16 @@ class Corrupt(Intervention):
 
 # ---------------------------------------------------------------------------------- running
 def to_hooks(model, interventions: Sequence[Intervention], rows: Rows = slice(None)) -> list[tuple[str, Callable]]:
-    """TransformerLens ``fwd_hooks`` applying ``interventions`` to batch ``rows``."""
-    out = []
+    """TransformerLens ``fwd_hooks`` applying ``interventions`` to batch ``rows``.
+
+    Edits come in list order; hooks that only read a hook point (marked ``fn.reads_only = True``,
+    e.g. :class:`AblateExpert` reading the chosen experts) come after every edit of the list, so
+    they see the activation the model goes on with whatever the list order."""
+    edits, reads = [], []
     for iv in interventions:
         for name, fn in iv.hooks(model):
-            out.append((name, _bind(fn, rows)))
-    return out
+            (reads if getattr(fn, "reads_only", False) else edits).append((name, _bind(fn, rows)))
+    return edits + reads
 
 
 def _bind(fn, rows):
@@ -610,7 +646,7 @@ class TokenLogitMetric:
 
 def logit_diff(token_a: int, token_b: int, position: int = -1) -> Callable[[Tensor], Tensor]:
     """``logit[a] - logit[b]`` at ``position`` (the true-vs-foil contrast); a :class:`TokenLogitMetric`."""
-    return TokenLogitMetric([token_a, token_b], lambda ab: (ab[:, 0] - ab[:, 1]).float(), position)
+    return TokenLogitMetric([token_a, token_b], lambda ab: ab[:, 0].float() - ab[:, 1].float(), position)
 
 
 def prob(token: int, position: int = -1) -> Callable[[Tensor], Tensor]:
