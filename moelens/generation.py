@@ -318,12 +318,13 @@ def generate(
     (default: the config's, else the tokenizer's; an int or a list) are finished and padded with
     it; generation stops when all rows are. ``do_sample=False`` is greedy (the sampling options
     must then stay at their defaults); otherwise ``temperature``, ``top_k`` or ``top_p`` (not
-    both), ``freq_penalty`` as TransformerLens, drawn from ``torch.Generator().manual_seed(seed)``
-    when ``seed`` is given. ``use_past_kv_cache``: run only the new token per step (equal
+    both), ``freq_penalty`` as TransformerLens, drawn from ``torch.Generator(device).manual_seed(seed)``
+    (on the unembedding's device) when ``seed`` is given. ``use_past_kv_cache``: run only the new token per step (equal
     results). ``verbose``: a progress bar.
 
     moelens extras: ``interventions`` (patching API objects, applied to every row at every step,
-    positions absolute); ``return_routing=True`` returns ``(output, RoutingTrace)`` with the chosen
+    positions absolute: columns of the left-padded batch, the same for every row; negative ones
+    count from the newest token); ``return_routing=True`` returns ``(output, RoutingTrace)`` with the chosen
     experts and weights of every generated token at ``routing_layers`` (default all sparse layers),
     caching nothing else.
     """

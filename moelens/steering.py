@@ -15,8 +15,8 @@ so untouched experts keep their relative scores (``softmax(lp) == softmax(logits
 edit) and an activated expert gets a combine weight slightly above the best original expert's.
 :class:`SteerExperts` applies exactly that on ``hook_router_logits`` (``method="logits"``), or
 forces only the selection (``method="route"``: activated experts replace the lowest-scored chosen
-ones, deactivated ones are replaced by the next best; the combine weights follow the
-architecture's rule from the unedited scores). The logit rule is written for softmax routers;
+ones, deactivated ones are replaced by the next best unchosen one, the router's other chosen
+experts stay; the combine weights follow the architecture's rule from the unedited scores). The logit rule is written for softmax routers;
 on a sigmoid router (DeepSeek-V3 family) ``method="logits"`` raises and ``method="route"`` applies
 (the other experts ranked on the biased selection scores, as the router ranks them).
 
@@ -104,15 +104,19 @@ class SteerExperts(Intervention):
             pos = _positions(self.positions, act.shape[1])
             act = act.clone()
             sub = act[rows][:, pos]
-            lp = torch.log_softmax(sub.float(), dim=-1)
-            hi = lp.max(-1, keepdim=True).values + STEER_MARGIN
-            lo = lp.min(-1, keepdim=True).values - STEER_MARGIN
+            lp = torch.log_softmax(sub.float(), dim=-1).to(act.dtype)
+            top, bottom = lp.max(-1, keepdim=True).values, lp.min(-1, keepdim=True).values
+            # max + 0.01 / min - 0.01 in the logits' dtype: in bf16 the margin is below the spacing once
+            # |lp| >= 4, so it would round back to a tie (a deactivated expert could still be chosen);
+            # then the next representable value keeps the edited expert strictly above / below
+            hi = torch.maximum((top.float() + STEER_MARGIN).to(act.dtype), torch.nextafter(top, torch.full_like(top, float("inf"))))
+            lo = torch.minimum((bottom.float() - STEER_MARGIN).to(act.dtype), torch.nextafter(bottom, torch.full_like(bottom, -float("inf"))))
             if on.numel():
                 lp[..., on.to(lp.device)] = hi.expand(*hi.shape[:-1], on.numel())
             if off.numel():
                 lp[..., off.to(lp.device)] = lo.expand(*lo.shape[:-1], off.numel())
             block = act[rows]
-            block[:, pos] = lp.to(act.dtype)
+            block[:, pos] = lp
             act[rows] = block
             return act
 
@@ -129,12 +133,19 @@ class SteerExperts(Intervention):
         def fn(idx, rows, hook):
             pos = _positions(self.positions, idx.shape[1])
             scores = state["scores"][rows][:, pos].float().clone()
+            chosen = idx[rows][:, pos]
+            # the router's own choice ranks above every other expert (its group limits included), so
+            # only the edited experts change; the others are ranked on the (selection) scores
+            span = scores.max() - scores.min() + 1.0
+            scores.scatter_add_(-1, chosen, span.expand(chosen.shape).contiguous())
             top, bottom = scores.max() + 1.0, scores.min() - 1.0
             if on.numel():
                 scores[..., on.to(scores.device)] = top  # chosen first, whatever their score
             if off.numel():
                 scores[..., off.to(scores.device)] = bottom  # never chosen
             forced = torch.topk(scores, model.cfg.top_k, dim=-1, sorted=sorted_).indices
+            unchanged = (forced.sort(-1).values == chosen.sort(-1).values).all(-1, keepdim=True)
+            forced = torch.where(unchanged, chosen, forced)  # same experts: keep the router's slot order
             idx = idx.clone()
             block = idx[rows]
             block[:, pos] = forced.to(idx.dtype)
@@ -165,6 +176,9 @@ def routing_frequencies(
             raise ValueError(f"layer {l} is not sparse; sparse layers: {list(model.cfg.moe_layers)}")
     if isinstance(prompts, Tensor):
         tokens, mask = prompts, (attention_mask if attention_mask is not None else torch.ones_like(prompts))
+        if positions == "last" and not bool(mask[:, -1].all()):
+            raise ValueError("positions='last' needs left padding (every row's last token real): the "
+                             "attention_mask has padding in the last column")
     else:
         prompts = list(prompts)
         if not prompts:

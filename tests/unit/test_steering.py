@@ -145,3 +145,63 @@ def test_steering_from_ranking_caps_activations_per_layer():
     assert [(i.layer, list(i.activate), list(i.deactivate)) for i in rev] == [(1, [], [0]), (2, [3], [])]
     with pytest.raises(ValueError, match="asked for 4 activated"):
         steering_from_ranking(df, n_activate=4)
+
+
+def test_logit_rule_keeps_its_margins_in_bf16(tiny_dirs):
+    """In bf16, max(lp) + 0.01 / min(lp) - 0.01 round back to ties once |lp| >= 4 (spacing 1/32):
+    deactivated experts were then still chosen at some tokens."""
+    d, _ = tiny_dirs("mixtral")
+    model = HookedMoETransformer.from_pretrained(d, dtype=torch.bfloat16)
+    layer, k, n = model.cfg.moe_layers[-1], model.cfg.top_k, model.cfg.n_experts
+    x = torch.randint(3, 250, (4, 9), generator=torch.Generator().manual_seed(1))
+    off = list(range(n - k))  # leaves exactly top_k experts
+    name = f"blocks.{layer}.mlp.hook_expert_indices"
+    with torch.no_grad():
+        _, c = model.run_with_cache(x, fwd_hooks=P.to_hooks(model, [SteerExperts(layer=layer, deactivate=off)]),
+                                    names_filter=[name, f"blocks.{layer}.mlp.hook_router_logits"])
+    assert c[f"blocks.{layer}.mlp.hook_router_logits"].dtype == torch.bfloat16
+    assert not torch.isin(c[name], torch.tensor(off)).any()
+    on = list(range(n - k, n))
+    with torch.no_grad():
+        _, c = model.run_with_cache(x, fwd_hooks=P.to_hooks(model, [SteerExperts(layer=layer, activate=on)]),
+                                    names_filter=[name])
+    assert (c[name].sort(-1).values == torch.tensor(on)).all()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2_full", "glm4_moe", "mixtral"])
+def test_route_changes_only_the_steered_experts(tiny_dirs, arch):
+    """method='route' on group-limited routers: deactivating an expert a token did not choose must leave
+    that token's routing alone (it used to re-rank every token without the group limits)."""
+    d, _ = tiny_dirs(arch)
+    model = HookedMoETransformer.from_pretrained(d)
+    layer, n = model.cfg.moe_layers[0], model.cfg.n_experts
+    x = torch.randint(3, 250, (4, 9), generator=torch.Generator().manual_seed(1))
+    name = f"blocks.{layer}.mlp.hook_expert_indices"
+    with torch.no_grad():
+        _, c0 = model.run_with_cache(x, names_filter=[name])
+    clean = c0[name]
+    e = int(torch.bincount(clean.reshape(-1), minlength=n).argmin())
+    with torch.no_grad():
+        _, c = model.run_with_cache(
+            x, fwd_hooks=P.to_hooks(model, [SteerExperts(layer=layer, deactivate=[e], method="route")]), names_filter=[name])
+    steered = c[name]
+    untouched = ~(clean == e).any(-1)
+    assert untouched.any() and torch.equal(steered[untouched], clean[untouched])
+    hit = ~untouched  # the deactivated expert is replaced; the other chosen experts stay
+    assert not (steered == e).any()
+    for row, col in hit.nonzero().tolist():
+        kept = set(clean[row, col].tolist()) - {e}
+        assert kept <= set(steered[row, col].tolist())
+    # activation replaces the lowest-scored chosen expert and keeps the rest
+    a = int(torch.bincount(clean.reshape(-1), minlength=n).argmin())
+    with torch.no_grad():
+        _, c = model.run_with_cache(
+            x, fwd_hooks=P.to_hooks(model, [SteerExperts(layer=layer, activate=[a], method="route")]), names_filter=[name])
+    overlap = torch.stack([torch.isin(c[name][i, j], clean[i, j]) for i in range(4) for j in range(9)])
+    assert (c[name] == a).any(-1).all() and (overlap.sum(-1) >= model.cfg.top_k - 1).all()
+
+
+def test_last_position_frequencies_need_left_padding(bundled):
+    tokens, mask = bundled.tokenize(["Tel Mor plays the", "Jor Sar is"], padding_side="right")
+    with pytest.raises(ValueError, match="needs left padding"):
+        routing_frequencies(bundled, tokens, attention_mask=mask, positions="last")
