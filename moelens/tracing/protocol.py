@@ -100,6 +100,12 @@ def _rescue(value, clean, corrupted):
     return (value - corrupted) / denom if denom else float("nan")
 
 
+def _argmax(keys, values) -> object:
+    """The first of ``keys`` with the highest ``values[k]``; NaN counts as lowest (plain ``max`` keeps a
+    leading NaN, since every comparison with it is false)."""
+    return max(keys, key=lambda k: values[k] if np.isfinite(values[k]) else -np.inf)
+
+
 def _case_key(case: FactCase, index: int) -> str:
     return str(case.case_id) if case.case_id is not None else f"#{index}"
 
@@ -424,7 +430,7 @@ def run_protocol(
         )
     layer_means = {l: float(np.nanmean([_rescue(r["layer_scores"][str(l)], r["clean"], r["corrupted"]) for r in disc]))
                    for l in layers}
-    best_layer = max(layer_means, key=layer_means.get)
+    best_layer = _argmax(layer_means, layer_means)
 
     traced = store.read("experts.jsonl")
     by_key = dict(zip(keys, cases))
@@ -481,6 +487,10 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     # the latest run's selection: its first n_cases cases (an earlier, larger --limit left more lines)
     keys = sorted((k for k in screened if screened[k].get("index", 0) < settings["n_cases"]),
                   key=lambda k: screened[k].get("index", 0))
+    if len(keys) < settings["n_cases"]:  # e.g. a rank died before screening its share
+        warnings.warn(f"{settings['n_cases'] - len(keys)} of the {settings['n_cases']} selected cases have no "
+                      f"screening results; the split and the summary cover the {len(keys)} screened cases only "
+                      f"(rerun the trace command to compute the rest)")
     split = _split(keys, cfg.discovery_fraction, cfg.seed)
     for k in keys:
         screened[k]["split"] = split[k]
@@ -488,7 +498,7 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     kept_disc = [screened[k] for k in keys if screened[k].get("kept") and screened[k]["split"] == "discovery"]
     layer_means = {l: float(np.nanmean([_rescue(r["layer_scores"][str(l)], r["clean"], r["corrupted"]) for r in kept_disc]))
                    for l in layers}
-    best_layer = max(layer_means, key=layer_means.get)
+    best_layer = _argmax(layer_means, layer_means)
     traced = {k: r for k, r in traced.items() if k in split and r["layer"] == best_layer}
     for k, r in traced.items():
         r["split"] = split[k]
@@ -513,13 +523,14 @@ class ProtocolSummary:
     expert_means: list  # discovery mean rescue per expert at the chosen layer
     expert_recurrence: list  # discovery fraction of cases where each expert was clean-active
     counts: dict
+    splits: Optional[dict] = None  # case key -> "discovery" / "validation", for the current selection
 
     def write(self, out_dir: Path) -> None:
         self.table.to_csv(out_dir / "summary.csv", index=False)
         (out_dir / "summary.json").write_text(json.dumps({
             "layer": self.layer, "expert": self.expert, "layer_means": self.layer_means,
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
-            "table": self.table.to_dict(orient="records"),
+            "splits": self.splits, "table": self.table.to_dict(orient="records"),
         }, indent=1))
         from moelens.tracing.report import write_trace_report
 
@@ -559,7 +570,7 @@ def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: Prot
     recurrence = [float(np.mean([e in r["clean_routed"] for r in disc])) if disc else 0.0 for e in range(n_experts)]
     means = [float(np.nanmean([rescues(r)[e] for r in disc])) if disc else float("nan") for e in range(n_experts)]
     eligible = [e for e in range(n_experts) if recurrence[e] >= cfg.recurrence] or list(range(n_experts))
-    expert = max(eligible, key=lambda e: means[e])
+    expert = _argmax(eligible, means)
     rng = random.Random(cfg.seed)
     rows = {"layer rescue": [], "expert rescue": [], "specificity": [], "coalition (clean-routed)": [],
             "coalition (clean or noise routed)": []}
@@ -593,4 +604,5 @@ def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: Prot
     }
     return ProtocolSummary(table=pd.DataFrame(table), layer=best_layer, expert=expert,
                            layer_means={str(l): v for l, v in layer_means.items()}, expert_means=means,
-                           expert_recurrence=recurrence, counts=counts)
+                           expert_recurrence=recurrence, counts=counts,
+                           splits={k: screened[k]["split"] for k in keys})

@@ -88,6 +88,12 @@ def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
     out_dir = Path(out_dir)
     settings = json.loads((out_dir / "settings.json").read_text()) if (out_dir / "settings.json").exists() else {}
     screened, traced = _records(out_dir, "screen.jsonl"), _records(out_dir, "experts.jsonl")
+    splits = getattr(summary, "splits", None)
+    if splits is not None:  # the summary's cases and halves: a line's stored split is the one it had when
+        # written (a later, larger --limit can re-split), and lines of cases no longer selected stay in the files
+        screened = {k: {**r, "split": splits[k]} for k, r in screened.items() if k in splits}
+        traced = {k: {**r, "split": splits[k]} for k, r in traced.items()
+                  if k in splits and r.get("layer") == summary.layer}
     seed = int(settings.get("seed", 0))
     n_boot = min(int(settings.get("n_bootstrap", 2000)), 2000)
     labels = {}
