@@ -114,6 +114,9 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         return dense.scatter_add_(-1, idx, w)
 
     tokens: Optional[Tensor] = None  # the input tokens, when run_with_cache was given tokens or text
+    # the run's attention mask ([batch, pos], 1 for real tokens): the one run_with_cache was given, or
+    # the one it built when it padded a list of texts; None when every position was a real token
+    attention_mask: Optional[Tensor] = None
 
     def routing(self, layer: int, batch: Optional[int] = None, tokens: Optional[Tensor] = None):
         """A tidy pandas table, one row per (batch, position, slot): position, token string, slot,
@@ -151,8 +154,10 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         return pd.DataFrame(rows)
 
     def expert_usage(self, layer: int, attention_mask: Optional[Tensor] = None) -> Int[Tensor, "n_experts"]:
-        """Number of (token) positions routed to each expert (padding excluded when a mask is given)."""
+        """Number of (token) positions routed to each expert. Padding is excluded: positions where
+        ``attention_mask`` (default: the run's, ``cache.attention_mask``) is 0 are not counted."""
         mask = self.expert_mask(layer)
+        attention_mask = self.attention_mask if attention_mask is None else attention_mask
         if attention_mask is not None:
             mask = mask & attention_mask.bool().to(mask.device)[..., None]
         return mask.sum(dim=tuple(range(mask.ndim - 1)))  # over batch and pos (pos only without a batch dim)

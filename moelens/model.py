@@ -308,9 +308,12 @@ class HookedMoETransformer(HookedRootModule):
 
         cache = MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         first = model_args[0] if model_args else kwargs.get("input")
+        mask = model_args[1] if len(model_args) > 1 else kwargs.get("attention_mask")
         if isinstance(first, str) or (isinstance(first, (list, tuple)) and first and isinstance(first[0], str)):
-            first = self.to_tokens(first, prepend_bos=kwargs.get("prepend_bos"))
+            first, built = self.tokenize(first, prepend_bos=kwargs.get("prepend_bos"))
+            mask = built if mask is None else mask
         cache.tokens = first if isinstance(first, Tensor) and not first.is_floating_point() else None
+        cache.attention_mask = mask if isinstance(mask, Tensor) else None
         return out, cache
 
     # ------------------------------------------------------------------ tokens

@@ -342,6 +342,11 @@ class TLAnalysisMixin:
             new.tokens = bs.apply(tokens, dim=0)
             if new.tokens.ndim == 1:
                 new.tokens = new.tokens[None]
+        mask = getattr(self, "attention_mask", None)
+        if mask is not None:
+            new.attention_mask = _as_slice(batch_slice).apply(mask, dim=0)
+            if new.attention_mask.ndim == 1:
+                new.attention_mask = new.attention_mask[None]
         return new
 
 

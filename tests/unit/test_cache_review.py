@@ -110,3 +110,34 @@ def test_sae_error_term_leaves_a_bf16_model_bitwise_unchanged(tiny_dirs):
     torch.testing.assert_close(c[f"{hook}.sae.hook_sae_recon"] + c[f"{hook}.sae.hook_sae_error"],
                                c[f"{hook}.sae.hook_sae_input"], atol=0.05, rtol=0.02)
     assert torch.equal(c[f"{hook}.sae.hook_sae_output"], c[f"{hook}.sae.hook_sae_input"])
+
+
+def test_expert_usage_excludes_the_runs_padding(qwen2):
+    from moelens.testing import toy_tokenizer
+
+    model = qwen2[0]
+    l = model.cfg.moe_layers[-1]
+    texts = ["w5 w6", "w7 w8 w9 w10 w11"]
+    old = model.tokenizer
+    model.tokenizer = toy_tokenizer(256)
+    try:
+        tokens, mask = model.tokenize(texts)
+        assert not bool(mask.all())
+        with torch.no_grad():
+            runs = [model.run_with_cache(texts)[1], model.run_with_cache(tokens, attention_mask=mask)[1],
+                    model.run_with_cache(tokens, mask)[1]]
+    finally:
+        model.tokenizer = old
+    # independent count: real positions only, each routed to top_k experts
+    idx = runs[1]["expert_indices", l][mask.bool()]
+    want = torch.bincount(idx.reshape(-1), minlength=model.cfg.n_experts)
+    assert int(want.sum()) == int(mask.sum()) * model.cfg.top_k
+    for c in runs:
+        assert torch.equal(c.attention_mask, mask)
+        assert torch.equal(c.expert_usage(l), want)  # counted the pad positions before
+        assert torch.equal(c.expert_usage(l, attention_mask=torch.ones_like(mask)),
+                           torch.bincount(c["expert_indices", l].reshape(-1), minlength=model.cfg.n_experts))
+    one = runs[0].apply_slice_to_batch_dim(0)
+    assert torch.equal(one.attention_mask, mask[:1])
+    assert int(one.expert_usage(l).sum()) == int(mask[0].sum()) * model.cfg.top_k
+    assert torch.equal(runs[0].tokens, tokens)
