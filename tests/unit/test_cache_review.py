@@ -21,7 +21,7 @@ def qwen2(tiny_dirs):
 
 
 def test_expert_views_without_a_batch_dim(qwen2):
-    model, tokens, logits, cache, single = qwen2
+    model, tokens, _logits, cache, single = qwen2
     assert not single.has_batch_dim
     l = model.cfg.moe_layers[-1]
     # usage: one count per expert, as the batched cache's (was a scalar: summed over pos and experts)
@@ -37,7 +37,7 @@ def test_expert_views_without_a_batch_dim(qwen2):
 
 
 def test_expert_logit_lens_without_a_batch_dim(qwen2):
-    model, tokens, logits, cache, single = qwen2
+    model, _tokens, _logits, cache, single = qwen2
     l = model.cfg.moe_layers[-1]
     for p in (4, -1):  # -1 (the default) read garbage silently; 4 raised
         _check_lens(model, cache, single, l, p)
@@ -63,7 +63,7 @@ def _check_lens(model, cache, single, l, p):
 
 
 def test_names_filter_leaving_out_what_a_method_needs_raises_naming_the_hook(qwen2):
-    model, tokens, logits, cache, _ = qwen2
+    model, tokens, _logits, cache, _ = qwen2
     with torch.no_grad():
         _, no_embed = model.run_with_cache(tokens, names_filter=lambda n: n != "hook_embed")
         _, no_scale = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith("hook_scale"))
