@@ -19,7 +19,7 @@ TOKENS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64]])
 
 @pytest.fixture()
 def ckpt(tiny_dirs, tmp_path):
-    d, hf = tiny_dirs("mixtral")
+    d, _ = tiny_dirs("mixtral")
     out = tmp_path / "ckpt"
     shutil.copytree(d, out)
     return out
