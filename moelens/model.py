@@ -164,6 +164,16 @@ class HookedMoETransformer(HookedRootModule):
         tokenizer = loading.load_tokenizer(directory)
         if meta:
             return cls.from_config(cfg, device="meta", tokenizer=tokenizer)
+        arch = get_architecture(hf_config)
+        if (cfg.tie_word_embeddings and "tie_word_embeddings" not in config_overrides
+                and loading.lm_head_differs_from_embedding(directory, arch, cfg.dtype)):
+            # transformers keeps such a pair untied (with a warning): lm_head.weight is the unembedding
+            loading.logger.warning(
+                "moelens: config.json says tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+                "differs from its input embedding; loading them untied, as transformers does (pass "
+                "tie_word_embeddings=True to tie them anyway, or fix config.json)"
+            )
+            cfg = cfg.replace(tie_word_embeddings=False)
         if device_map is not None and device is not None:
             raise ValueError("pass `device` or `device_map`, not both")
         if max_memory is not None and device_map is None:
@@ -178,7 +188,7 @@ class HookedMoETransformer(HookedRootModule):
             placement.materialize(model, plan)
         else:
             model = model._materialize(torch.device(device) if device is not None else torch.device("cpu"))
-        loading.load_weights(model, directory, get_architecture(hf_config), cfg.tie_word_embeddings, progress)
+        loading.load_weights(model, directory, arch, cfg.tie_word_embeddings, progress)
         if device_map is not None:
             placement.attach_device_hooks(model, plan)
         model.name_or_path = str(name_or_path)
