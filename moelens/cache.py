@@ -88,9 +88,9 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         w = self._hook(layer, "hook_expert_weights")
         out = self._hook(layer, "hook_expert_out")
         weighted = (out * w.unsqueeze(-1)).to(out.dtype)
-        b, p, k, d = out.shape
-        dense = torch.zeros(b, p, self.model.cfg.n_experts, d, dtype=out.dtype, device=out.device)
-        return dense.scatter_add_(2, idx.unsqueeze(-1).expand(b, p, k, d), weighted)
+        d = out.shape[-1]  # leading dims [batch, pos], or [pos] in a cache made with remove_batch_dim=True
+        dense = torch.zeros(*idx.shape[:-1], self.model.cfg.n_experts, d, dtype=out.dtype, device=out.device)
+        return dense.scatter_add_(-2, idx.unsqueeze(-1).expand(*idx.shape, d), weighted)
 
     def routed_plus_shared(self, layer: int) -> Float[Tensor, "batch pos d_model"]:
         """``hook_routed_out + hook_shared_out`` (equals ``hook_mlp_out``)."""
@@ -114,6 +114,9 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         return dense.scatter_add_(-1, idx, w)
 
     tokens: Optional[Tensor] = None  # the input tokens, when run_with_cache was given tokens or text
+    # the run's attention mask ([batch, pos], 1 for real tokens): the one run_with_cache was given, or
+    # the one it built when it padded a list of texts; None when every position was a real token
+    attention_mask: Optional[Tensor] = None
 
     def routing(self, layer: int, batch: Optional[int] = None, tokens: Optional[Tensor] = None):
         """A tidy pandas table, one row per (batch, position, slot): position, token string, slot,
@@ -127,6 +130,11 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         w = self._hook(layer, "hook_expert_weights").float()
         key = f"blocks.{layer}.mlp.hook_router_scores"
         scores = self.cache_dict[key].float().gather(-1, idx) if key in self.cache_dict else None
+        if not self.has_batch_dim:  # remove_batch_dim=True: one sequence, reported as batch 0
+            idx, w = idx[None], w[None]
+            scores = None if scores is None else scores[None]
+        if tokens is not None and tokens.ndim == 1:
+            tokens = tokens[None]
         rows = []
         batches = range(idx.shape[0]) if batch is None else [batch]
         tok = getattr(self.model, "tokenizer", None)
@@ -146,11 +154,13 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         return pd.DataFrame(rows)
 
     def expert_usage(self, layer: int, attention_mask: Optional[Tensor] = None) -> Int[Tensor, "n_experts"]:
-        """Number of (token) positions routed to each expert (padding excluded when a mask is given)."""
+        """Number of (token) positions routed to each expert. Padding is excluded: positions where
+        ``attention_mask`` (default: the run's, ``cache.attention_mask``) is 0 are not counted."""
         mask = self.expert_mask(layer)
+        attention_mask = self.attention_mask if attention_mask is None else attention_mask
         if attention_mask is not None:
             mask = mask & attention_mask.bool().to(mask.device)[..., None]
-        return mask.sum(dim=(0, 1))
+        return mask.sum(dim=tuple(range(mask.ndim - 1)))  # over batch and pos (pos only without a batch dim)
 
     def routing_entropy(self, layer: int) -> Float[Tensor, "batch pos"]:
         """Entropy (nats) of the router's score distribution at each position."""

@@ -109,6 +109,16 @@ def checkpoint_files(directory: Path) -> dict[str, list[str]]:
         missing = [f for f in files if not (directory / f).is_file()]
         if missing:
             raise CheckpointError(f"{directory}: shards named in {INDEX} are missing: {', '.join(missing)}")
+        for fname, keys in files.items():  # headers only: cheap
+            with _safe_open(directory / fname, framework="pt") as f:
+                held = set(f.keys())
+            absent = [k for k in keys if k not in held]
+            if absent:
+                raise CheckpointError(
+                    f"{directory}: {INDEX} maps {_short(absent, 4)} to {fname}, which does not hold "
+                    f"{'it' if len(absent) == 1 else 'them'}: the index does not belong to these shards "
+                    f"(download or save the checkpoint again)"
+                )
         return dict(files)
     if (directory / SINGLE).is_file():
         with _safe_open(directory / SINGLE, framework="pt") as f:
@@ -269,6 +279,28 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
             f"{directory}: checkpoint does not match the config.\n  " + "\n  ".join(parts)
             + "\n  Check that config.json belongs to these weights (layers, experts, tied embeddings)."
         )
+
+
+def lm_head_differs_from_embedding(directory: Path, arch: Architecture, dtype: torch.dtype) -> bool:
+    """Whether the checkpoint holds both the input embedding and ``lm_head.weight`` and they differ
+    (in ``dtype``, the model's). transformers 5 then does **not** tie them even when ``config.json``
+    says ``tie_word_embeddings: true`` (``PreTrainedModel.tie_weights``: "both are present in the
+    checkpoints with different values, so we will NOT tie them"); :meth:`from_pretrained` follows it."""
+    plan = _Plan(arch, {}, tied=False)
+    where: dict[str, tuple[str, str]] = {}
+    for fname, keys in checkpoint_files(directory).items():
+        for key in keys:
+            targets = plan.targets(plan.rename(key)) or []
+            if len(targets) == 1 and targets[0][0] in ("embed.W_E", "unembed.W_U"):
+                where[targets[0][0]] = (fname, key)
+    if len(where) < 2:
+        return False
+    tensors = []
+    for name in ("embed.W_E", "unembed.W_U"):
+        fname, key = where[name]
+        with _safe_open(directory / fname, framework="pt", device="cpu") as f:
+            tensors.append(f.get_tensor(key).to(dtype))
+    return tensors[0].shape != tensors[1].shape or not torch.equal(tensors[0], tensors[1])
 
 
 def _mxfp4_source(directory: Path, f, fname: str, key: str, file_of: dict, plan: "_Plan", params: dict):

@@ -164,6 +164,16 @@ class HookedMoETransformer(HookedRootModule):
         tokenizer = loading.load_tokenizer(directory)
         if meta:
             return cls.from_config(cfg, device="meta", tokenizer=tokenizer)
+        arch = get_architecture(hf_config)
+        if (cfg.tie_word_embeddings and "tie_word_embeddings" not in config_overrides
+                and loading.lm_head_differs_from_embedding(directory, arch, cfg.dtype)):
+            # transformers keeps such a pair untied (with a warning): lm_head.weight is the unembedding
+            loading.logger.warning(
+                "moelens: config.json says tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+                "differs from its input embedding; loading them untied, as transformers does (pass "
+                "tie_word_embeddings=True to tie them anyway, or fix config.json)"
+            )
+            cfg = cfg.replace(tie_word_embeddings=False)
         if device_map is not None and device is not None:
             raise ValueError("pass `device` or `device_map`, not both")
         if max_memory is not None and device_map is None:
@@ -178,7 +188,7 @@ class HookedMoETransformer(HookedRootModule):
             placement.materialize(model, plan)
         else:
             model = model._materialize(torch.device(device) if device is not None else torch.device("cpu"))
-        loading.load_weights(model, directory, get_architecture(hf_config), cfg.tie_word_embeddings, progress)
+        loading.load_weights(model, directory, arch, cfg.tie_word_embeddings, progress)
         if device_map is not None:
             placement.attach_device_hooks(model, plan)
         model.name_or_path = str(name_or_path)
@@ -308,9 +318,12 @@ class HookedMoETransformer(HookedRootModule):
 
         cache = MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         first = model_args[0] if model_args else kwargs.get("input")
+        mask = model_args[1] if len(model_args) > 1 else kwargs.get("attention_mask")
         if isinstance(first, str) or (isinstance(first, (list, tuple)) and first and isinstance(first[0], str)):
-            first = self.to_tokens(first, prepend_bos=kwargs.get("prepend_bos"))
+            first, built = self.tokenize(first, prepend_bos=kwargs.get("prepend_bos"))
+            mask = built if mask is None else mask
         cache.tokens = first if isinstance(first, Tensor) and not first.is_floating_point() else None
+        cache.attention_mask = mask if isinstance(mask, Tensor) else None
         return out, cache
 
     # ------------------------------------------------------------------ tokens

@@ -8,7 +8,8 @@ default) the reconstruction error, each step a hook point of its own::
     output = recon + error                                                  -> hook_sae_output
 
 With the error term (``use_error_term=True``, the default) the spliced model computes what the
-plain one does (up to float rounding of ``recon + (x - recon)``), and an edit of the features
+plain one does, bitwise (the output is formed as ``x + (recon - clean recon) + (error - clean
+error)``, which is ``recon + error`` up to rounding and exactly ``x`` unedited), and an edit of the features
 (``hook_sae_acts``) changes the output by exactly ``decode(edited) - decode(clean)``: patching
 stays exact. Without it the model runs on the reconstruction alone.
 
@@ -55,8 +56,12 @@ class SAESplice(nn.Module):
             return self.hook_sae_output(recon)
         with torch.no_grad():
             clean_recon = self.sae.decode(clean).to(x.dtype)
-        error = self.hook_sae_error(x - clean_recon)
-        return self.hook_sae_output(recon + error)
+        error0 = x - clean_recon
+        error = self.hook_sae_error(error0.clone())
+        # recon + error, written as x plus the edits: (recon - clean_recon) and (error - error0) are
+        # exactly 0 when neither the features nor the error were edited, so the output is x bitwise
+        # (recon + (x - recon) rounds, by a bf16 ulp of recon); the gradient is the same as recon + error's
+        return self.hook_sae_output(x + (recon - clean_recon) + (error - error0))
 
 
 def _check(model, name: str) -> HookPoint:

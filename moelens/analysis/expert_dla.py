@@ -163,15 +163,21 @@ def expert_logit_lens(
     """
     import pandas as pd
 
+    if cache.has_batch_dim:
+        at = (batch, position)
+    else:  # remove_batch_dim=True: [pos, ...], one sequence
+        if batch not in (0, -1):
+            raise IndexError(f"batch {batch}: this cache has no batch dimension (one sequence, batch 0)")
+        at = (position,)
     if expert == "shared":
         if not model.cfg.has_shared_experts:
             raise ValueError("this architecture has no shared experts")
-        vec = cache[f"blocks.{layer}.mlp.hook_shared_out"][batch, position]
+        vec = cache[f"blocks.{layer}.mlp.hook_shared_out"][at]
         routed = True
     else:
-        vec = cache.expert_contribution(layer, int(expert))[batch, position]
-        routed = bool((cache[f"blocks.{layer}.mlp.hook_expert_indices"][batch, position] == int(expert)).any())
-    s = cache["ln_final.hook_scale"][batch, position].float()
+        vec = cache.expert_contribution(layer, int(expert))[at]
+        routed = bool((cache[f"blocks.{layer}.mlp.hook_expert_indices"][at] == int(expert)).any())
+    s = cache["ln_final.hook_scale"][at].float()
     W_U = model.W_U
     d = (vec.float().to(W_U.device) / s.to(W_U.device)) * model.ln_final.scale_weight.float().to(W_U.device)
     logits = W_U.float() @ d  # [d_vocab]

@@ -194,7 +194,14 @@ class TLAnalysisMixin:
         ``expert_contribution``) plus ``"L{l}_shared"`` (shared experts, where the architecture has
         them); dense layers stay ``"{l}_mlp_out"``. The components sum to the residual stream
         entering ``layer`` (``hook_resid_mid`` of ``layer`` with ``mlp_input``; the final residual
-        stream when ``layer`` is None)."""
+        stream when ``layer`` is None). A cache without ``hook_embed`` (left out by a ``names_filter``)
+        raises unless ``incl_embeds=False`` (TransformerLens would leave the embedding out silently,
+        and the components would no longer sum to the residual stream)."""
+        if incl_embeds and "hook_embed" not in self.cache_dict:
+            raise KeyError(
+                "decompose_resid(incl_embeds=True) needs 'hook_embed', which is not in this cache (a names_filter "
+                "left it out); cache it, or pass incl_embeds=False to leave the embedding out of the components"
+            )
         if not expert_level:
             return super().decompose_resid(
                 layer=layer, mlp_input=mlp_input, mode=mode, apply_ln=apply_ln, pos_slice=pos_slice,
@@ -310,6 +317,22 @@ class TLAnalysisMixin:
             )
         return super().stack_neuron_results(layer, *args, **kwargs)
 
+    def _get_cached_ln_scale(self, layer, mlp_input, pos_slice, batch_slice=None):
+        """TransformerLens' lookup of the norm scale ``apply_ln_to_stack`` divides by; a scale that is
+        not cached raises a ``KeyError`` naming the hook (TransformerLens' own error path indexes
+        ``model.blocks[n_layers]`` for the final norm and raises an ``IndexError``)."""
+        n = self.model.cfg.n_layers
+        if layer is None or layer == n:
+            key = "ln_final.hook_scale"
+        else:
+            key = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+        if key not in self.cache_dict:
+            raise KeyError(
+                f"{key} is not in this cache: apply_ln_to_stack / logit_attrs / apply_ln=True divide by the "
+                f"cached norm scale; keep it in the run_with_cache names_filter"
+            )
+        return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
+
     def apply_slice_to_batch_dim(self, batch_slice):
         sliced = super().apply_slice_to_batch_dim(batch_slice)
         new = type(self)(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
@@ -319,6 +342,11 @@ class TLAnalysisMixin:
             new.tokens = bs.apply(tokens, dim=0)
             if new.tokens.ndim == 1:
                 new.tokens = new.tokens[None]
+        mask = getattr(self, "attention_mask", None)
+        if mask is not None:
+            new.attention_mask = _as_slice(batch_slice).apply(mask, dim=0)
+            if new.attention_mask.ndim == 1:
+                new.attention_mask = new.attention_mask[None]
         return new
 
 

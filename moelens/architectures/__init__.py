@@ -84,6 +84,14 @@ def translate_config(hf_config: dict, dtype: torch.dtype = torch.float32, **over
     for key, allowed in arch.required.items():
         if key in hf and hf[key] not in allowed:
             problems.append(f"{key}={hf[key]!r} (supported: {', '.join(map(repr, allowed))})")
+    types = hf.get("layer_types")
+    if "layer_types" not in arch.defaults and isinstance(types, list) and set(types) - {"full_attention"}:
+        # an architecture without per-layer attention types: only all-full-attention lists are inert
+        # (transformers' Qwen2-MoE, e.g., would window the 'sliding_attention' layers)
+        problems.append(
+            f"layer_types with {', '.join(sorted(map(repr, set(types) - {'full_attention'})))} entries "
+            f"(moelens' {arch.name} implements full attention in every layer)"
+        )
     known = set(arch.defaults) | set(arch.required) | GENERIC_IGNORED | arch.ignored
     for key, value in hf.items():
         if key not in known and value not in (None, False, [], {}, 0):

@@ -85,12 +85,19 @@ class Architecture:
     skip_note: str = ""
 
 
+def rope_dict(hf: dict) -> dict:
+    """The RoPE dict transformers 5 uses: a non-empty legacy ``rope_scaling`` *replaces*
+    ``rope_parameters`` (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``:
+    ``rope_scaling or rope_parameters``), so a config carrying both follows ``rope_scaling``."""
+    return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+
+
 def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:
-    """theta and scaling from v5 ``rope_parameters`` or the legacy ``rope_theta``/``rope_scaling``."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    scaling = {**legacy, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    """theta and scaling from v5 ``rope_parameters`` or the legacy ``rope_theta``/``rope_scaling``
+    (the dict's own ``rope_theta`` first, then the top-level field, as transformers reads them)."""
+    scaling = rope_dict(hf)
+    theta = scaling.pop("rope_theta", None)
+    theta = hf.get("rope_theta") if theta is None else theta
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if rope_type == "default":

@@ -12,7 +12,7 @@
 
 from moelens.architectures.base import (
     COMMON_RULES, GQA_RULES, Architecture, UnsupportedConfigError,
-    rope_settings,
+    rope_dict, rope_settings,
 )
 from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, V3_MOE_RULES, v3_moe_fields
 
@@ -45,7 +45,7 @@ IGNORED = frozenset({
 def partial_rotary(hf: dict, head_dim: int, default: float, arch: str) -> tuple[dict, float]:
     """(``hf`` without partial_rotary_factor in its rope dict, the factor) from v5 ``rope_parameters``
     or the legacy top-level field."""
-    params = dict(hf.get("rope_parameters") or {})
+    params = rope_dict(hf)  # rope_scaling, when present, replaces rope_parameters (as in transformers)
     factor = params.pop("partial_rotary_factor", None)
     if factor is None:
         factor = hf.get("partial_rotary_factor")
@@ -53,7 +53,7 @@ def partial_rotary(hf: dict, head_dim: int, default: float, arch: str) -> tuple[
     dim = int(head_dim * factor)
     if dim < 2 or dim % 2 or dim > head_dim:
         raise UnsupportedConfigError(f"{arch}: partial_rotary_factor={factor} gives rotary dim {dim} of {head_dim}")
-    return {**hf, "rope_parameters": params or None}, factor
+    return {**hf, "rope_parameters": params or None, "rope_scaling": None}, factor
 
 
 def translate(hf: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from moelens.architectures.base import (
     COMMON_RULES, DENSE_MLP_RULES, FUSED_EXPERT_RULES, Architecture, KeyRule, UnsupportedConfigError,
-    expert_rules, moe_layers_qwen, rope_settings, shared_expert_rules,
+    expert_rules, moe_layers_qwen, rope_dict, rope_settings, shared_expert_rules,
 )
 
 DEFAULTS = {
@@ -52,7 +52,7 @@ def hybrid_settings(hf: dict, arch: str) -> dict:
     rope = rope_settings(hf, arch)
     n, d, h = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf["head_dim"] or d // h
-    params = hf.get("rope_parameters") or {}
+    params = rope_dict(hf)  # rope_scaling, when present, replaces rope_parameters (as in transformers)
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     factor = 0.25 if factor is None else float(factor)  # the transformers class default
     rotary = int(head_dim * factor)
