@@ -11,7 +11,6 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from moelens.tracing import protocol
 from moelens.tracing.fingerprint import settings_fingerprint
 from moelens.tracing.protocol import FORMAT, ProtocolConfig, _compared, _split, merge
 from moelens.tracing.report import build_trace_report
