@@ -119,7 +119,6 @@ def _trace(args) -> int:
     from moelens.tracing.report import write_trace_report
 
     report = write_trace_report(args.out, summary, cases=cases, image_format=args.image_format)
-    summary.counts["skipped_records"] = len(getattr(cases, "skipped", []) or [])
     print(summary)
     print(f"results in {args.out}: {report.name} (every figure), summary.csv, summary.json, screen.jsonl, "
           f"experts.jsonl" + (f", *.{args.image_format}" if args.image_format else ""))

@@ -448,9 +448,25 @@ def run_protocol(
         r["split"] = split.get(k, r["split"])
     _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, model.cfg.n_experts)
+    summary.counts["skipped_records"] = len(getattr(cases, "skipped", []) or [])  # malformed records of the file
     if rank == 0:
         summary.write(out_dir)
     return summary
+
+
+def _json_safe(obj):
+    """Strict JSON: a NaN or infinite number (an undefined CI, a mean over no case) becomes null."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
 
 
 def _check_validation(kept, traced, keys, split, cfg) -> None:
@@ -527,11 +543,11 @@ class ProtocolSummary:
 
     def write(self, out_dir: Path) -> None:
         self.table.to_csv(out_dir / "summary.csv", index=False)
-        (out_dir / "summary.json").write_text(json.dumps({
+        (out_dir / "summary.json").write_text(json.dumps(_json_safe({
             "layer": self.layer, "expert": self.expert, "layer_means": self.layer_means,
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
             "splits": self.splits, "table": self.table.to_dict(orient="records"),
-        }, indent=1))
+        }), indent=1, allow_nan=False))
         from moelens.tracing.report import write_trace_report
 
         write_trace_report(out_dir, self)  # report.html: every figure, one file

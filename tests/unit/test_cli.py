@@ -134,3 +134,9 @@ def test_trace_cli_counts_malformed_records(mixtral_tok_dir, tmp_path, capsys):
     assert main(["trace", "--model", str(mixtral_tok_dir), "--facts", str(facts), "--out", str(tmp_path / "o"),
                  "--min-clean=-1e9", "--min-drop=-1e9", "--bootstrap", "50", "--permutations", "50"]) == 0
     assert "cases: 4 total (+ 1 malformed record skipped)" in capsys.readouterr().out
+    # summary.json says the same, and is strict JSON (an undefined statistic is null, not NaN)
+    import json
+
+    text = (tmp_path / "o" / "summary.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"non-strict JSON: {c}")))
+    assert data["counts"]["skipped_records"] == 1
