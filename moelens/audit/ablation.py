@@ -94,14 +94,15 @@ def removal_hooks(
         state["hit"] = hit
         if semantics != "reroute" or not bool(hit.any()):
             return idx
-        scores = state.pop("scores").float().clone()
+        choice = state.pop("scores")
+        scores = choice.float().clone()
         # never re-route to an expert the token already has or to one this row removes
         scores.scatter_(-1, idx, float("-inf"))
-        e = ex.to(idx.device).clamp(min=0)
-        banned = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool, device=idx.device)
-        banned.scatter_(-1, e, ex.to(idx.device) >= 0)
+        e = ex.to(idx.device)
+        banned = (torch.arange(scores.shape[-1], device=idx.device) == e[..., None]).any(-2)  # [batch, n_experts]
         scores = scores.masked_fill(banned[:, None, :], float("-inf"))
         n_hit = int(hit.sum(-1).max())
+        scores = _restrict_to_kept_groups(model.cfg, choice, scores, n_hit)
         best = torch.topk(scores, n_hit, dim=-1).indices  # [batch, pos, n_hit]
         order = hit.long().cumsum(-1) - 1  # the j-th hit slot of a token takes its j-th best
         replacement = best.gather(-1, order.clamp(min=0))
@@ -124,5 +125,29 @@ def removal_hooks(
     pre = f"blocks.{layer}.mlp."
     hooks = [(pre + "hook_expert_indices", edit_indices), (pre + "hook_expert_weights", edit_weights)]
     if semantics == "reroute":
-        hooks.insert(0, (pre + "hook_router_scores", grab_scores))
+        # what the router's top-k selects on: the biased scores for the DeepSeek-V3 family
+        choice = "hook_router_selection_scores" if model.cfg.router_correction_bias else "hook_router_scores"
+        hooks.insert(0, (pre + choice, grab_scores))
     return hooks
+
+
+def _restrict_to_kept_groups(cfg, choice: Tensor, candidates: Tensor, n_needed: int) -> Tensor:
+    """``candidates`` (selection scores, ``-inf`` where banned) with the experts outside the
+    token's kept groups also at ``-inf``, for group-limited routers (``noaux_tc``,
+    ``group_limited_greedy``): the groups are the ones the router kept for the clean token
+    (computed from ``choice`` as :meth:`Router.select` does), so a rerouted slot goes where the
+    router's own top-k looks next. A token whose kept groups hold fewer than ``n_needed``
+    candidates keeps every expert as a candidate. Other routers: ``candidates`` unchanged."""
+    if cfg.topk_method not in ("noaux_tc", "group_limited_greedy") or cfg.n_group <= 1:
+        return candidates
+    grouped = choice.float().unflatten(-1, (cfg.n_group, -1))
+    if cfg.topk_method == "noaux_tc":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    keep = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, keep, True)
+    expert_mask = group_mask.repeat_interleave(cfg.n_experts // cfg.n_group, dim=-1)
+    restricted = candidates.masked_fill(~expert_mask, float("-inf"))
+    room = torch.isfinite(restricted).sum(-1, keepdim=True) >= n_needed
+    return torch.where(room, restricted, candidates)
