@@ -11,7 +11,9 @@ Two independent choices describe how an expert is removed at a sparse layer ``l`
     ``"zero"``: the expert's combine weight is set to 0 and the other slots keep theirs (the paper:
     its hook returns ``zeros_like(output)``); ``"route_around"``: as ``zero``, then the surviving
     slots of that token are rescaled to the token's original weight sum; ``"reroute"``: the slot is
-    given to the best-scoring expert the token did not choose, and its weight follows the
+    given to the best-scoring expert the token did not choose (scored as the router's top-k
+    scores them: ``scores + correction bias`` for the DeepSeek-V3 family, and only within the
+    groups the router kept for that token for group-limited routers), and its weight follows the
     architecture's router rule for the new set (``Router.weights`` at the edited indices: the
     renormalised or raw score of the new expert).
 

@@ -1,0 +1,106 @@
+"""Regression tests from a review of the corrected audit protocol: each checks a result against an
+independent hand computation on a tiny random checkpoint (or plain numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moelens import HookedMoETransformer
+from moelens.audit import ablation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _ids(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _hand_kept_groups(cfg, sel: torch.Tensor) -> torch.Tensor:
+    """``[pos, n_experts]`` True for the experts of the groups the router keeps (written from the
+    router table in moelens.components.router, not from its code)."""
+    size = cfg.n_experts // cfg.n_group
+    out = torch.zeros(sel.shape, dtype=torch.bool)
+    for t in range(sel.shape[0]):
+        g = sel[t].reshape(cfg.n_group, size)
+        if cfg.topk_method == "noaux_tc":
+            gs = g.sort(-1, descending=True).values[:, :2].sum(-1)
+        else:
+            gs = g.max(-1).values
+        for grp in gs.argsort(descending=True)[: cfg.topk_group].tolist():
+            out[t, grp * size:(grp + 1) * size] = True
+    return out
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2_full"])
+def test_reroute_follows_the_router_rule_with_bias_and_groups(tiny_dirs, arch):
+    """DeepSeek-V3 selects on sigmoid + correction bias within kept groups; DeepSeek-V2 (group-limited
+    greedy) within kept groups: the rerouted slot must go to the best such unchosen expert, and the
+    weights follow the router's rule (unbiased scores) at the new indices."""
+    directory, _ = tiny_dirs(arch)
+    model = HookedMoETransformer.from_pretrained(directory)
+    cfg = model.cfg
+    layer = cfg.moe_layers[0]
+    pre = f"blocks.{layer}.mlp."
+    ids = _ids(20, 1)
+    _, clean = model.run_with_cache(ids[None], names_filter=lambda n: n.startswith(pre))
+    idx = clean[pre + "hook_expert_indices"][0]
+    scores = clean[pre + "hook_router_scores"][0]
+    sel = scores + model.blocks[layer].mlp.router.b_correction.detach() if cfg.router_correction_bias else scores
+    kept = _hand_kept_groups(cfg, sel)
+    checked = 0
+    for e in range(cfg.n_experts):
+        _, cache = model.run_with_cache(ids[None], names_filter=lambda n: n.startswith(pre),
+                                        fwd_hooks=ablation.removal_hooks(model, layer, [e], semantics="reroute"))
+        new = cache[pre + "hook_expert_indices"][0]
+        for t in range(ids.numel()):
+            chosen = idx[t].tolist()
+            if e not in chosen:
+                assert new[t].tolist() == chosen
+                continue
+            cand = [x for x in range(cfg.n_experts) if x not in chosen and kept[t, x]]
+            want = max(cand, key=lambda x: float(sel[t, x]))
+            s = chosen.index(e)
+            assert int(new[t, s]) == want, (e, t)
+            assert [x for i, x in enumerate(new[t].tolist()) if i != s] == [x for i, x in enumerate(chosen) if i != s]
+            checked += 1
+        want_w = model.blocks[layer].mlp.router.weights(scores[None], new[None], torch.float32)[0]
+        torch.testing.assert_close(cache[pre + "hook_expert_weights"][0].float(), want_w.float(), atol=1e-6, rtol=0)
+    assert checked > 10
+
+
+def test_reroute_never_picks_a_removed_expert_with_padded_lists(tiny_dirs):
+    """Several experts removed per row, the list padded with -1 (progressive ablation): expert 0
+    must stay banned. A scatter with the duplicate index 0 (from the clamped -1) dropped the ban."""
+    directory, _ = tiny_dirs("mixtral")
+    model = HookedMoETransformer.from_pretrained(directory)
+    layer = model.cfg.moe_layers[0]
+    pre = f"blocks.{layer}.mlp."
+    ids = _ids(24, 2)
+    _, clean = model.run_with_cache(ids[None], names_filter=lambda n: n.startswith(pre))
+    idx, scores = clean[pre + "hook_expert_indices"][0], clean[pre + "hook_router_scores"][0]
+    # a token where expert 0 is not chosen but is the best unchosen one
+    cases = []
+    for t in range(ids.numel()):
+        masked = scores[t].clone()
+        masked[idx[t]] = -1
+        if 0 not in idx[t].tolist() and int(masked.argmax()) == 0:
+            cases.append(t)
+    assert cases, "no token with expert 0 as best unchosen expert; change the seed"
+    t = cases[0]
+    x = int(idx[t, 0])
+    hooks = ablation.removal_hooks(model, layer, [[0, x, -1]], [t], scope="position", semantics="reroute")
+    _, cache = model.run_with_cache(ids[None], names_filter=lambda n: n.startswith(pre), fwd_hooks=hooks)
+    new = cache[pre + "hook_expert_indices"][0, t].tolist()
+    masked = scores[t].clone()
+    masked[idx[t]] = -1
+    masked[0] = -1
+    assert 0 not in new and x not in new
+    assert new[0] == int(masked.argmax())
