@@ -30,7 +30,9 @@ def bonferroni(pvalues: Sequence[float]) -> np.ndarray:
 def pool(tables: Sequence[pd.DataFrame], p_column: str = "p_t") -> pd.DataFrame:
     """Concatenate per-model summaries (``model, layer, metric, n, mean_diff, d, p_t, p_w``) into
     one family and add Bonferroni, Holm and Benjamini-Hochberg adjustments of ``p_column`` and of
-    ``p_w`` over the *whole* family (the paper's claimed family: 4 metrics x 5 layers x 3 models = 60)."""
+    ``p_w`` over the *whole* family (the paper's claimed family: 4 metrics x 5 layers x 3 models = 60).
+    Cells without a p-value (NaN: fewer than two pairs, constant differences) stay NaN and are not
+    counted in the family, as in :func:`moelens.audit.report.summarize`."""
     df = pd.concat(list(tables), ignore_index=True)
     if df.empty:
         raise ValueError("nothing to pool: every table is empty")
@@ -38,9 +40,12 @@ def pool(tables: Sequence[pd.DataFrame], p_column: str = "p_t") -> pd.DataFrame:
         if col not in df:
             continue
         p = df[col].to_numpy(dtype=float)
-        df[f"p_bonf{tag}"] = bonferroni(p)
-        df[f"p_holm{tag}"] = holm_bonferroni(p)
-        df[f"p_bh{tag}"] = benjamini_hochberg(p)
+        finite = np.isfinite(p)  # an untestable cell (n < 2, constant differences) has no p-value
+        for name, fn in (("p_bonf", bonferroni), ("p_holm", holm_bonferroni), ("p_bh", benjamini_hochberg)):
+            adjusted = np.full(len(p), np.nan)
+            if finite.any():
+                adjusted[finite] = fn(p[finite])
+            df[f"{name}{tag}"] = adjusted
     df.attrs["family_size"] = len(df)
     return df
 

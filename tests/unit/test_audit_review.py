@@ -104,3 +104,46 @@ def test_reroute_never_picks_a_removed_expert_with_padded_lists(tiny_dirs):
     masked[0] = -1
     assert 0 not in new and x not in new
     assert new[0] == int(masked.argmax())
+
+
+def _hand_holm(p):
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def _hand_bh(p):
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 1.0
+    for rank in range(m - 1, -1, -1):
+        i = order[rank]
+        running = min(running, min(1.0, m * p[i] / (rank + 1)))
+        out[i] = running
+    return out
+
+
+def test_pool_corrects_over_cells_with_a_p_value(tmp_path):
+    """A paper run has NaN p-values in untestable cells (n < 2): pooling used to raise
+    'pvalues contains NaN'. The finite cells are corrected among themselves, NaN stays NaN."""
+    import pandas as pd
+
+    from moelens.audit import pooling
+
+    p_t = [0.01, np.nan, 0.04, 0.03, 0.2]
+    p_w = [0.02, 0.5, np.nan, 0.01, 0.002]
+    t = pd.DataFrame({"model": ["a"] * 5, "layer": range(5), "metric": ["util"] * 5, "n": [9, 1, 9, 9, 9],
+                      "mean_diff": 0.1, "d": 0.1, "p_t": p_t, "p_w": p_w})
+    out = pooling.pool([t.iloc[:2], t.iloc[2:]])
+    for col, tag in (("p_t", ""), ("p_w", "_w")):
+        p = np.asarray(out[col], float)
+        fin = np.isfinite(p)
+        pf = p[fin].tolist()
+        assert np.isnan(out[f"p_bonf{tag}"][~fin]).all() and np.isnan(out[f"p_holm{tag}"][~fin]).all()
+        np.testing.assert_allclose(out[f"p_bonf{tag}"][fin], np.minimum(np.array(pf) * len(pf), 1), rtol=1e-12)
+        np.testing.assert_allclose(out[f"p_holm{tag}"][fin], _hand_holm(pf), rtol=1e-12)
+        np.testing.assert_allclose(out[f"p_bh{tag}"][fin], _hand_bh(pf), rtol=1e-12)
