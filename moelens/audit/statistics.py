@@ -44,6 +44,7 @@ class _StatsAccumulator:
     def _scores_hook(self, layer):
         def hook(scores, hook):
             p = scores[self.mask].double()
+            p = p / p.sum(-1, keepdim=True)  # softmax: unchanged; sigmoid scores: normalised to a distribution
             ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
             self.entropy[layer] += float(ent.sum())
             self.tokens[layer] += int(p.shape[0])
@@ -118,6 +119,7 @@ def expert_statistics(
     ``output_std``      std (ddof=0) of all elements of the expert's outputs when active, pooled
                         over tokens and ``d_model``
     ``routing_entropy`` the layer's mean entropy (nats) of the router's softmax over experts
+                        (sigmoid routers: of the scores normalised to sum 1)
 
     Per-expert metrics are NaN for experts never routed.
     """

@@ -147,3 +147,26 @@ def test_pool_corrects_over_cells_with_a_p_value(tmp_path):
         np.testing.assert_allclose(out[f"p_bonf{tag}"][fin], np.minimum(np.array(pf) * len(pf), 1), rtol=1e-12)
         np.testing.assert_allclose(out[f"p_holm{tag}"][fin], _hand_holm(pf), rtol=1e-12)
         np.testing.assert_allclose(out[f"p_bh{tag}"][fin], _hand_bh(pf), rtol=1e-12)
+
+
+def test_routing_entropy_of_a_sigmoid_router_is_a_distribution_entropy(tiny_dirs):
+    """DeepSeek-V3 scores are sigmoids (not summing to 1): -sum s log s is not an entropy (it can
+    exceed log n_experts). The statistic is the entropy of the scores normalised to sum 1."""
+    from moelens.audit.statistics import expert_statistics
+
+    directory, _ = tiny_dirs("deepseek_v3")
+    model = HookedMoETransformer.from_pretrained(directory)
+    seqs = [_ids(7, 3), _ids(4, 4)]
+    stats = expert_statistics(model, seqs, batch_size=2, progress=False)
+    for layer in model.cfg.moe_layers:
+        name = f"blocks.{layer}.mlp.hook_router_scores"
+        ent = []
+        for s in seqs:
+            _, cache = model.run_with_cache(s[None], names_filter=lambda n: n == name)
+            p = cache[name][0].double()
+            p = p / p.sum(-1, keepdim=True)
+            ent.append(-(p * p.log()).sum(-1))
+        want = float(torch.cat(ent).mean())
+        got = stats.loc[stats["layer"] == layer, "routing_entropy"].iloc[0]
+        assert got == pytest.approx(want, rel=1e-6)
+        assert got <= np.log(model.cfg.n_experts) + 1e-9
