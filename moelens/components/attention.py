@@ -117,8 +117,10 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)
     pattern, sink = probs[..., :-1], probs[..., -1]
+    # a copy to compare with: a hook may edit the sink weights in place (and return None)
+    before = sink.clone() if has_hooks(attn.hook_sink_weight) else sink
     new_sink = attn.hook_sink_weight(sink)
-    if new_sink is not sink and not torch.equal(new_sink, sink):
+    if new_sink is not before and not torch.equal(new_sink, before):
         if new_sink.shape != sink.shape:
             raise ValueError(f"{attn.hook_sink_weight.name}: expected shape {tuple(sink.shape)}, got {tuple(new_sink.shape)}")
         kept = pattern.sum(-1)
