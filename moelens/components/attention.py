@@ -104,7 +104,8 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
 
     ``hook_sink_weight [batch, head, query_pos]`` is the softmax probability of the sink column
     (the attention share that goes nowhere). Editing it rescales the row's token weights so that
-    they sum to ``1 - new sink weight`` (setting it to 0 renormalises attention over the tokens);
+    they sum to ``1 - new sink weight`` (setting it to 0 renormalises attention over the tokens;
+    an in-place edit counts too);
     ``hook_pattern`` (the token weights, sink column dropped) fires after that."""
     b, n_q, n_k = qh.shape[0], qh.shape[2], kh.shape[2]
     if groups > 1:

@@ -25,7 +25,9 @@ differ only by float rounding (see docs/models.md).
 ``hook_state`` is large, so it is computed only when something is attached to it (a hook or a
 cache); the forward then runs the token-by-token recurrence. Editing ``hook_state`` at
 ``(batch, pos)`` replaces the state there: the read-out at that position and the recurrence for all
-later positions use the edited state.
+later positions use the edited state, and the states recomputed after the edit are written back into
+the tensor the hook returned (so a cache of it holds the states the layer used). A hooked
+``hook_decay`` below ``-1000`` (e.g. ``-inf``: forget everything) also takes the token-by-token path.
 """
 
 from __future__ import annotations
