@@ -125,7 +125,7 @@ def test_an_in_place_sink_weight_edit_is_honoured(tiny_dirs):
     d, _ = tiny_dirs("gpt_oss")
     model = HookedMoETransformer.from_pretrained(d)
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
-    sinks = lambda n: n.endswith("hook_sink_weight")  # noqa: E731
+    sinks = lambda n: n.endswith("hook_sink_weight")
 
     def in_place(x, hook):
         x.zero_()
