@@ -104,7 +104,8 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
 
     ``hook_sink_weight [batch, head, query_pos]`` is the softmax probability of the sink column
     (the attention share that goes nowhere). Editing it rescales the row's token weights so that
-    they sum to ``1 - new sink weight`` (setting it to 0 renormalises attention over the tokens);
+    they sum to ``1 - new sink weight`` (setting it to 0 renormalises attention over the tokens;
+    an in-place edit counts too);
     ``hook_pattern`` (the token weights, sink column dropped) fires after that."""
     b, n_q, n_k = qh.shape[0], qh.shape[2], kh.shape[2]
     if groups > 1:
@@ -117,8 +118,10 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)
     pattern, sink = probs[..., :-1], probs[..., -1]
+    # a copy to compare with: a hook may edit the sink weights in place (and return None)
+    before = sink.clone() if has_hooks(attn.hook_sink_weight) else sink
     new_sink = attn.hook_sink_weight(sink)
-    if new_sink is not sink and not torch.equal(new_sink, sink):
+    if new_sink is not before and not torch.equal(new_sink, before):
         if new_sink.shape != sink.shape:
             raise ValueError(f"{attn.hook_sink_weight.name}: expected shape {tuple(sink.shape)}, got {tuple(new_sink.shape)}")
         kept = pattern.sum(-1)

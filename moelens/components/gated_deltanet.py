@@ -25,7 +25,9 @@ differ only by float rounding (see docs/models.md).
 ``hook_state`` is large, so it is computed only when something is attached to it (a hook or a
 cache); the forward then runs the token-by-token recurrence. Editing ``hook_state`` at
 ``(batch, pos)`` replaces the state there: the read-out at that position and the recurrence for all
-later positions use the edited state.
+later positions use the edited state, and the states recomputed after the edit are written back into
+the tensor the hook returned (so a cache of it holds the states the layer used). A hooked
+``hook_decay`` below ``-1000`` (e.g. ``-inf``: forget everything) also takes the token-by-token path.
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ def gated_rms_norm(o: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     return (y * F.silu(gate.float())).to(dtype)
 
 
+_CHUNKED_MIN_DECAY = -1e3  # below this (or NaN), a hooked decay takes the token-by-token path
+
+
 class DeltaNetCacheLayer:
     """What a Gated DeltaNet layer carries between generation steps (its "KV cache"): the last
     ``kernel - 1`` convolution inputs ``window [batch, w, d_conv]`` and the recurrent state
@@ -261,7 +266,11 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(nv // nk, dim=2), k.repeat_interleave(nv // nk, dim=2)
         if has_hooks(self.hook_state):
             o, final = self._with_state_hook(q, k, v, g, beta, state0)
-        elif cfg.delta_rule_impl == "recurrent" or (state0 is not None and n == 1):  # one decode step
+        elif (cfg.delta_rule_impl == "recurrent" or (state0 is not None and n == 1)  # one decode step
+              or (has_hooks(self.hook_decay) and not bool((g >= _CHUNKED_MIN_DECAY).all()))):
+            # an edited decay far below any the model produces (e.g. -inf: "forget everything here")
+            # turns the chunked form's cumulative log-decays into inf - inf = NaN or loses their
+            # precision; the token-by-token rule multiplies by exp(g) = 0 exactly
             o, final = delta_rule_recurrent(q, k, v, g, beta, state0)
         else:
             o, final = delta_rule_chunked(q, k, v, g, beta, state0, cfg.delta_rule_chunk)
@@ -274,7 +283,7 @@ class GatedDeltaNet(nn.Module):
         y = self.hook_gated_out(gated_rms_norm(o, self.hook_gate(z), self.norm_w, cfg.rms_norm_eps))
         return F.linear(y.reshape(b, n, nv * dv), self.W_O)
 
-    def _with_state_hook(self, q, k, v, g, beta, state0) -> Tensor:
+    def _with_state_hook(self, q, k, v, g, beta, state0) -> tuple[Tensor, Tensor]:
         o, states = delta_rule_recurrent(q, k, v, g, beta, state0, return_states=True)
         original = states.clone()
         edited = self.hook_state(states)
@@ -285,6 +294,18 @@ class GatedDeltaNet(nn.Module):
             )
         changed = (edited != original).flatten(2).any(-1)  # [batch, pos]
         if bool(changed.any()):
-            o, final = delta_rule_recurrent(q, k, v, g, beta, state0, overrides=(changed, edited))
-            return o, final
+            o, used = delta_rule_recurrent(q, k, v, g, beta, state0, return_states=True,
+                                           overrides=(changed, edited))
+            # The hook saw (and a cache recorded) the states of the unedited recurrence; after an
+            # edit at t the layer's states at later, unedited positions differ. Write the states the
+            # layer used there into the tensor the hooks returned, so that a cache of hook_state (and
+            # any hook that kept it) holds what the read-outs were computed from.
+            with torch.no_grad():
+                stale = ~changed[..., None, None, None] & (used != edited.to(used.dtype))
+                if bool(stale.any()):
+                    try:
+                        edited[stale] = used[stale].to(edited.dtype)
+                    except RuntimeError:  # e.g. an expanded tensor (one element at several places)
+                        pass
+            return o, used[:, -1]
         return o, original[:, -1]
