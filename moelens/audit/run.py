@@ -52,11 +52,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _model_fingerprint(model) -> dict:
+    """The model's identity for resuming: its config and a checksum of every weight's values
+    (:func:`moelens.tracing.fingerprint.parameter_checksum`: an edit anywhere in any tensor counts)."""
+    from moelens.tracing.fingerprint import parameter_checksum
+
     h = hashlib.sha256()
     h.update(repr(sorted(dataclasses.asdict(model.cfg).items())).encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(p.detach().reshape(-1)[:512].float().cpu().numpy().tobytes())
+    h.update(parameter_checksum(model).encode())
     return {"architecture": model.cfg.architecture, "sha256": h.hexdigest()}
 
 

@@ -6,7 +6,8 @@
   path, by bundled name or by hub id is the same model, and another checkpoint in the same place is
   not: a hash of ``config.json`` and of the safetensors files (names, sizes and contents; files over
   256 MiB by 64 evenly spaced 64 KiB samples, which keeps a 60 GB checkpoint to seconds), plus the
-  dtype the model runs in.
+  dtype the model runs in and :func:`parameter_checksum` of the weights as loaded (an edit made in
+  memory after loading is another model).
 * :func:`facts_identity`: where the cases come from (an absolute path, or a dataset id).
 
 :class:`ResumeError` (a ``ValueError``) says in one line what differs and both values.
@@ -60,6 +61,32 @@ def checkpoint_fingerprint(directory) -> str:
     return h.hexdigest()[:16]
 
 
+def parameter_checksum(model, chunk: int = 1 << 24) -> str:
+    """A checksum of every parameter's values, computed where each parameter lives (no copy of the
+    model to the CPU): per parameter, in float64, the plain sum and a sum weighted by a fixed
+    pseudo-random function of each element's index, printed to 9 significant digits (so the same
+    weights give the same checksum on another device or in another reduction order) and hashed
+    with the parameter's name, shape and dtype. Any edit that moves a weight by more than the
+    rounding - a knowledge edit of one expert, a steering vector folded into a bias - changes it,
+    wherever in the tensor it is (a file hash of the checkpoint does not see an edit made in
+    memory)."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for key, p in sorted(model.named_parameters()):
+            flat = p.detach().reshape(-1)
+            s1 = s2 = 0.0
+            for lo in range(0, flat.numel(), chunk):
+                x = flat[lo : lo + chunk].double()
+                idx = torch.arange(lo, lo + x.numel(), device=x.device, dtype=torch.int64)
+                w = ((idx * 2654435761) % 65521).double() / 65521.0 - 0.5
+                s1 += float(x.sum())
+                s2 += float((x * w).sum())
+            h.update(f"{key}{tuple(p.shape)}{p.dtype}:{s1:.9e}:{s2:.9e}".encode())
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model, name: Optional[str] = None) -> tuple[str, str]:
     """``(display name, fingerprint)`` of a loaded model. The display name is the bundled model's
     short name when the checkpoint is a bundled one, else ``name`` (or how the model was loaded).
@@ -79,12 +106,9 @@ def model_fingerprint(model, name: Optional[str] = None) -> tuple[str, str]:
         for short, path in loading.bundled_models().items():
             if Path(os.path.realpath(path)) == directory:
                 display = short
-        return display, f"{checkpoint_fingerprint(directory)}-{dtype}"
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return display or "(in-memory model)", f"params:{h.hexdigest()[:16]}-{dtype}"
+        # the files say which checkpoint; the values say whether it was edited in memory since
+        return display, f"{checkpoint_fingerprint(directory)}-{dtype}-{parameter_checksum(model)[:8]}"
+    return display or "(in-memory model)", f"params:{parameter_checksum(model)}-{dtype}"
 
 
 def facts_identity(source) -> str:
