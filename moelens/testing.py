@@ -175,6 +175,16 @@ def save_tiny(
     return model
 
 
+def edit_config(directory: str | Path, **changes: Any) -> None:
+    """Update fields of a saved checkpoint's ``config.json`` in place (tests of config handling)."""
+    import json
+
+    path = Path(directory) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
 def toy_tokenizer(vocab_size: int = 256):
     """A word-level fast tokenizer over ``w0 .. w{n}`` plus ``<bos>``/``<pad>``, for tracing tests of
     tiny models (every word one token; ``w17`` is token 17)."""

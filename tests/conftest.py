@@ -27,6 +27,21 @@ def tiny_dirs(tmp_path_factory):
     return get
 
 
+@pytest.fixture()
+def tiny_copy(tiny_dirs, tmp_path):
+    """A writable copy of a tiny checkpoint (``tiny_copy("mixtral")`` -> its directory), for tests
+    that edit its config or files (``moelens.testing.edit_config``)."""
+    import shutil
+
+    def make(name: str, **kwargs):
+        d, _ = tiny_dirs(name, **kwargs)
+        out = tmp_path / f"{name}_ckpt"
+        shutil.copytree(d, out)
+        return out
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def mixtral_tok_dir(tmp_path_factory):
     """A tiny 3-layer Mixtral (vocab 32000) saved with the real Mixtral tokenizer beside it."""

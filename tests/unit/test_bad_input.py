@@ -1,7 +1,5 @@
 """Every bad input gets a clear exception that says what to do."""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -10,20 +8,12 @@ from safetensors.torch import load_file, save_file
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedArchitectureError, UnsupportedConfigError
 from moelens.loading import CheckpointError
+from moelens.testing import edit_config
 
 
 @pytest.fixture()
-def ckpt(tiny_dirs, tmp_path):
-    d, _ = tiny_dirs("mixtral")
-    out = tmp_path / "ckpt"
-    shutil.copytree(d, out)
-    return out
-
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
+def ckpt(tiny_copy):
+    return tiny_copy("mixtral")
 
 
 def test_directory_without_config(tmp_path):

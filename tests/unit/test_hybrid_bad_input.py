@@ -1,6 +1,5 @@
 """Bad checkpoints and configs of the Qwen3.5 / Qwen3-Next hybrids get clear errors."""
 
-import json
 import shutil
 
 import pytest
@@ -9,20 +8,12 @@ from safetensors.torch import load_file, save_file
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedConfigError, translate_config
 from moelens.loading import CheckpointError
+from moelens.testing import edit_config
 
 
 @pytest.fixture()
-def ckpt(tiny_dirs, tmp_path):
-    d, _ = tiny_dirs("qwen3_5_moe")
-    out = tmp_path / "ckpt"
-    shutil.copytree(d, out)
-    return out
-
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
+def ckpt(tiny_copy):
+    return tiny_copy("qwen3_5_moe")
 
 
 def edit_tensors(path, fn):

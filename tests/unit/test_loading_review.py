@@ -4,7 +4,6 @@ sliding ``layer_types`` an architecture does not implement, an index naming the 
 
 import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -13,22 +12,14 @@ from safetensors.torch import load_file, save_file
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedConfigError, translate_config
 from moelens.loading import CheckpointError
+from moelens.testing import edit_config
 
 TOKENS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64]])
 
 
 @pytest.fixture()
-def ckpt(tiny_dirs, tmp_path):
-    d, _ = tiny_dirs("mixtral")
-    out = tmp_path / "ckpt"
-    shutil.copytree(d, out)
-    return out
-
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
+def ckpt(tiny_copy):
+    return tiny_copy("mixtral")
 
 
 def hf_logits(path):
