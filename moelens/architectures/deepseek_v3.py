@@ -37,7 +37,7 @@ DEFAULTS = {
     "rope_parameters": None, "rope_theta": None, "rope_scaling": None, "rope_interleave": True,
 }
 
-REQUIRED = {
+V3_REQUIRED = REQUIRED = {  # also GLM-4.7-Flash's (glm4_moe_lite)
     "hidden_act": ("silu",),
     "attention_bias": (False, None),
     "pretraining_tp": (1, None),

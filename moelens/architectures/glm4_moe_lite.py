@@ -8,7 +8,7 @@ from moelens.architectures.base import (
     COMMON_RULES, Architecture, UnsupportedConfigError, rope_settings,
 )
 from moelens.architectures.deepseek_v2 import MLA_RULES
-from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, V3_MOE_RULES, mla_fields, v3_moe_fields
+from moelens.architectures.deepseek_v3 import MTP_SKIP_KEYS, V3_MOE_RULES, V3_REQUIRED, mla_fields, v3_moe_fields
 from moelens.architectures.glm4_moe import partial_rotary
 
 NAME = "Glm4MoeLiteForCausalLM"
@@ -25,14 +25,7 @@ DEFAULTS = {
     "partial_rotary_factor": None, "first_k_dense_replace": None,
 }
 
-REQUIRED = {
-    "hidden_act": ("silu",),
-    "attention_bias": (False, None),
-    "pretraining_tp": (1, None),
-    "scoring_func": ("sigmoid",),
-    "topk_method": ("noaux_tc",),
-    "ep_size": (1, None),
-}
+REQUIRED = V3_REQUIRED  # the same MLA attention and sigmoid/noaux_tc router as DeepSeek-V3
 
 IGNORED = frozenset({
     "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "moe_layer_freq", "head_dim",
