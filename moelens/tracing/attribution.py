@@ -55,9 +55,6 @@ def attribution_names_filter(name: str) -> bool:
     return base_names_filter(name) or name.endswith(("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
 
 
-_frozen = frozen_parameters  # parameters without requires_grad for the duration of a backward
-
-
 def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_filter, kinds: Sequence[str],
                                  cache_device=None):
     """The corrupted run, cached as ``prepare`` caches it, and in the same forward (one backward more)
@@ -74,7 +71,7 @@ def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_fi
         return act + z
 
     hooks = P.to_hooks(model, [corrupt]) + [(n, add_leaf) for n in names]
-    with _frozen(model), torch.enable_grad():
+    with frozen_parameters(model), torch.enable_grad():
         logits, cache = model.run_with_cache(batch, names_filter=names_filter, fwd_hooks=hooks, device=cache_device)
         value = metric(logits)  # [n_samples]; rows are independent, so d(sum)/d(row s) = g_s
         missing = [n for n in names if n not in leaves]

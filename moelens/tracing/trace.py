@@ -109,6 +109,14 @@ class TraceSetup:
         delta[:, positions] = d[:, positions]
         return delta[:, p0:]
 
+    def rows_to_run(self, deltas: Tensor) -> Tensor:
+        """Which rows of ``deltas [rows, ...]`` a sweep must run (bool, CPU): a row whose delta is
+        exactly zero (an expert routed neither in the clean run nor in that noise sample) is the
+        corrupted run itself, whose value ``corrupted_samples`` holds; every row when that is unknown."""
+        if self.corrupted_samples is None:
+            return torch.ones(deltas.shape[0], dtype=torch.bool)
+        return deltas.flatten(1).ne(0).any(1).cpu()
+
     def restore_scores(self, model, layer: int, deltas: list[Tensor], positions: list[int], max_rows: int = 512) -> Tensor:
         """Mean metric for each resid_post delta ``[n_samples, T-p0, d]`` added after ``layer``."""
         return self.restore_scores_at(model, [(layer, d) for d in deltas], positions, max_rows=max_rows)
@@ -124,11 +132,8 @@ class TraceSetup:
         layers = torch.tensor([int(l) for l, _ in items]).repeat_interleave(n)
         samples = torch.arange(n).repeat(len(items))
         vals = torch.empty(len(samples))
-        run = torch.ones(len(samples), dtype=torch.bool)
-        if self.corrupted_samples is not None:
-            # a row whose delta is exactly zero (an expert routed neither in the clean run nor in
-            # that noise sample) is the corrupted run itself: its value is known, nothing to run
-            run = stacked.flatten(1).ne(0).any(1).cpu()
+        run = self.rows_to_run(stacked)
+        if not run.all():
             vals[~run] = self.corrupted_samples[samples[~run]]
         if run.any():
             eng = self.engine(model, max_rows=max_rows)
@@ -683,9 +688,9 @@ def trace_expert_grid(
     for l in tqdm(layers, desc="expert grid", disable=not progress):
         for col in range(1 + E):
             delta = setup.layer_delta(l, pos) if col == 0 else setup.expert_delta(l, [col - 1], pos)
-            rows = torch.arange(n) if known is None else delta.flatten(1).ne(0).any(1).nonzero().flatten().cpu()
+            rows = setup.rows_to_run(delta).nonzero().flatten()
             if known is not None:
-                vals[l, col] = known
+                vals[l, col] = known  # the rows not run are the corrupted runs
             if len(rows):
                 pending.append((l, col, rows, delta[rows.to(delta.device)]))
                 count += len(rows)
