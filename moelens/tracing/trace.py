@@ -62,6 +62,9 @@ class TraceSetup:
     # the metric of each corrupted run ``[n_samples]`` (their mean is ``corrupted``): the value of any
     # row whose patch is zero, which the sweeps then do not run (None: every row is run)
     corrupted_samples: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    # the weights' state when the runs were made (weights_state): a sweep on edited weights would mix
+    # the cached runs of the old model with suffixes of the new one
+    weights: Optional[int] = field(default=None, repr=False, compare=False)
 
     @property
     def metric(self):
@@ -78,7 +81,16 @@ class TraceSetup:
         return self.noise.shape[0]
 
     def engine(self, model, direction: str = "restore", max_rows: int = 512) -> SuffixEngine:
-        """A :class:`SuffixEngine` over the corrupted run (``"restore"``) or the clean run (``"necessity"``)."""
+        """A :class:`SuffixEngine` over the corrupted run (``"restore"``) or the clean run (``"necessity"``).
+        Refuses when the model's weights were changed in place since :func:`prepare` ran."""
+        if self.weights is not None and weights_state(model) != self.weights:
+            from moelens.errors import MoelensUserError
+
+            raise MoelensUserError(
+                "the model's weights changed since this TraceSetup was prepared (an in-place edit, or the model "
+                "moved): its cached clean and corrupted runs belong to the old weights, and a sweep would mix the "
+                "two models. Prepare again: moelens.tracing.prepare(model, case, ...)"
+            )
         base = self.corrupted_cache if direction == "restore" else self.clean_cache
         batch = self.n_samples if direction == "restore" else 1
         return SuffixEngine(model, BaseRun(base, batch, self.tokens.shape[1]), self.metric, max_rows=max_rows)
@@ -142,6 +154,12 @@ class TraceSetup:
                 vals[rows] = eng.run_from_resid_posts(layers[rows], min(positions), stacked[rows.to(stacked.device)],
                                                       samples[rows])
         return vals.reshape(len(items), n).mean(-1)
+
+
+def weights_state(model) -> int:
+    """A cheap identity of the weights' current state: each parameter's storage and its in-place
+    version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included)."""
+    return hash(tuple((p.data_ptr(), p._version) for p in model.parameters()))
 
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,7 +284,7 @@ def prepare(
         case=case, tokenized=tc, tokens=tokens, noise=scaled, sigma=float(sigma),
         clean=float(metric(clean_logits).mean()), corrupted=float(per_sample.mean()),
         clean_cache=clean_cache, corrupted_cache=corrupted_cache, settings=settings, gradients=grads,
-        corrupted_samples=per_sample,
+        corrupted_samples=per_sample, weights=weights_state(model),
     )
 
 

@@ -97,3 +97,25 @@ def test_engine_refuses_attached_hooks(tiny_dirs):
     assert seen and all(s[1] == 1 for s in seen)  # the reading hook saw the one-position suffix
     assert not any(hp._forward_hooks for hp in model.hook_dict.values())
     moelens.trace_experts(model, setup, layer, progress=False)  # nothing attached: runs
+
+
+def test_a_setup_refuses_weights_edited_after_it(tiny_dirs):
+    """A TraceSetup caches the clean and corrupted runs of the weights it was prepared with; after an
+    in-place edit a sweep would mix them with suffixes of the edited model. It refuses instead."""
+    from moelens.errors import MoelensUserError
+
+    d, _ = tiny_dirs("mixtral")
+    model = HookedMoETransformer.from_pretrained(d)
+    model.tokenizer = toy_tokenizer(256)
+    setup = prepare(model, CASE, seed=0, n_samples=2)
+    layer = model.cfg.moe_layers[0]
+    before = moelens.trace_experts(model, setup, layer, progress=False).scores
+    with torch.no_grad():
+        model.blocks[-1].mlp.experts.W_down.mul_(1.5)
+    for call in (lambda: moelens.trace_experts(model, setup, layer, progress=False),
+                 lambda: moelens.trace_layers(model, setup, progress=False),
+                 lambda: moelens.attribute_experts(model, setup)):
+        with pytest.raises(MoelensUserError, match="weights changed since this TraceSetup"):
+            call()
+    fresh = moelens.trace_experts(model, prepare(model, CASE, seed=0, n_samples=2), layer, progress=False).scores
+    assert (fresh - before).abs().max() > 1e-6  # the edit matters: the old setup's numbers would be stale
