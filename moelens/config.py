@@ -63,7 +63,7 @@ class MoEConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN parameters (sorted items)
-    attn_o_bias: bool = False  # gpt-oss: bias on the output projection W_O
+    attn_o_bias: bool = False  # gpt-oss: bias on the output projection w_o
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
     sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
     layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
@@ -122,7 +122,7 @@ class MoEConfig:
     expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"
     # Qwen3.5 / Qwen3-Next hybrids (see moelens/components/gated_deltanet.py)
     norm_zero_centered: bool = False  # RMSNorms scale by (1 + w), multiplied in fp32 before the cast
-    attn_output_gate: bool = False  # full attention: o = W_O (z * sigmoid(W_G x)), W_G from a doubled q_proj
+    attn_output_gate: bool = False  # full attention: o = w_o (z * sigmoid(W_G x)), W_G from a doubled q_proj
     linear_attn_layers: list[int] = field(default_factory=list)  # layers whose mixer is Gated DeltaNet
     linear_n_k_heads: int = 0
     linear_n_v_heads: int = 0

@@ -291,12 +291,12 @@ def lm_head_differs_from_embedding(directory: Path, arch: Architecture, dtype: t
     for fname, keys in checkpoint_files(directory).items():
         for key in keys:
             targets = plan.targets(plan.rename(key)) or []
-            if len(targets) == 1 and targets[0][0] in ("embed.W_E", "unembed.W_U"):
+            if len(targets) == 1 and targets[0][0] in ("embed.W_E", "unembed.w_u"):
                 where[targets[0][0]] = (fname, key)
     if len(where) < 2:
         return False
     tensors = []
-    for name in ("embed.W_E", "unembed.W_U"):
+    for name in ("embed.W_E", "unembed.w_u"):
         fname, key = where[name]
         with _safe_open(directory / fname, framework="pt", device="cpu") as f:
             tensors.append(f.get_tensor(key).to(dtype))
@@ -334,11 +334,11 @@ def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> Non
     op, half = split
     shape = tuple(tensor_slice.get_shape())
     e = param.shape[0]
-    if op == "interleaved_t":  # [E, d_model, 2 I] -> W_gate / W_up [E, I, d_model]
+    if op == "interleaved_t":  # [E, d_model, 2 I] -> w_gate / w_up [E, I, d_model]
         want = (e, param.shape[2], 2 * param.shape[1])
     elif op == "interleaved":  # [E, 2 I] -> b_gate / b_up [E, I]
         want = (e, 2 * param.shape[1])
-    else:  # transpose: [E, I, d_model] -> W_down [E, d_model, I]
+    else:  # transpose: [E, I, d_model] -> w_down [E, d_model, I]
         want = (e, param.shape[2], param.shape[1])
     if shape != want:
         errors.append(f"{key}: checkpoint shape {shape}, expected {want} (for {name}, gpt-oss layout)")
@@ -435,7 +435,7 @@ def _missing(params: dict, plan: _Plan) -> list[str]:
         got = plan.filled.get(name, set())
         if "all" in got:
             continue
-        if name.split(".")[-1] in ("W_gate", "W_up", "W_down") and ".experts." in name and got:
+        if name.split(".")[-1] in ("w_gate", "w_up", "w_down") and ".experts." in name and got:
             lacking = sorted(set(range(p.shape[0])) - got)
             if lacking:
                 out.append(f"{name}[experts {lacking[:8]}{'...' if len(lacking) > 8 else ''}]")

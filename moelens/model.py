@@ -44,14 +44,14 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """``logits = x W_U^T``; ``W_U`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout)."""
+    """``logits = x W_U^T``; ``w_u`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout)."""
 
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
-        self.W_U = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.W_U)
+        return F.linear(x, self.w_u)
 
 
 class HookedMoETransformer(HookedRootModule):
@@ -108,7 +108,7 @@ class HookedMoETransformer(HookedRootModule):
         """Allocate the meta skeleton on ``device`` (uninitialised), keeping tied weights tied."""
         self.to_empty(device=device)
         if self.cfg.tie_word_embeddings:
-            self.unembed.W_U = self.embed.W_E
+            self.unembed.w_u = self.embed.W_E
         # RoPE frequencies stay fp32 whatever the model dtype (as in transformers)
         self._buffers["rope_inv_freq"] = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0].to(device)
         return self
@@ -403,7 +403,7 @@ class HookedMoETransformer(HookedRootModule):
 
     @property
     def W_U(self) -> Tensor:
-        return self.unembed.W_U
+        return self.unembed.w_u
 
     def generate(self, input="", max_new_tokens: int = 10, **kwargs):
         """Generate text or tokens, as TransformerLens' ``HookedTransformer.generate``; hooks apply
@@ -420,7 +420,7 @@ class HookedMoETransformer(HookedRootModule):
         ``cache.logit_attrs`` projects onto."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        W_U = self.unembed.W_U
+        W_U = self.unembed.w_u
         if isinstance(tokens, int):
             tokens = torch.tensor(tokens)
         tokens = torch.as_tensor(tokens, device=W_U.device)
@@ -432,7 +432,7 @@ class HookedMoETransformer(HookedRootModule):
         """Sum of the output biases written into the residual stream before ``layer`` (attention
         ``b_O`` and MLP ``b_out`` where an architecture has them; zero for every architecture so far),
         as TransformerLens' ``accumulated_bias``."""
-        out = torch.zeros(self.cfg.d_model, device=self.unembed.W_U.device, dtype=self.unembed.W_U.dtype)
+        out = torch.zeros(self.cfg.d_model, device=self.unembed.w_u.device, dtype=self.unembed.w_u.dtype)
         last = layer + 1 if mlp_input else layer
         for l, block in enumerate(self.blocks[:last]):
             b = getattr(block.attn, "b_O", None)
@@ -449,7 +449,7 @@ class HookedMoETransformer(HookedRootModule):
         weights and, where they have them, biases)."""
         total = 0
         for name, p in self.named_parameters():
-            if not include_embeddings and name in ("embed.W_E", "unembed.W_U"):
+            if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue

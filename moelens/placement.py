@@ -322,12 +322,12 @@ def materialize(
         module = model.get_submodule(unit)
         if unit == "unembed" and "unembed" in tied and hasattr(model, "embed"):
             # tied embeddings: share embed's (already allocated) tensor instead of allocating a copy
-            model.unembed.W_U = model.embed.W_E
+            model.unembed.w_u = model.embed.W_E
             if all(not p.is_meta for p in module.parameters()) and not any(True for _ in module.buffers()):
                 continue
         module.to_empty(device=dev, recurse=True)
     if "unembed" in tied and hasattr(model, "unembed") and hasattr(model, "embed"):
-        model.unembed.W_U = model.embed.W_E
+        model.unembed.w_u = model.embed.W_E
     first = next(iter(plan.values()))
     for name, p in list(model.named_parameters(recurse=False)):
         model._parameters[name] = nn.Parameter(torch.empty_like(p, device=first), p.requires_grad)

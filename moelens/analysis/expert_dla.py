@@ -197,7 +197,7 @@ def expert_weight_lens(
     fold_final_norm: bool = True, max_elements: int = 2**26,
 ):
     """Weight-only logit lens of experts: each output direction of an expert (column ``n`` of its
-    down projection ``W_down[e][:, n]``, what hidden neuron ``n`` writes) through the unembedding
+    down projection ``w_down[e][:, n]``, what hidden neuron ``n`` writes) through the unembedding
     (``w_f * W_U``, the final norm's weight folded in unless ``fold_final_norm=False``).
 
     Returns ``(values, token_ids)``, each ``[n_selected_experts, d_expert, k]``: the ``k`` tokens
@@ -210,18 +210,18 @@ def expert_weight_lens(
     if layer not in cfg.moe_layers:
         raise ValueError(f"layer {layer} is not sparse; sparse layers are {list(cfg.moe_layers)}")
     experts = list(range(cfg.n_experts)) if experts is None else list(experts)
-    W_down = model.blocks[layer].mlp.experts.W_down  # [n_experts, d_model, d_expert]
+    w_down = model.blocks[layer].mlp.experts.w_down  # [n_experts, d_model, d_expert]
     W_U = model.W_U
     dev = W_U.device
     w_f = model.ln_final.scale_weight.float().to(dev) if fold_final_norm else torch.ones(cfg.d_model, device=dev)
-    d_exp = W_down.shape[-1]
+    d_exp = w_down.shape[-1]
     n_vocab = W_U.shape[0]
     per_group = max(1, min(len(experts), max_elements // max(d_exp * min(n_vocab, 4096), 1)))
     out_v = torch.empty(len(experts), d_exp, k)
     out_i = torch.empty(len(experts), d_exp, k, dtype=torch.long)
     for g in range(0, len(experts), per_group):
         group = experts[g : g + per_group]
-        dirs = W_down[group].to(dev).float().transpose(1, 2).reshape(-1, cfg.d_model) * w_f  # [G*d_exp, d_model]
+        dirs = w_down[group].to(dev).float().transpose(1, 2).reshape(-1, cfg.d_model) * w_f  # [G*d_exp, d_model]
         rows = dirs.shape[0]
         chunk = max(k, max_elements // max(rows, 1))
         best_v = torch.full((rows, k), float("-inf"), device=dev)

@@ -7,7 +7,7 @@ Mixed into :class:`moelens.MoEActivationCache`. The inherited methods (``accumul
 provides. Overridden here, with TransformerLens' signatures:
 
 * ``__getitem__``: short keys for the MoE hooks (``cache["expert_indices", 2]``);
-* ``compute_head_results``: per-head results from ``hook_z`` and moelens' ``W_O`` layout
+* ``compute_head_results``: per-head results from ``hook_z`` and moelens' ``w_o`` layout
   (``[d_model, n_heads * d_head_v]``, the hub's ``o_proj`` layout);
 * ``decompose_resid(..., expert_level=True)``: one component per (layer, expert), plus shared experts;
 * ``get_full_resid_decomposition``: heads, then per layer dense neurons (``L{l}N{n}``) or, for a
@@ -88,7 +88,7 @@ class TLAnalysisMixin:
 
     # ------------------------------------------------------------------ heads
     def _head_results(self, layer: int) -> Optional[Tensor]:
-        """``[batch, pos, head, d_model]``: each head's output ``z_h W_O[:, h]^T`` (times the output
+        """``[batch, pos, head, d_model]``: each head's output ``z_h w_o[:, h]^T`` (times the output
         gate where the attention has one), without ``b_O``; None where the layer has no per-head
         split (linear-attention mixers, or a gate that was not cached)."""
         cfg = self.model.cfg
@@ -97,21 +97,21 @@ class TLAnalysisMixin:
             return self.cache_dict[key]
         attn = self.model.blocks[layer].attn
         z = self.cache_dict.get(f"blocks.{layer}.attn.hook_z")
-        W_O = getattr(attn, "W_O", None)
-        if z is None or W_O is None or z.shape[-2] != cfg.n_heads or W_O.shape[-1] != z.shape[-2] * z.shape[-1]:
+        w_o = getattr(attn, "w_o", None)
+        if z is None or w_o is None or z.shape[-2] != cfg.n_heads or w_o.shape[-1] != z.shape[-2] * z.shape[-1]:
             return None
         gate = self.cache_dict.get(f"blocks.{layer}.attn.hook_attn_gate")
         if gate is not None:
             z = z * gate
         elif getattr(attn, "W_G", None) is not None:
             return None
-        W = W_O.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
+        W = w_o.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
         self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:
         """Per-head results ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` from
-        ``hook_z`` and ``W_O`` (moelens layout ``[d_model, head * d_head_v]``)."""
+        ``hook_z`` and ``w_o`` (moelens layout ``[d_model, head * d_head_v]``)."""
         cached = all(f"blocks.{l}.attn.hook_result" in self.cache_dict for l in range(self.model.cfg.n_layers))
         for l in range(self.model.cfg.n_layers):
             self._head_results(l)
@@ -276,12 +276,12 @@ class TLAnalysisMixin:
         for l in range(layer):
             if expand_neurons and l not in cfg.moe_layers:
                 post = pos_slice.apply(self[f"blocks.{l}.mlp.hook_post"], dim=-2)
-                W_down = self.model.blocks[l].mlp.W_down.to(post.device, post.dtype)  # [d_model, d_mlp]
+                w_down = self.model.blocks[l].mlp.w_down.to(post.device, post.dtype)  # [d_model, d_mlp]
                 if proj is not None and not apply_ln:
-                    wp = W_down.T @ proj.to(post.device, post.dtype)  # [d_mlp, k]
+                    wp = w_down.T @ proj.to(post.device, post.dtype)  # [d_mlp, k]
                     neur = (post[..., None] * wp).movedim(-2, 0)
                 else:
-                    neur = finish((post[..., None] * W_down.T).movedim(-2, 0))
+                    neur = finish((post[..., None] * w_down.T).movedim(-2, 0))
                 pieces.append(neur)
                 labels += [f"L{l}N{n}" for n in range(post.shape[-1])]
             else:

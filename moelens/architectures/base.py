@@ -124,27 +124,27 @@ def moe_layers_qwen(n_layers: int, mlp_only_layers, decoder_sparse_step: int, n_
 COMMON_RULES = (
     KeyRule("model.embed_tokens.weight", "embed.W_E"),
     KeyRule("model.norm.weight", "ln_final.w"),
-    KeyRule("lm_head.weight", "unembed.W_U"),
+    KeyRule("lm_head.weight", "unembed.w_u"),
     KeyRule("model.layers.{L}.input_layernorm.weight", "blocks.{L}.ln1.w"),
     KeyRule("model.layers.{L}.post_attention_layernorm.weight", "blocks.{L}.ln2.w"),
 )
 
 GQA_RULES = (
-    KeyRule("model.layers.{L}.self_attn.q_proj.weight", "blocks.{L}.attn.W_Q"),
-    KeyRule("model.layers.{L}.self_attn.k_proj.weight", "blocks.{L}.attn.W_K"),
-    KeyRule("model.layers.{L}.self_attn.v_proj.weight", "blocks.{L}.attn.W_V"),
-    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.W_O"),
-    KeyRule("model.layers.{L}.self_attn.q_proj.bias", "blocks.{L}.attn.b_Q"),
-    KeyRule("model.layers.{L}.self_attn.k_proj.bias", "blocks.{L}.attn.b_K"),
-    KeyRule("model.layers.{L}.self_attn.v_proj.bias", "blocks.{L}.attn.b_V"),
+    KeyRule("model.layers.{L}.self_attn.q_proj.weight", "blocks.{L}.attn.w_q"),
+    KeyRule("model.layers.{L}.self_attn.k_proj.weight", "blocks.{L}.attn.w_k"),
+    KeyRule("model.layers.{L}.self_attn.v_proj.weight", "blocks.{L}.attn.w_v"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.w_o"),
+    KeyRule("model.layers.{L}.self_attn.q_proj.bias", "blocks.{L}.attn.b_q"),
+    KeyRule("model.layers.{L}.self_attn.k_proj.bias", "blocks.{L}.attn.b_k"),
+    KeyRule("model.layers.{L}.self_attn.v_proj.bias", "blocks.{L}.attn.b_v"),
     KeyRule("model.layers.{L}.self_attn.q_norm.weight", "blocks.{L}.attn.q_norm_w"),
     KeyRule("model.layers.{L}.self_attn.k_norm.weight", "blocks.{L}.attn.k_norm_w"),
 )
 
 DENSE_MLP_RULES = (
-    KeyRule("model.layers.{L}.mlp.gate_proj.weight", "blocks.{L}.mlp.W_gate"),
-    KeyRule("model.layers.{L}.mlp.up_proj.weight", "blocks.{L}.mlp.W_up"),
-    KeyRule("model.layers.{L}.mlp.down_proj.weight", "blocks.{L}.mlp.W_down"),
+    KeyRule("model.layers.{L}.mlp.gate_proj.weight", "blocks.{L}.mlp.w_gate"),
+    KeyRule("model.layers.{L}.mlp.up_proj.weight", "blocks.{L}.mlp.w_up"),
+    KeyRule("model.layers.{L}.mlp.down_proj.weight", "blocks.{L}.mlp.w_down"),
 )
 
 
@@ -153,9 +153,9 @@ def expert_rules(prefix: str, gate: str, up: str, down: str, router: str) -> tup
     base = f"model.layers.{{L}}.{prefix}"
     return (
         KeyRule(f"{base}.{router}.weight", "blocks.{L}.mlp.router.W_router"),
-        KeyRule(f"{base}.experts.{{E}}.{gate}.weight", "blocks.{L}.mlp.experts.W_gate", "expert"),
-        KeyRule(f"{base}.experts.{{E}}.{up}.weight", "blocks.{L}.mlp.experts.W_up", "expert"),
-        KeyRule(f"{base}.experts.{{E}}.{down}.weight", "blocks.{L}.mlp.experts.W_down", "expert"),
+        KeyRule(f"{base}.experts.{{E}}.{gate}.weight", "blocks.{L}.mlp.experts.w_gate", "expert"),
+        KeyRule(f"{base}.experts.{{E}}.{up}.weight", "blocks.{L}.mlp.experts.w_up", "expert"),
+        KeyRule(f"{base}.experts.{{E}}.{down}.weight", "blocks.{L}.mlp.experts.w_down", "expert"),
     )
 
 
@@ -164,17 +164,17 @@ FUSED_EXPERT_RULES = (
     KeyRule("model.layers.{L}.mlp.gate.weight", "blocks.{L}.mlp.router.W_router"),
     KeyRule(
         "model.layers.{L}.mlp.experts.gate_up_proj",
-        ("blocks.{L}.mlp.experts.W_gate", "blocks.{L}.mlp.experts.W_up"),
+        ("blocks.{L}.mlp.experts.w_gate", "blocks.{L}.mlp.experts.w_up"),
         "split",
     ),
-    KeyRule("model.layers.{L}.mlp.experts.down_proj", "blocks.{L}.mlp.experts.W_down"),
+    KeyRule("model.layers.{L}.mlp.experts.down_proj", "blocks.{L}.mlp.experts.w_down"),
 )
 
 
 def shared_expert_rules(name: str) -> tuple[KeyRule, ...]:
     base = f"model.layers.{{L}}.mlp.{name}"
     return (
-        KeyRule(f"{base}.gate_proj.weight", "blocks.{L}.mlp.shared_experts.W_gate"),
-        KeyRule(f"{base}.up_proj.weight", "blocks.{L}.mlp.shared_experts.W_up"),
-        KeyRule(f"{base}.down_proj.weight", "blocks.{L}.mlp.shared_experts.W_down"),
+        KeyRule(f"{base}.gate_proj.weight", "blocks.{L}.mlp.shared_experts.w_gate"),
+        KeyRule(f"{base}.up_proj.weight", "blocks.{L}.mlp.shared_experts.w_up"),
+        KeyRule(f"{base}.down_proj.weight", "blocks.{L}.mlp.shared_experts.w_down"),
     )

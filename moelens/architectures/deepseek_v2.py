@@ -91,14 +91,14 @@ def translate(hf: dict) -> dict:
 
 
 MLA_RULES = (
-    KeyRule("model.layers.{L}.self_attn.q_proj.weight", "blocks.{L}.attn.W_Q"),
+    KeyRule("model.layers.{L}.self_attn.q_proj.weight", "blocks.{L}.attn.w_q"),
     KeyRule("model.layers.{L}.self_attn.q_a_proj.weight", "blocks.{L}.attn.W_q_a"),
     KeyRule("model.layers.{L}.self_attn.q_a_layernorm.weight", "blocks.{L}.attn.q_a_norm_w"),
     KeyRule("model.layers.{L}.self_attn.q_b_proj.weight", "blocks.{L}.attn.W_q_b"),
     KeyRule("model.layers.{L}.self_attn.kv_a_proj_with_mqa.weight", "blocks.{L}.attn.W_kv_a"),
     KeyRule("model.layers.{L}.self_attn.kv_a_layernorm.weight", "blocks.{L}.attn.kv_a_norm_w"),
     KeyRule("model.layers.{L}.self_attn.kv_b_proj.weight", "blocks.{L}.attn.W_kv_b"),
-    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.W_O"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.w_o"),
 )
 
 ARCH = Architecture(

@@ -5,7 +5,7 @@
   ``hook_router_scores`` is the fp32 softmax over all experts (its renormalised top-k equals the
   weights mathematically; the weights themselves are computed from the logits as transformers does).
 * Experts: biased, fused **transposed** ``gate_up_proj [E, d_model, 2I]`` with gate = even columns,
-  up = odd columns (split at load into moelens' ``W_gate``/``W_up [E, I, d_model]``),
+  up = odd columns (split at load into moelens' ``w_gate``/``w_up [E, I, d_model]``),
   ``down_proj [E, I, d_model]``; clamped SwiGLU ``(clamp(u, -7, 7) + 1) * g * sigmoid(1.702 g)``,
   ``g = min(g, 7)`` (``swiglu_alpha``, ``swiglu_limit``). Every layer is sparse; no shared expert.
 * Attention: GQA with q/k/v/o biases (``attention_bias``), learned per-head **sinks**
@@ -92,7 +92,7 @@ GPT_OSS_RULES = (
     KeyRule("model.layers.{L}.mlp.router.bias", "blocks.{L}.mlp.router.b_router"),
     KeyRule(
         "model.layers.{L}.mlp.experts.gate_up_proj",
-        ("blocks.{L}.mlp.experts.W_gate", "blocks.{L}.mlp.experts.W_up"),
+        ("blocks.{L}.mlp.experts.w_gate", "blocks.{L}.mlp.experts.w_up"),
         "interleaved_t",
     ),
     KeyRule(
@@ -100,7 +100,7 @@ GPT_OSS_RULES = (
         ("blocks.{L}.mlp.experts.b_gate", "blocks.{L}.mlp.experts.b_up"),
         "interleaved",
     ),
-    KeyRule("model.layers.{L}.mlp.experts.down_proj", "blocks.{L}.mlp.experts.W_down", "transpose"),
+    KeyRule("model.layers.{L}.mlp.experts.down_proj", "blocks.{L}.mlp.experts.w_down", "transpose"),
     KeyRule("model.layers.{L}.mlp.experts.down_proj_bias", "blocks.{L}.mlp.experts.b_down"),
 )
 

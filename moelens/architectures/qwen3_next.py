@@ -110,11 +110,11 @@ def split_ba(w: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 GATED_ATTN_RULES = (
-    KeyRule("model.layers.{L}.self_attn.q_proj.weight", ("blocks.{L}.attn.W_Q", "blocks.{L}.attn.W_G"), "convert",
+    KeyRule("model.layers.{L}.self_attn.q_proj.weight", ("blocks.{L}.attn.w_q", "blocks.{L}.attn.W_G"), "convert",
             split_q_gate),
-    KeyRule("model.layers.{L}.self_attn.k_proj.weight", "blocks.{L}.attn.W_K"),
-    KeyRule("model.layers.{L}.self_attn.v_proj.weight", "blocks.{L}.attn.W_V"),
-    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.W_O"),
+    KeyRule("model.layers.{L}.self_attn.k_proj.weight", "blocks.{L}.attn.w_k"),
+    KeyRule("model.layers.{L}.self_attn.v_proj.weight", "blocks.{L}.attn.w_v"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.weight", "blocks.{L}.attn.w_o"),
     KeyRule("model.layers.{L}.self_attn.q_norm.weight", "blocks.{L}.attn.q_norm_w"),
     KeyRule("model.layers.{L}.self_attn.k_norm.weight", "blocks.{L}.attn.k_norm_w"),
 )
@@ -124,7 +124,7 @@ DELTANET_COMMON_RULES = (
     KeyRule("model.layers.{L}.linear_attn.dt_bias", "blocks.{L}.attn.dt_bias"),
     KeyRule("model.layers.{L}.linear_attn.A_log", "blocks.{L}.attn.A_log"),
     KeyRule("model.layers.{L}.linear_attn.norm.weight", "blocks.{L}.attn.norm_w"),
-    KeyRule("model.layers.{L}.linear_attn.out_proj.weight", "blocks.{L}.attn.W_O"),
+    KeyRule("model.layers.{L}.linear_attn.out_proj.weight", "blocks.{L}.attn.w_o"),
 )
 
 MOE_RULES = (

@@ -139,16 +139,16 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.window = cfg.attention_window(layer)  # None: full attention
         h, kv, d, dm = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
-        self.W_Q = nn.Parameter(torch.empty(h * d, dm))
-        self.W_K = nn.Parameter(torch.empty(kv * d, dm))
-        self.W_V = nn.Parameter(torch.empty(kv * d, dm))
-        self.W_O = nn.Parameter(torch.empty(dm, h * d))
+        self.w_q = nn.Parameter(torch.empty(h * d, dm))
+        self.w_k = nn.Parameter(torch.empty(kv * d, dm))
+        self.w_v = nn.Parameter(torch.empty(kv * d, dm))
+        self.w_o = nn.Parameter(torch.empty(dm, h * d))
         if cfg.qkv_bias:
-            self.b_Q = nn.Parameter(torch.zeros(h * d))
-            self.b_K = nn.Parameter(torch.zeros(kv * d))
-            self.b_V = nn.Parameter(torch.zeros(kv * d))
+            self.b_q = nn.Parameter(torch.zeros(h * d))
+            self.b_k = nn.Parameter(torch.zeros(kv * d))
+            self.b_v = nn.Parameter(torch.zeros(kv * d))
         else:
-            self.b_Q = self.b_K = self.b_V = None
+            self.b_q = self.b_k = self.b_v = None
         if cfg.qk_norm == "per_head":
             self.q_norm_w = nn.Parameter(torch.ones(d))
             self.k_norm_w = nn.Parameter(torch.ones(d))
@@ -157,7 +157,7 @@ class Attention(nn.Module):
             self.k_norm_w = nn.Parameter(torch.ones(kv * d))
         self.b_O = nn.Parameter(torch.zeros(dm)) if cfg.attn_o_bias else None
         self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
-        if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = W_O (z * sigmoid(W_G x)), per head
+        if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = w_o (z * sigmoid(W_G x)), per head
             self.W_G = nn.Parameter(torch.empty(h * d, dm))
         self.scale = d**-0.5
         self.hook_q = ShapedHookPoint("batch pos head d_head")
@@ -181,9 +181,9 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
         b, p, _ = x.shape
-        q = F.linear(x, self.W_Q, self.b_Q)
-        k = F.linear(x, self.W_K, self.b_K)
-        v = F.linear(x, self.W_V, self.b_V)
+        q = F.linear(x, self.w_q, self.b_q)
+        k = F.linear(x, self.w_k, self.b_k)
+        v = F.linear(x, self.w_v, self.b_v)
         if cfg.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm_w, cfg.rms_norm_eps), rms_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
@@ -206,4 +206,4 @@ class Attention(nn.Module):
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
         if cfg.attn_output_gate:
             z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
-        return F.linear(z.reshape(b, p, -1), self.W_O, self.b_O)
+        return F.linear(z.reshape(b, p, -1), self.w_o, self.b_O)

@@ -30,7 +30,7 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
 
 
 class Experts(nn.Module):
-    """``n_experts`` gated FFNs. ``act="silu"``: ``W_down (silu(W_gate x) * W_up x)``;
+    """``n_experts`` gated FFNs. ``act="silu"``: ``w_down (silu(w_gate x) * w_up x)``;
     ``act="clamped_swiglu"`` (gpt-oss): :func:`clamped_swiglu`. With ``bias`` (gpt-oss) every
     projection has a per-expert bias ``b_gate``/``b_up [n_experts, d_expert]``, ``b_down [n_experts, d_model]``,
     added after the matmul (as transformers adds it)."""
@@ -43,9 +43,9 @@ class Experts(nn.Module):
         self.act, self.alpha, self.limit = act, alpha, limit
         if act not in ("silu", "clamped_swiglu"):
             raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu)")
-        self.W_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
-        self.W_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
-        self.W_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         if bias:
             self.b_gate = nn.Parameter(torch.zeros(n_experts, d_expert))
             self.b_up = nn.Parameter(torch.zeros(n_experts, d_expert))
@@ -60,10 +60,10 @@ class Experts(nn.Module):
 
     def ffn(self, e: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
         """Expert ``e`` applied to rows ``x``."""
-        gate, up = F.linear(x, self.W_gate[e]), F.linear(x, self.W_up[e])
+        gate, up = F.linear(x, self.w_gate[e]), F.linear(x, self.w_up[e])
         if self.b_gate is not None:
             gate, up = gate + self.b_gate[e], up + self.b_up[e]
-        out = F.linear(self.activation(gate, up), self.W_down[e])
+        out = F.linear(self.activation(gate, up), self.w_down[e])
         return out + self.b_down[e] if self.b_down is not None else out
 
     def forward(
@@ -108,12 +108,12 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         offsets = torch.cumsum(torch.bincount(flat, minlength=self.n_experts), 0).to(torch.int32)
         rows = x_flat[order // k]
-        gate = torch._grouped_mm(rows, self.W_gate.transpose(1, 2), offs=offsets)
-        up = torch._grouped_mm(rows, self.W_up.transpose(1, 2), offs=offsets)
+        gate = torch._grouped_mm(rows, self.w_gate.transpose(1, 2), offs=offsets)
+        up = torch._grouped_mm(rows, self.w_up.transpose(1, 2), offs=offsets)
         if self.b_gate is not None:
             sorted_ids = flat[order]
             gate, up = gate + self.b_gate[sorted_ids], up + self.b_up[sorted_ids]
-        down = torch._grouped_mm(self.activation(gate, up), self.W_down.transpose(1, 2), offs=offsets)
+        down = torch._grouped_mm(self.activation(gate, up), self.w_down.transpose(1, 2), offs=offsets)
         if self.b_down is not None:
             down = down + self.b_down[sorted_ids]
         out = torch.empty_like(down)

@@ -14,7 +14,7 @@ value heads share each key head)::
                                                              hook_state     [batch, pos, v_head, d_k, d_v]
     o_t        = S_t^T q_t / sqrt(d_k)                       hook_delta_out [batch, pos, v_head, d_v]
     y_t        = RMSNorm_w(o_t) * silu(W_z x_t)  per head    hook_gate (= W_z x) , hook_gated_out
-    out_t      = W_O y_t                                     (the block hooks it as hook_attn_out)
+    out_t      = w_o y_t                                     (the block hooks it as hook_attn_out)
 
 ``S`` is ``[v_head, d_k, d_v]`` per sequence and carries every earlier token forward.
 :func:`delta_rule_recurrent` runs it token by token (the definition; transformers'
@@ -198,7 +198,7 @@ class GatedDeltaNet(nn.Module):
 
     Weights (``[out, in]``): ``W_qkv [d_conv, d_model]`` (rows ``[q; k; v]``), ``W_z``
     ``[v_head*d_v, d_model]``, ``W_b``/``W_a`` ``[v_head, d_model]``, ``W_conv [d_conv, kernel]``,
-    ``dt_bias``/``A_log`` ``[v_head]``, ``norm_w [d_v]``, ``W_O [d_model, v_head*d_v]``.
+    ``dt_bias``/``A_log`` ``[v_head]``, ``norm_w [d_v]``, ``w_o [d_model, v_head*d_v]``.
     """
 
     is_recurrent = True
@@ -215,7 +215,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(nv))
         self.A_log = nn.Parameter(torch.zeros(nv))
         self.norm_w = nn.Parameter(torch.ones(dv))
-        self.W_O = nn.Parameter(torch.empty(dm, nv * dv))
+        self.w_o = nn.Parameter(torch.empty(dm, nv * dv))
         self.hook_conv_in = ShapedHookPoint("batch pos d_conv")
         self.hook_conv_out = ShapedHookPoint("batch pos d_conv")
         self.hook_q = ShapedHookPoint("batch pos k_head d_k")
@@ -281,7 +281,7 @@ class GatedDeltaNet(nn.Module):
             cache.n_seen += n
         o = self.hook_delta_out(o.to(x.dtype))
         y = self.hook_gated_out(gated_rms_norm(o, self.hook_gate(z), self.norm_w, cfg.rms_norm_eps))
-        return F.linear(y.reshape(b, n, nv * dv), self.W_O)
+        return F.linear(y.reshape(b, n, nv * dv), self.w_o)
 
     def _with_state_hook(self, q, k, v, g, beta, state0) -> tuple[Tensor, Tensor]:
         o, states = delta_rule_recurrent(q, k, v, g, beta, state0, return_states=True)

@@ -12,7 +12,7 @@ Notation: ``dn = qk_nope_head_dim``, ``dr = qk_rope_head_dim`` (axis ``d_rope``)
     rot    = interleaved RoPE (pairs 2i, 2i+1, fp32) on the last dr dims of q and k only
              (``rope_arith="complex"``: as transformers' fp32 complex multiply, see moelens.components.rope)
     z      = softmax(rot_q rot_k^T * (dn+dr)^-1/2 * mscale(factor, mscale_all_dim)^2 + mask) v
-    out    = W_O concat_heads(z)
+    out    = w_o concat_heads(z)
 
 The inner norms use eps 1e-6 whatever ``rms_norm_eps`` says (transformers builds them without eps).
 
@@ -34,7 +34,7 @@ Hooks, in execution order (all position-aligned):
 ``hook_rot_q``      ``[batch, pos, head, d_head]``       query after RoPE (what the dot product sees)
 ``hook_rot_k``      ``[batch, pos, kv_head, d_head]``    key after RoPE
 ``hook_attn_scores``/``hook_pattern``  ``[batch, head, query_pos, key_pos]`` (only materialised when hooked)
-``hook_z``          ``[batch, pos, head, d_head_v]``     per-head attention output before ``W_O``
+``hook_z``          ``[batch, pos, head, d_head_v]``     per-head attention output before ``w_o``
 ==================  ===================================  =============================================
 
 Edits propagate: an edited ``hook_k_pe`` or ``hook_kv_latent`` flows into ``hook_k``/``hook_v``; an
@@ -75,11 +75,11 @@ class MLAttention(nn.Module):
             self.q_a_norm_w = nn.Parameter(torch.ones(cfg.q_lora_rank))
             self.W_q_b = nn.Parameter(torch.empty(h * d_qk, cfg.q_lora_rank))
         else:
-            self.W_Q = nn.Parameter(torch.empty(h * d_qk, dm))
+            self.w_q = nn.Parameter(torch.empty(h * d_qk, dm))
         self.W_kv_a = nn.Parameter(torch.empty(r_kv + dr, dm))
         self.kv_a_norm_w = nn.Parameter(torch.ones(r_kv))
         self.W_kv_b = nn.Parameter(torch.empty(h * (dn + dv), r_kv))
-        self.W_O = nn.Parameter(torch.empty(dm, h * dv))
+        self.w_o = nn.Parameter(torch.empty(dm, h * dv))
         self.scale = d_qk**-0.5 * yarn_softmax_scale(cfg.yarn)
         # registration order = execution order
         if cfg.q_lora_rank:
@@ -113,7 +113,7 @@ class MLAttention(nn.Module):
             q_latent = self.hook_q_latent(rms_norm(F.linear(x, self.W_q_a), self.q_a_norm_w, LATENT_NORM_EPS))
             q = F.linear(q_latent, self.W_q_b)
         else:
-            q = F.linear(x, self.W_Q)
+            q = F.linear(x, self.w_q)
         q = self.hook_q(q.view(b, p, h, -1))
 
         c, k_pe = F.linear(x, self.W_kv_a).split([r_kv, cfg.qk_rope_head_dim], dim=-1)
@@ -130,4 +130,4 @@ class MLAttention(nn.Module):
         elif kv_prefix is not None:
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale))
-        return F.linear(z.reshape(b, p, -1), self.W_O)
+        return F.linear(z.reshape(b, p, -1), self.w_o)

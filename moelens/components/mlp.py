@@ -11,24 +11,24 @@ from moelens.hooks import ShapedHookPoint
 
 
 class GatedMLP(nn.Module):
-    """``W_down (silu(W_gate x) * (W_up x))``. Hooks: ``hook_pre`` (gate pre-activation) and
-    ``hook_post`` (the hidden product that ``W_down`` reads), both ``[batch, pos, width]``."""
+    """``w_down (silu(w_gate x) * (w_up x))``. Hooks: ``hook_pre`` (gate pre-activation) and
+    ``hook_post`` (the hidden product that ``w_down`` reads), both ``[batch, pos, width]``."""
 
     def __init__(self, d_model: int, d_hidden: int, width_name: str = "d_mlp"):
         super().__init__()
-        self.W_gate = nn.Parameter(torch.empty(d_hidden, d_model))
-        self.W_up = nn.Parameter(torch.empty(d_hidden, d_model))
-        self.W_down = nn.Parameter(torch.empty(d_model, d_hidden))
+        self.w_gate = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.w_up = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.w_down = nn.Parameter(torch.empty(d_model, d_hidden))
         self.hook_pre = ShapedHookPoint(f"batch pos {width_name}")
         self.hook_post = ShapedHookPoint(f"batch pos {width_name}")
 
     @property
     def W_out(self) -> Tensor:
-        """``W_down`` in TransformerLens' ``[d_hidden, d_model]`` orientation (a view, for
+        """``w_down`` in TransformerLens' ``[d_hidden, d_model]`` orientation (a view, for
         ``ActivationCache.stack_neuron_results``)."""
-        return self.W_down.T
+        return self.w_down.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(F.linear(x, self.W_gate))
-        post = self.hook_post(F.silu(pre) * F.linear(x, self.W_up))
-        return F.linear(post, self.W_down)
+        pre = self.hook_pre(F.linear(x, self.w_gate))
+        post = self.hook_post(F.silu(pre) * F.linear(x, self.w_up))
+        return F.linear(post, self.w_down)

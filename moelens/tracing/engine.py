@@ -135,11 +135,11 @@ class SuffixEngine:
 
     def _finish(self, state: Tensor) -> Tensor:
         last = state[:, -1:].to(self.model.ln_final.w.device)
-        x = self.model.ln_final(last).to(self.model.unembed.W_U.device)
+        x = self.model.ln_final(last).to(self.model.unembed.w_u.device)
         ids = getattr(self.metric, "token_ids", None)
         if ids is not None and getattr(self.metric, "position", None) == -1:
             # the metric declares the few logits it reads: unembed only those rows of W_U
-            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.W_U[ids]))
+            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids]))
         return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- gradients on a suffix

@@ -289,7 +289,7 @@ def test_bf16_matches_and_router_stays_fp32(tmp_path, name):
         assert router.W_router.dtype == router.b_correction.dtype == hf_gate.weight.dtype == torch.float32
         assert torch.equal(router.W_router, hf_gate.weight)
         assert torch.equal(router.b_correction, hf_gate.e_score_correction_bias)
-    assert m.blocks[0].attn.W_O.dtype == torch.bfloat16
+    assert m.blocks[0].attn.w_o.dtype == torch.bfloat16
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         diff = (hf(tokens).logits.float() - m(tokens).float()).abs().max().item()

@@ -78,8 +78,8 @@ def test_logits_router_and_experts_match(tiny, p):
     attn, experts = model.blocks[0].attn, model.blocks[0].mlp.experts
     assert attn.sinks.abs().min() > 0 and attn.b_O.abs().max() > 0 and model.blocks[0].mlp.router.b_router.abs().max() > 0
     x = cache["blocks.0.ln2.hook_normalized"].reshape(-1, model.cfg.d_model)
-    gate = torch.einsum("nd,eid->nei", x, experts.W_gate) + experts.b_gate
-    up = torch.einsum("nd,eid->nei", x, experts.W_up) + experts.b_up
+    gate = torch.einsum("nd,eid->nei", x, experts.w_gate) + experts.b_gate
+    up = torch.einsum("nd,eid->nei", x, experts.w_up) + experts.b_up
     assert (gate > 7).any() and (up.abs() > 7).any()
     assert cache["blocks.0.attn.hook_sink_weight"].mean() > 0.05
 
@@ -284,9 +284,9 @@ def test_mxfp4_checkpoint_loads_like_transformers(tmp_path, dtype):
         ex, theirs = model.blocks[layer].mlp.experts, hf.model.layers[layer].mlp.experts
         gate_up, down = theirs.gate_up_proj.data, theirs.down_proj.data
         assert gate_up.dtype == dtype
-        assert torch.equal(ex.W_gate.transpose(1, 2).contiguous().view(bits), gate_up[..., 0::2].contiguous().view(bits))
-        assert torch.equal(ex.W_up.transpose(1, 2).contiguous().view(bits), gate_up[..., 1::2].contiguous().view(bits))
-        assert torch.equal(ex.W_down.transpose(1, 2).contiguous().view(bits), down.view(bits))
+        assert torch.equal(ex.w_gate.transpose(1, 2).contiguous().view(bits), gate_up[..., 0::2].contiguous().view(bits))
+        assert torch.equal(ex.w_up.transpose(1, 2).contiguous().view(bits), gate_up[..., 1::2].contiguous().view(bits))
+        assert torch.equal(ex.w_down.transpose(1, 2).contiguous().view(bits), down.view(bits))
     if dtype == torch.float32:
         assert_parity(model, hf, ids_of(2, 12))
 

@@ -110,7 +110,7 @@ def test_qwen3_head_dim_differs_from_d_model_over_heads(tiny_dirs):
     d, _ = tiny_dirs("qwen3_moe")
     model = HookedMoETransformer.from_pretrained(d)
     assert model.cfg.d_head == 32 != model.cfg.d_model // model.cfg.n_heads
-    assert model.blocks[1].attn.W_Q.shape == (4 * 32, 64)
+    assert model.blocks[1].attn.w_q.shape == (4 * 32, 64)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])

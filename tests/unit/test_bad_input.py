@@ -53,7 +53,7 @@ def test_missing_and_unexpected_keys_are_named(ckpt):
     with pytest.raises(CheckpointError) as err:
         HookedMoETransformer.from_pretrained(ckpt)
     msg = str(err.value)
-    assert "blocks.1.mlp.experts.W_down[experts [3]]" in msg
+    assert "blocks.1.mlp.experts.w_down[experts [3]]" in msg
     assert "model.layers.1.block_sparse_moe.experts.3.w9.weight" in msg
 
 

@@ -33,8 +33,8 @@ def test_experts_sorted_equals_loop_equals_per_token():
     assert (ex.forward_grouped(x, idx) - b).abs().max() < 1e-5
     for bb, p, s in [(0, 0, 1), (2, 4, 2), (1, 3, 0)]:
         e = int(idx[bb, p, s])
-        h = torch.nn.functional.silu(x[bb, p] @ ex.W_gate[e].T) * (x[bb, p] @ ex.W_up[e].T)
-        assert (a[bb, p, s] - h @ ex.W_down[e].T).abs().max() < 1e-5
+        h = torch.nn.functional.silu(x[bb, p] @ ex.w_gate[e].T) * (x[bb, p] @ ex.w_up[e].T)
+        assert (a[bb, p, s] - h @ ex.w_down[e].T).abs().max() < 1e-5
 
 
 def test_router_semantics():

@@ -111,7 +111,7 @@ def test_a_setup_refuses_weights_edited_after_it(tiny_dirs):
     layer = model.cfg.moe_layers[0]
     before = moelens.trace_experts(model, setup, layer, progress=False).scores
     with torch.no_grad():
-        model.blocks[-1].mlp.experts.W_down.mul_(1.5)
+        model.blocks[-1].mlp.experts.w_down.mul_(1.5)
     for call in (lambda: moelens.trace_experts(model, setup, layer, progress=False),
                  lambda: moelens.trace_layers(model, setup, progress=False),
                  lambda: moelens.attribute_experts(model, setup)):

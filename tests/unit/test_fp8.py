@@ -46,14 +46,14 @@ def test_loaded_weights_equal_transformers_dequantisation(fp8_pair, dtype):
     ours, ref = m.state_dict(), hf.state_dict()
     pairs = {"blocks.1.attn.W_q_b": "model.layers.1.self_attn.q_b_proj.weight",
              "blocks.2.attn.W_kv_a": "model.layers.2.self_attn.kv_a_proj_with_mqa.weight",
-             "blocks.0.mlp.W_down": "model.layers.0.mlp.down_proj.weight",
-             "blocks.1.mlp.experts.W_down": "model.layers.1.mlp.experts.down_proj",
-             "blocks.2.mlp.shared_experts.W_up": "model.layers.2.mlp.shared_experts.up_proj.weight",
+             "blocks.0.mlp.w_down": "model.layers.0.mlp.down_proj.weight",
+             "blocks.1.mlp.experts.w_down": "model.layers.1.mlp.experts.down_proj",
+             "blocks.2.mlp.shared_experts.w_up": "model.layers.2.mlp.shared_experts.up_proj.weight",
              "blocks.1.mlp.router.W_router": "model.layers.1.mlp.gate.weight"}
     for a, b in pairs.items():
         assert ours[a].dtype == ref[b].dtype and torch.equal(ours[a], ref[b]), a
     gate_up = ref["model.layers.2.mlp.experts.gate_up_proj"]
-    assert torch.equal(torch.cat([ours["blocks.2.mlp.experts.W_gate"], ours["blocks.2.mlp.experts.W_up"]], 1), gate_up)
+    assert torch.equal(torch.cat([ours["blocks.2.mlp.experts.w_gate"], ours["blocks.2.mlp.experts.w_up"]], 1), gate_up)
     tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (hf(tokens).logits.float() - m(tokens).float()).abs().max().item()

@@ -41,13 +41,13 @@ def test_tied_config_with_a_distinct_lm_head_is_loaded_untied_like_transformers(
     with caplog.at_level("WARNING", logger="moelens"):
         model, logits = ours(ckpt)
     assert "untied" in caplog.text
-    assert model.unembed.W_U is not model.embed.W_E and not model.cfg.tie_word_embeddings
+    assert model.unembed.w_u is not model.embed.W_E and not model.cfg.tie_word_embeddings
     sd = load_file(ckpt / "model.safetensors")
-    assert torch.equal(model.unembed.W_U, sd["lm_head.weight"])
+    assert torch.equal(model.unembed.w_u, sd["lm_head.weight"])
     torch.testing.assert_close(logits, hf_logits(ckpt), atol=1e-4, rtol=1e-4)
     # an explicit override keeps them tied (the embedding is then the unembedding)
     tied, _ = ours(ckpt, tie_word_embeddings=True)
-    assert tied.unembed.W_U is tied.embed.W_E
+    assert tied.unembed.w_u is tied.embed.W_E
 
 
 def test_tied_config_with_an_equal_or_absent_lm_head_stays_tied(ckpt):
@@ -56,12 +56,12 @@ def test_tied_config_with_an_equal_or_absent_lm_head_stays_tied(ckpt):
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
     model, logits = ours(ckpt)
-    assert model.unembed.W_U is model.embed.W_E
+    assert model.unembed.w_u is model.embed.W_E
     torch.testing.assert_close(logits, hf_logits(ckpt), atol=1e-4, rtol=1e-4)
     del sd["lm_head.weight"]
     save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
     model, _ = ours(ckpt)
-    assert model.unembed.W_U is model.embed.W_E
+    assert model.unembed.w_u is model.embed.W_E
 
 
 def test_rope_scaling_replaces_rope_parameters_as_in_transformers(ckpt):

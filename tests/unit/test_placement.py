@@ -144,7 +144,7 @@ def test_tied_embeddings_stay_together():
     with pytest.raises(ValueError, match="tied"):
         P.resolve_device_map(m, {"": "cpu", "unembed": "meta"})
     P.materialize(m, {u: "cpu" for u in P.placement_units(m)})
-    assert m.unembed.W_U is m.embed.W_E
+    assert m.unembed.w_u is m.embed.W_E
     assert len(list(m.parameters())) == len({id(p) for p in m.parameters()})
 
 

@@ -150,14 +150,14 @@ def test_inherited_methods_agree_with_hand_computation(runs):
                                    torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(cfg.n_layers)]))
         acc = cache.accumulated_resid(pos_slice=-1)
         torch.testing.assert_close(acc[0], cache["hook_embed"][:, -1])
-        # per-head results: z_h W_O[:, h]^T, summing to attn_out
+        # per-head results: z_h w_o[:, h]^T, summing to attn_out
         heads, labels = cache.stack_head_results(layer=2, return_labels=True)
         assert labels[:2] == ["L0H0", "L0H1"] and heads.shape[0] == 2 * cfg.n_heads
         d = cfg.d_head_v
         z = cache["blocks.1.attn.hook_z"]
-        W_O = model.blocks[1].attn.W_O
+        w_o = model.blocks[1].attn.w_o
         for h in range(cfg.n_heads):
-            torch.testing.assert_close(heads[cfg.n_heads + h], z[:, :, h] @ W_O[:, h * d:(h + 1) * d].T)
+            torch.testing.assert_close(heads[cfg.n_heads + h], z[:, :, h] @ w_o[:, h * d:(h + 1) * d].T)
         torch.testing.assert_close(heads[cfg.n_heads:].sum(0), cache["attn_out", 1], **TOL)
         # apply_ln_to_stack at the unembed: divide by ln_final's scale (the weight is in the direction)
         stack = cache.decompose_resid(pos_slice=-1)
@@ -261,7 +261,7 @@ def test_expert_logit_lens_and_weight_lens(runs):
                                **TOL)
     # weight-only lens: chunked over the vocabulary equals the brute force
     vals, ids = A.expert_weight_lens(model, l, experts=[0, 3], k=4, max_elements=1000)
-    W = model.blocks[l].mlp.experts.W_down[[0, 3]]  # [2, d_model, d_expert]
+    W = model.blocks[l].mlp.experts.w_down[[0, 3]]  # [2, d_model, d_expert]
     brute = torch.einsum("edn,vd->env", W * model.ln_final.w[None, :, None], model.W_U).detach()
     bt = brute.topk(4, dim=-1)
     assert torch.equal(ids, bt.indices)

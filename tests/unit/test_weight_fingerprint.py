@@ -14,7 +14,7 @@ def test_an_edit_anywhere_changes_the_fingerprint():
     again = HookedMoETransformer.from_pretrained("moelens-tiny-facts")
     trace_fp, audit_fp = model_fingerprint(model), _model_fingerprint(model)
     assert model_fingerprint(again) == trace_fp and _model_fingerprint(again) == audit_fp  # deterministic
-    W = model.blocks[2].mlp.experts.W_down  # the last expert's last weight: far past the first 512 values
+    W = model.blocks[2].mlp.experts.w_down  # the last expert's last weight: far past the first 512 values
     with torch.no_grad():
         W.view(-1)[-1] += 1e-3
     assert model_fingerprint(model)[1] != trace_fp[1]
