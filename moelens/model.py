@@ -28,6 +28,7 @@ from moelens.components.attention import AttentionContext
 from moelens.components.block import TransformerBlock
 from moelens.components.norm import RMSNorm
 from moelens.components.rope import rope_cos_sin, rope_frequencies
+from moelens.components.tl_views import ModelViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, unknown_hook_error
 
@@ -44,17 +45,28 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """``logits = x W_U^T``; ``w_u`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout)."""
+    """``logits = x @ W_U``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
+    layout); ``W_U`` is its TransformerLens view ``[d_model, d_vocab]``."""
 
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
+    @property
+    def W_U(self) -> Tensor:
+        """``[d_model, d_vocab]`` (a view of ``w_u``): ``W_U[:, t]`` is token ``t``'s unembedding direction."""
+        return self.w_u.T
+
+    @property
+    def b_U(self) -> Tensor:
+        """``[d_vocab]`` zeros: no supported architecture has an unembedding bias."""
+        return torch.zeros(self.w_u.shape[0], dtype=self.w_u.dtype, device=self.w_u.device)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.w_u)
 
 
-class HookedMoETransformer(HookedRootModule):
+class HookedMoETransformer(ModelViews, HookedRootModule):
     """A sparse mixture-of-experts decoder with a hook point on every router, expert and combine step.
 
     Build with :meth:`from_pretrained` (hub-layout checkpoints, hub ids, bundled models) or
@@ -401,10 +413,6 @@ class HookedMoETransformer(HookedRootModule):
     def W_E(self) -> Tensor:
         return self.embed.W_E
 
-    @property
-    def W_U(self) -> Tensor:
-        return self.unembed.w_u
-
     def generate(self, input="", max_new_tokens: int = 10, **kwargs):
         """Generate text or tokens, as TransformerLens' ``HookedTransformer.generate``; hooks apply
         at every step. See :func:`moelens.generation.generate` for every argument."""
@@ -454,7 +462,7 @@ class HookedMoETransformer(HookedRootModule):
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue
             n = p.numel()
-            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
+            if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

@@ -1,0 +1,356 @@
+"""TransformerLens' weight names, as views in TransformerLens' layout.
+
+moelens stores every weight in the hub's ``[out, in]`` layout under lowercase names (``attn.w_q``,
+``mlp.experts.w_gate``, ``unembed.w_u``). The upper-case names TransformerLens' ``HookedTransformer``
+uses are properties here that return the same numbers in TransformerLens' orientation (views: an
+in-place edit of ``attn.W_Q`` edits ``attn.w_q``), so TransformerLens code runs unchanged:
+
+=====================================  ==========================================  =============================
+name                                   shape                                       meaning
+=====================================  ==========================================  =============================
+``model.W_E``                          ``[d_vocab, d_model]``                      token embeddings
+``model.W_U`` / ``unembed.W_U``        ``[d_model, d_vocab]``                      ``logits = ln_final(x) @ W_U``
+``model.b_U`` / ``unembed.b_U``        ``[d_vocab]``                               zeros (no architecture has one)
+``attn.W_Q``                           ``[head, d_model, d_head]``                 ``q_h = x @ W_Q[h] + b_Q[h]``
+``attn.W_K`` / ``attn.W_V``            ``[head, d_model, d_head]``                 GQA: ``_W_K [kv_head, ..]`` repeated
+``attn.W_O``                           ``[head, d_head_v, d_model]``               ``attn_out = sum_h z_h @ W_O[h] + b_O``
+``attn.b_Q`` / ``b_K`` / ``b_V``       ``[head, d_head]``                          None where the checkpoint has none
+``attn.QK`` / ``attn.OV``              ``FactoredMatrix``                          ``W_Q W_K^T`` / ``W_V W_O`` per head
+``mlp.W_in`` / ``W_gate`` (dense)      ``[d_model, d_mlp]``                        up / gate projections
+``mlp.W_out`` (dense)                  ``[d_mlp, d_model]``                        down projection
+``mlp.experts.W_in`` / ``W_gate``      ``[n_experts, d_model, d_expert]``          per expert, expert axis first
+``mlp.experts.W_out``                  ``[n_experts, d_expert, d_model]``
+``mlp.experts.b_out``                  ``[n_experts, d_model]``                    gpt-oss only (None otherwise)
+=====================================  ==========================================  =============================
+
+Grouped-query attention follows TransformerLens' ``GroupedQueryAttention``: ``_W_K``/``_W_V``/``_b_K``/``_b_V``
+hold the ``n_kv_heads`` key/value heads, and ``W_K``/``W_V``/``b_K``/``b_V`` repeat them with
+``repeat_interleave`` to ``n_heads`` (query head ``h`` reads key head ``h // (n_heads // n_kv_heads)``).
+
+A name whose TransformerLens meaning does not exist in a layer is absent (``AttributeError`` with the
+reason, ``hasattr`` False): e.g. ``W_K``/``W_V`` of multi-head latent attention (keys and values come
+from a normalised latent, not a linear map of the residual stream), every attention name of a Gated
+DeltaNet layer, and ``W_in`` of a sparse MoE block (its experts have them: ``mlp.experts.W_in``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class TLAbsent:
+    """``__getattr__`` that explains why a TransformerLens name is absent (``_tl_absent`` maps a
+    name to the reason). A property that raises ``AttributeError`` lands here too, so its own
+    message is replaced by the reason when there is one."""
+
+    _tl_absent: dict = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # nn.Module: parameters, buffers, submodules
+        except AttributeError:
+            reason = self._absent_reason(name)
+            if reason is None:
+                raise
+            raise AttributeError(f"{type(self).__name__}.{name} is absent: {reason}") from None
+
+    def _absent_reason(self, name: str) -> Optional[str]:
+        return type(self)._tl_absent.get(name)
+
+
+def _factored(A: Tensor, B: Tensor):
+    from transformer_lens import FactoredMatrix
+
+    return FactoredMatrix(A, B)
+
+
+def _heads_in(w: Tensor, n_heads: int) -> Tensor:
+    """``[n_heads * d, d_model]`` (hub ``[out, in]``) -> ``[n_heads, d_model, d]`` (a view)."""
+    return w.view(n_heads, -1, w.shape[-1]).transpose(-1, -2)
+
+
+def _heads_out(w: Tensor, n_heads: int) -> Tensor:
+    """``[d_model, n_heads * d]`` (hub ``o_proj``) -> ``[n_heads, d, d_model]`` (a view)."""
+    return w.view(w.shape[0], n_heads, -1).permute(1, 2, 0)
+
+
+def _bias_heads(b: Optional[Tensor], n_heads: int) -> Optional[Tensor]:
+    return None if b is None else b.view(n_heads, -1)
+
+
+class GQAViews(TLAbsent):
+    """TransformerLens names of :class:`moelens.components.attention.Attention`."""
+
+    @property
+    def _kv_repeats(self) -> int:
+        return self.cfg.n_heads // self.cfg.n_kv_heads
+
+    @property
+    def W_Q(self) -> Tensor:
+        return _heads_in(self.w_q, self.cfg.n_heads)
+
+    @property
+    def _W_K(self) -> Tensor:
+        return _heads_in(self.w_k, self.cfg.n_kv_heads)
+
+    @property
+    def _W_V(self) -> Tensor:
+        return _heads_in(self.w_v, self.cfg.n_kv_heads)
+
+    @property
+    def W_K(self) -> Tensor:
+        return torch.repeat_interleave(self._W_K, self._kv_repeats, dim=0)
+
+    @property
+    def W_V(self) -> Tensor:
+        return torch.repeat_interleave(self._W_V, self._kv_repeats, dim=0)
+
+    @property
+    def W_O(self) -> Tensor:
+        return _heads_out(self.w_o, self.cfg.n_heads)
+
+    @property
+    def b_Q(self) -> Optional[Tensor]:
+        return _bias_heads(self.b_q, self.cfg.n_heads)
+
+    @property
+    def _b_K(self) -> Optional[Tensor]:
+        return _bias_heads(self.b_k, self.cfg.n_kv_heads)
+
+    @property
+    def _b_V(self) -> Optional[Tensor]:
+        return _bias_heads(self.b_v, self.cfg.n_kv_heads)
+
+    @property
+    def b_K(self) -> Optional[Tensor]:
+        b = self._b_K
+        return None if b is None else torch.repeat_interleave(b, self._kv_repeats, dim=0)
+
+    @property
+    def b_V(self) -> Optional[Tensor]:
+        b = self._b_V
+        return None if b is None else torch.repeat_interleave(b, self._kv_repeats, dim=0)
+
+    @property
+    def QK(self):
+        """``W_Q[h] W_K[h]^T`` per head (``[head, d_model, d_model]``, factored). With QK-norm
+        (Qwen3, OLMoE, GLM-4.x) a norm sits between the projections and the dot product, so the
+        scores are not ``x W_Q W_K^T x'``: the circuit is that of the projections."""
+        return _factored(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """``W_V[h] W_O[h]`` per head (``[head, d_model, d_model]``, factored)."""
+        return _factored(self.W_V, self.W_O)
+
+
+_MLA_KV = ("multi-head latent attention computes keys and values from an RMS-normalised latent "
+           "(W_kv_b norm(W_kv_a x)), not a linear map of the residual stream; use W_kv_a / W_kv_b and the "
+           "hooks hook_kv_latent, hook_k, hook_v")
+
+
+class MLAViews(TLAbsent):
+    """TransformerLens names of :class:`moelens.components.mla.MLAttention`: ``W_Q`` (only without a
+    query low-rank path) and ``W_O``; no ``W_K``/``W_V``/``QK``/``OV`` (see ``_tl_absent``)."""
+
+    _tl_absent = {
+        **{n: _MLA_KV for n in ("W_K", "W_V", "_W_K", "_W_V", "QK", "OV")},
+        "W_Q": "this MLA layer has a query low-rank path with an RMSNorm inside (W_q_b norm(W_q_a x)), "
+               "so no linear W_Q exists; use W_q_a / W_q_b and hook_q_latent, hook_q",
+    }
+
+    @property
+    def W_Q(self) -> Tensor:
+        if "w_q" not in self._parameters:
+            raise AttributeError("W_Q")
+        return _heads_in(self.w_q, self.cfg.n_heads)
+
+    @property
+    def W_O(self) -> Tensor:
+        return _heads_out(self.w_o, self.cfg.n_heads)
+
+    b_Q = b_K = b_V = b_O = None  # no attention biases in any MLA checkpoint
+
+
+_DELTANET = ("a Gated DeltaNet layer is a linear-attention mixer with a recurrent state, not softmax "
+             "attention: it has no per-head query/key/value/output maps in TransformerLens' sense. Its "
+             "weights are W_qkv, W_z, W_a, W_b, W_conv and w_o; see docs/linear_attention.md")
+
+
+class DeltaNetViews(TLAbsent):
+    _tl_absent = {n: _DELTANET for n in ("W_Q", "W_K", "W_V", "W_O", "_W_K", "_W_V", "b_Q", "b_K", "b_V",
+                                         "_b_K", "_b_V", "QK", "OV")}
+    b_O = None
+
+
+_POST_BIAS = ("TransformerLens' b_in is added after the gated product (act(x W_gate) * x W_in + b_in); "
+              "no supported architecture has one. gpt-oss's expert biases act before the activation: b_gate, b_up")
+
+
+class GatedMLPViews(TLAbsent):
+    """TransformerLens' ``GatedMLP`` names of :class:`moelens.components.mlp.GatedMLP`."""
+
+    _tl_absent = {"b_in": _POST_BIAS}
+
+    @property
+    def W_in(self) -> Tensor:
+        return self.w_up.T
+
+    @property
+    def W_gate(self) -> Tensor:
+        return self.w_gate.T
+
+    @property
+    def W_out(self) -> Tensor:
+        return self.w_down.T
+
+    b_out = None
+
+
+class ExpertViews(TLAbsent):
+    """TransformerLens' gated-MLP names of :class:`moelens.components.experts.Experts`, with the
+    expert axis first."""
+
+    _tl_absent = {"b_in": _POST_BIAS}
+
+    @property
+    def W_in(self) -> Tensor:
+        return self.w_up.transpose(-1, -2)
+
+    @property
+    def W_gate(self) -> Tensor:
+        return self.w_gate.transpose(-1, -2)
+
+    @property
+    def W_out(self) -> Tensor:
+        return self.w_down.transpose(-1, -2)
+
+    @property
+    def b_out(self) -> Optional[Tensor]:
+        return self.b_down
+
+
+_MOE_MLP = ("a sparse MoE block has no single MLP; its experts have TransformerLens' names with the expert "
+            "axis first: mlp.experts.W_in / W_gate [n_experts, d_model, d_expert], W_out [n_experts, d_expert, "
+            "d_model] (shared experts: mlp.shared_experts.W_in ...)")
+
+
+class MoEViews(TLAbsent):
+    _tl_absent = {n: _MOE_MLP for n in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
+
+
+_STACKED = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV", "W_in", "W_gate", "W_out")
+_ROTARY = "every supported architecture uses rotary position embeddings: there is no positional embedding matrix"
+
+
+class ModelViews(TLAbsent):
+    """Stacked TransformerLens weights of :class:`moelens.HookedMoETransformer`: one entry per layer.
+
+    A stacked name exists when every block has it (the attention biases count as zeros where a
+    layer has none, as in TransformerLens' ``HookedTransformer``); otherwise (hybrids: Gated DeltaNet
+    layers; MLA: ``W_K``/``W_V``; MoE models: ``W_in``...) it raises ``AttributeError`` naming the
+    layers that have it: read ``model.blocks[l].attn.W_Q`` per layer."""
+
+    _tl_absent = {"W_pos": _ROTARY, "W_E_pos": _ROTARY}
+
+    def _absent_reason(self, name: str) -> Optional[str]:
+        reason = super()._absent_reason(name)
+        if reason is None and name in _STACKED:
+            return self.__dict__.pop("_tl_stack_reason", None)
+        return reason
+
+    @property
+    def W_U(self) -> Tensor:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Tensor:
+        return self.unembed.b_U
+
+    def _stack(self, module: str, name: str, zeros_shape: Optional[tuple] = None) -> Tensor:
+        pieces, missing, why = [], [], ""
+        for l, block in enumerate(self.blocks):
+            try:
+                t = getattr(getattr(block, module), name)
+            except AttributeError as exc:
+                missing.append(l)
+                why = why or f" ({exc})"
+                continue
+            if t is None:
+                if zeros_shape is None:
+                    missing.append(l)
+                    continue
+                ref = self.embed.W_E
+                t = torch.zeros(zeros_shape, dtype=ref.dtype, device=ref.device)
+            pieces.append(t)
+        if missing:
+            have = [l for l in range(len(self.blocks)) if l not in missing]
+            # Python replaces this message by __getattr__'s: keep it for _absent_reason
+            self.__dict__["_tl_stack_reason"] = (
+                f"blocks {missing} have no {module}.{name}{why}. TransformerLens stacks one per layer"
+                + (f"; the layers that have it are {have}: read model.blocks[l].{module}.{name} for those" if have else "")
+            )
+            raise AttributeError(name)
+        dev = pieces[0].device
+        return torch.stack([p.to(dev) for p in pieces])
+
+    def _head_bias(self, name: str) -> Tensor:
+        return self._stack("attn", name, zeros_shape=(self.cfg.n_heads, self.cfg.d_head_qk))
+
+    @property
+    def W_Q(self) -> Tensor:
+        return self._stack("attn", "W_Q")
+
+    @property
+    def W_K(self) -> Tensor:
+        return self._stack("attn", "W_K")
+
+    @property
+    def W_V(self) -> Tensor:
+        return self._stack("attn", "W_V")
+
+    @property
+    def W_O(self) -> Tensor:
+        return self._stack("attn", "W_O")
+
+    @property
+    def b_Q(self) -> Tensor:
+        self._stack("attn", "W_Q")  # absent where W_Q is
+        return self._head_bias("b_Q")
+
+    @property
+    def b_K(self) -> Tensor:
+        self._stack("attn", "W_K")
+        return self._head_bias("b_K")
+
+    @property
+    def b_V(self) -> Tensor:
+        self._stack("attn", "W_V")
+        return self._stack("attn", "b_V", zeros_shape=(self.cfg.n_heads, self.cfg.d_head_v))
+
+    @property
+    def b_O(self) -> Tensor:
+        return self._stack("attn", "b_O", zeros_shape=(self.cfg.d_model,))
+
+    @property
+    def QK(self):
+        return _factored(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        return _factored(self.W_V, self.W_O)
+
+    @property
+    def W_in(self) -> Tensor:
+        return self._stack("mlp", "W_in")
+
+    @property
+    def W_gate(self) -> Tensor:
+        return self._stack("mlp", "W_gate")
+
+    @property
+    def W_out(self) -> Tensor:
+        return self._stack("mlp", "W_out")
