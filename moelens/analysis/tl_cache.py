@@ -345,6 +345,7 @@ class TLAnalysisMixin:
             new.attention_mask = _as_slice(batch_slice).apply(mask, dim=0)
             if new.attention_mask.ndim == 1:
                 new.attention_mask = new.attention_mask[None]
+        new.pos_slice, new.positions = getattr(self, "pos_slice", None), getattr(self, "positions", None)
         return new
 
 
