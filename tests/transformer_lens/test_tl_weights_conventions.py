@@ -231,3 +231,26 @@ def test_absent_names_explain_why(runs):
     mla = runs("deepseek_v3")[0]
     with pytest.raises(AttributeError, match="low-rank"):
         mla.blocks[0].attn.W_Q
+
+
+@torch.no_grad()
+def test_grouped_query_attention_equals_attention_with_repeated_kv(runs):
+    """Port of TransformerLens' ``test_grouped_query_attention_output_is_correct``: a GQA model equals
+    the multi-head model whose K and V are its ``_W_K``/``_W_V`` repeated with ``repeat_interleave``,
+    i.e. its TransformerLens ``W_K``/``W_V`` (written back in the hub layout)."""
+    gqa = runs("mixtral")[0]
+    assert gqa.cfg.n_kv_heads < gqa.cfg.n_heads
+    mha = HookedMoETransformer.from_config(gqa.cfg.replace(n_kv_heads=gqa.cfg.n_heads))
+    state = dict(gqa.state_dict())
+    h, d, dm = gqa.cfg.n_heads, gqa.cfg.d_head, gqa.cfg.d_model
+    for l, block in enumerate(gqa.blocks):
+        for w in ("W_K", "W_V"):
+            state[f"blocks.{l}.attn.w_{w[-1].lower()}"] = getattr(block.attn, w).transpose(1, 2).reshape(h * d, dm)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(mha(tokens), gqa(tokens), atol=1e-5, rtol=1e-5)
+    # negative control: repeating the kv heads in the wrong order (tile, not interleave) changes the output
+    for l, block in enumerate(gqa.blocks):
+        state[f"blocks.{l}.attn.w_k"] = block.attn._W_K.repeat(h // gqa.cfg.n_kv_heads, 1, 1).transpose(1, 2).reshape(h * d, dm)
+    mha.load_state_dict(state)
+    assert (mha(tokens) - gqa(tokens)).abs().max() > 1e-3
