@@ -287,8 +287,11 @@ class MoEConfig:
             object.__setattr__(self, f"_{k}", v)
 
     def replace(self, **changes) -> "MoEConfig":
-        """A copy with some fields changed (the config itself is immutable)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (the config itself is immutable); the run-time fields
+        (``device``, ``n_devices``, ``model_name``) carry over."""
+        new = dataclasses.replace(self, **changes)
+        new._set_runtime(**{k[1:]: v for k, v in self.__dict__.items() if k.startswith("_")})
+        return new
 
     def __hash__(self) -> int:
         return hash(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
