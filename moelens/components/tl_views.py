@@ -235,7 +235,8 @@ class ExpertViews(TLAbsent):
 
 _MOE_MLP = ("a sparse MoE block has no single MLP; its experts have TransformerLens' names with the expert "
             "axis first: mlp.experts.W_in / W_gate [n_experts, d_model, d_expert], W_out [n_experts, d_expert, "
-            "d_model] (shared experts: mlp.shared_experts.W_in ...)")
+            "d_model] (shared experts: mlp.shared_experts.W_in ...). The router (TransformerLens 2.x's MoE called it "
+            "mlp.W_gate [d_model, n_experts]) is mlp.router.W_router [n_experts, d_model]")
 
 
 class MoEViews(TLAbsent):
