@@ -201,3 +201,13 @@ def test_head_sweeps_on_other_attention_kinds(tiny_dirs, arch):
                    (cfg.n_layers, cfg.n_heads))
     torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
     assert want.abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_pattern_dest_src_sweep(setup):
+    model, clean, corrupted, cache, metric = setup
+    cfg = model.cfg
+    L, P, H = cfg.n_layers, clean.shape[-1], cfg.n_heads
+    got = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric)  # [layer, head, dest, src]
+    want = by_hand(model, corrupted, cache, metric, "blocks.{}.attn.hook_pattern", lambda h, d, s: (h, d, s), (L, H, P, P))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
