@@ -243,7 +243,8 @@ class MoEViews(TLAbsent):
     _tl_absent = {n: _MOE_MLP for n in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
 
 
-_STACKED = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV", "W_in", "W_gate", "W_out")
+_STACKED = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV", "W_in", "W_gate", "W_out", "b_in",
+            "b_out")
 _ROTARY = "every supported architecture uses rotary position embeddings: there is no positional embedding matrix"
 
 
@@ -355,3 +356,12 @@ class ModelViews(TLAbsent):
     @property
     def W_out(self) -> Tensor:
         return self._stack("mlp", "W_out")
+
+    @property
+    def b_in(self) -> Tensor:
+        return self._stack("mlp", "b_in")
+
+    @property
+    def b_out(self) -> Tensor:
+        self._stack("mlp", "W_out")  # absent where W_out is
+        return self._stack("mlp", "b_out", zeros_shape=(self.cfg.d_model,))

@@ -254,3 +254,21 @@ def test_grouped_query_attention_equals_attention_with_repeated_kv(runs):
         state[f"blocks.{l}.attn.w_k"] = block.attn._W_K.repeat(h // gqa.cfg.n_kv_heads, 1, 1).transpose(1, 2).reshape(h * d, dm)
     mha.load_state_dict(state)
     assert (mha(tokens) - gqa(tokens)).abs().max() > 1e-3
+
+
+def test_stacked_mlp_weights_when_every_layer_is_dense():
+    from moelens.testing import tiny_hf_config
+
+    model = HookedMoETransformer.from_config(tiny_hf_config("qwen3_moe", mlp_only_layers=[0, 1, 2]))
+    cfg = model.cfg
+    assert cfg.moe_layers == []
+    assert model.W_in.shape == model.W_gate.shape == (cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    assert model.W_out.shape == (cfg.n_layers, cfg.d_mlp, cfg.d_model)
+    assert torch.equal(model.W_in[1], model.blocks[1].mlp.w_up.T) and not model.b_out.any()
+    with pytest.raises(AttributeError, match="after the gated product"):
+        model.b_in
+    # with sparse layers, the stacked MLP names are absent and say where the expert weights are
+    sparse = HookedMoETransformer.from_config(tiny_hf_config("qwen3_moe"), device="meta")
+    assert sparse.cfg.moe_layers
+    with pytest.raises(AttributeError, match=r"mlp\.experts\.W_in"):
+        sparse.W_in
