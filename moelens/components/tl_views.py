@@ -21,6 +21,7 @@ name                                   shape                                    
 ``mlp.experts.W_in`` / ``W_gate``      ``[n_experts, d_model, d_expert]``          per expert, expert axis first
 ``mlp.experts.W_out``                  ``[n_experts, d_expert, d_model]``
 ``mlp.experts.b_out``                  ``[n_experts, d_model]``                    gpt-oss only (None otherwise)
+``mlp.b_in`` / ``mlp.experts.b_in``    None                                        no architecture has one
 =====================================  ==========================================  =============================
 
 Grouped-query attention follows TransformerLens' ``GroupedQueryAttention``: ``_W_K``/``_W_V``/``_b_K``/``_b_V``
@@ -81,7 +82,7 @@ def _bias_heads(b: Optional[Tensor], n_heads: int) -> Optional[Tensor]:
     return None if b is None else b.view(n_heads, -1)
 
 
-class GQAViews(TLAbsent):
+class GQAViews:
     """TransformerLens names of :class:`moelens.components.attention.Attention`."""
 
     @property
@@ -186,14 +187,14 @@ class DeltaNetViews(TLAbsent):
     b_O = None
 
 
-_POST_BIAS = ("TransformerLens' b_in is added after the gated product (act(x W_gate) * x W_in + b_in); "
-              "no supported architecture has one. gpt-oss's expert biases act before the activation: b_gate, b_up")
+# The views of the hot modules (attention, experts, dense MLPs) define no ``__getattr__``: parameter
+# lookups in the forward stay nn.Module's. ``b_in`` is None everywhere: TransformerLens' gated MLP adds
+# it after the product (act(x W_gate) * x W_in + b_in) and no supported architecture has one (gpt-oss's
+# expert biases act before the activation: ``experts.b_gate``, ``b_up``).
 
 
-class GatedMLPViews(TLAbsent):
+class GatedMLPViews:
     """TransformerLens' ``GatedMLP`` names of :class:`moelens.components.mlp.GatedMLP`."""
-
-    _tl_absent = {"b_in": _POST_BIAS}
 
     @property
     def W_in(self) -> Tensor:
@@ -207,14 +208,14 @@ class GatedMLPViews(TLAbsent):
     def W_out(self) -> Tensor:
         return self.w_down.T
 
-    b_out = None
+    b_in = b_out = None
 
 
-class ExpertViews(TLAbsent):
+class ExpertViews:
     """TransformerLens' gated-MLP names of :class:`moelens.components.experts.Experts`, with the
     expert axis first."""
 
-    _tl_absent = {"b_in": _POST_BIAS}
+    b_in = None
 
     @property
     def W_in(self) -> Tensor:
@@ -359,7 +360,8 @@ class ModelViews(TLAbsent):
 
     @property
     def b_in(self) -> Tensor:
-        return self._stack("mlp", "b_in")
+        self._stack("mlp", "W_in")  # absent where W_in is
+        return self._stack("mlp", "b_in", zeros_shape=(self.cfg.d_mlp,))
 
     @property
     def b_out(self) -> Tensor:
