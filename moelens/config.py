@@ -264,6 +264,11 @@ class MoEConfig:
         return True
 
     @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """TransformerLens' name for norms that scale by ``(1 + w)`` (``norm_zero_centered``)."""
+        return self.norm_zero_centered
+
+    @property
     def num_experts(self) -> int:
         """TransformerLens' MoE name for ``n_experts``."""
         return self.n_experts

@@ -269,6 +269,40 @@ class ModelViews(TLAbsent):
     def W_U(self) -> Tensor:
         return self.unembed.W_U
 
+    def tl_named_parameters(self):
+        """``(name, tensor)`` for every weight under its TransformerLens name (``blocks.0.attn.W_Q``,
+        ``unembed.W_U``, ``blocks.1.mlp.experts.W_in``, ``blocks.0.ln1.w`` ...), in TransformerLens'
+        layout, as TransformerLens 4's ``TransformerBridge.tl_named_parameters``: what
+        ``transformer_lens.SVDInterpreter`` reads. Names absent in a layer are left out; biases that are
+        None too."""
+        yield "embed.W_E", self.W_E
+        attn_names = ("W_Q", "W_K", "W_V", "W_O", "_W_K", "_W_V", "b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
+        mlp_names = ("W_in", "W_gate", "W_out", "b_in", "b_out")
+        for l, block in enumerate(self.blocks):
+            yield f"blocks.{l}.ln1.w", block.ln1.w
+            for n in attn_names:
+                t = getattr(block.attn, n, None)
+                if t is not None:
+                    yield f"blocks.{l}.attn.{n}", t
+            yield f"blocks.{l}.ln2.w", block.ln2.w
+            mlps = [("mlp", block.mlp)]
+            if hasattr(block.mlp, "experts"):
+                mlps = [("mlp.experts", block.mlp.experts)]
+                if hasattr(block.mlp, "shared_experts"):
+                    mlps.append(("mlp.shared_experts", block.mlp.shared_experts))
+            for prefix, mod in mlps:
+                for n in mlp_names:
+                    t = getattr(mod, n, None)
+                    if t is not None:
+                        yield f"blocks.{l}.{prefix}.{n}", t
+        yield "ln_final.w", self.ln_final.w
+        yield "unembed.W_U", self.W_U
+        yield "unembed.b_U", self.b_U
+
+    def tl_parameters(self) -> dict:
+        """``dict(tl_named_parameters())``."""
+        return dict(self.tl_named_parameters())
+
     @property
     def b_U(self) -> Tensor:
         return self.unembed.b_U

@@ -272,3 +272,27 @@ def test_stacked_mlp_weights_when_every_layer_is_dense():
     assert sparse.cfg.moe_layers
     with pytest.raises(AttributeError, match=r"mlp\.experts\.W_in"):
         sparse.W_in
+
+
+@torch.no_grad()
+def test_tl_parameters_and_svd_interpreter(runs):
+    """``model.tl_parameters()`` (TransformerLens 4's name -> tensor dict) is what
+    ``transformer_lens.SVDInterpreter`` reads: its OV singular vectors through ``W_U`` equal an
+    independent SVD of ``W_V[h] @ W_O[h]``; dense layers' ``w_in``/``w_out`` work, sparse ones refuse."""
+    from transformer_lens import SVDInterpreter
+
+    model = runs("qwen3_moe")[0]  # layer 0 dense, layers 1-2 sparse
+    params = model.tl_parameters()
+    assert torch.equal(params["unembed.W_U"], model.W_U) and torch.equal(params["blocks.1.attn.W_O"], model.W_O[1])
+    assert "blocks.0.mlp.W_in" in params and "blocks.1.mlp.experts.W_in" in params and "blocks.1.mlp.W_in" not in params
+    svd = SVDInterpreter(model)
+    got = svd.get_singular_vectors("OV", layer_index=1, head_index=2, num_vectors=3)[:, 0]  # [d_vocab, 3]
+    _, _, Vh = torch.linalg.svd(model.blocks[1].attn.W_V[2] @ model.blocks[1].attn.W_O[2])
+    want = model.W_U.T @ Vh[:3].T
+    for k in range(3):  # singular vectors are defined up to sign
+        sign = torch.sign((got[:, k] * want[:, k]).sum())
+        torch.testing.assert_close(got[:, k], sign * want[:, k], atol=1e-4, rtol=1e-4)
+    assert svd.get_singular_vectors("w_in", layer_index=0, num_vectors=2).shape == (model.cfg.d_vocab, 1, 2)
+    assert svd.get_singular_vectors("w_out", layer_index=0, num_vectors=2).shape == (model.cfg.d_vocab, 1, 2)
+    with pytest.raises(NotImplementedError, match="Sparse MoE"):
+        svd.get_singular_vectors("w_in", layer_index=1)
