@@ -158,6 +158,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         rows = []
         batches = range(idx.shape[0]) if batch is None else [batch]
         tok = getattr(self.model, "tokenizer", None)
+        pos_of = (lambda p: int(self.positions[p])) if self.positions is not None else (lambda p: p)  # noqa: E731
         for b in batches:
             strs = None
             if tokens is not None and tok is not None:
@@ -166,7 +167,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
                 for s in range(idx.shape[2]):
                     rows.append(
                         {
-                            "batch": b, "position": int(self.positions[p]) if self.positions is not None else p, "token": strs[p] if strs else None, "slot": s,
+                            "batch": b, "position": pos_of(p), "token": strs[p] if strs else None, "slot": s,
                             "expert": int(idx[b, p, s]), "weight": float(w[b, p, s]),
                             "score": float(scores[b, p, s]) if scores is not None else None,
                         }
