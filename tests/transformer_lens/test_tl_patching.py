@@ -211,3 +211,24 @@ def test_pattern_dest_src_sweep(setup):
     got = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric)  # [layer, head, dest, src]
     want = by_hand(model, corrupted, cache, metric, "blocks.{}.attn.hook_pattern", lambda h, d, s: (h, d, s), (L, H, P, P))
     torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_hybrid_models_layer_sweeps_work_head_sweeps_name_the_missing_hook(tiny_dirs):
+    """Gated DeltaNet layers have no heads in TransformerLens' sense (docs/transformer_lens.md): the
+    per-layer sweeps equal the hand-written patch, a head sweep stops with a KeyError naming hook_z."""
+    d, _ = tiny_dirs("qwen3_next")
+    model = HookedMoETransformer.from_pretrained(d)
+    gen = torch.Generator().manual_seed(4)
+    clean, corrupted = torch.randint(0, 256, (1, 4), generator=gen), torch.randint(0, 256, (1, 4), generator=gen)
+    _, cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[0, -1, 3] - logits[0, -1, 4]
+
+    got = patching.get_act_patch_attn_out(model, corrupted, cache, metric)
+    want = by_hand(model, corrupted, cache, metric, "blocks.{}.hook_attn_out", lambda p: (p,), (model.cfg.n_layers, 4))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    lin = model.cfg.linear_attn_layers[0]
+    with pytest.raises(KeyError, match=rf"blocks\.{lin}\.attn\.hook_z"):
+        patching.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric)
