@@ -303,6 +303,52 @@ class ModelViews(TLAbsent):
         """``dict(tl_named_parameters())``."""
         return dict(self.tl_named_parameters())
 
+    # -- TransformerLens' circuit helpers (also on hybrids: attention layers only) ----------------
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]`` for every layer and head (TransformerLens' order)."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
+    def _attn_stack(self, names: tuple) -> tuple[list[int], list[Tensor]]:
+        """(layers whose attention has all of ``names``, one stacked tensor per name)."""
+        layers = [l for l, b in enumerate(self.blocks) if all(hasattr(b.attn, n) for n in names)]
+        if not layers:
+            raise AttributeError(f"no layer's attention has {', '.join(names)} (see docs/transformer_lens.md)")
+        dev = self.embed.W_E.device
+        return layers, [torch.stack([getattr(self.blocks[l].attn, n).to(dev) for l in layers]) for n in names]
+
+    def QK_for_attn_layers(self):
+        """``(layers, FactoredMatrix)``: the QK circuits of the layers that have one (TransformerLens 4's
+        ``TransformerBridge.QK_for_attn_layers``; on hybrids the Gated DeltaNet layers are left out)."""
+        layers, (W_Q, W_K) = self._attn_stack(("W_Q", "W_K"))
+        return layers, _factored(W_Q, W_K.transpose(-2, -1))
+
+    def OV_for_attn_layers(self):
+        """``(layers, FactoredMatrix)``: the OV circuits of the layers that have one."""
+        layers, (W_V, W_O) = self._attn_stack(("W_V", "W_O"))
+        return layers, _factored(W_V, W_O)
+
+    def all_composition_scores(self, mode: str):
+        """TransformerLens' composition scores of every pair of heads (``mode`` ``"Q"``, ``"K"`` or
+        ``"V"``): ``scores[l1, h1, l2, h2]`` is how much head ``(l1, h1)``'s OV output is read by the
+        Q / K / V input of head ``(l2, h2)``, zero unless ``l1 < l2``. Returns TransformerLens'
+        ``CompositionScores`` (a tensor with ``layer_indices`` and ``head_labels``); on hybrids only
+        the attention layers take part (``layer_indices`` maps positions to layers)."""
+        from transformer_lens import utilities
+        from transformer_lens.model_bridge.composition_scores import CompositionScores
+
+        if mode not in ("Q", "K", "V"):
+            raise ValueError(f"mode must be one of ['Q', 'K', 'V'] not {mode}")
+        layers, (W_Q, W_K, W_V, W_O) = self._attn_stack(("W_Q", "W_K", "W_V", "W_O"))
+        left = _factored(W_V, W_O)
+        qk = _factored(W_Q, W_K.transpose(-2, -1))
+        right = {"Q": qk, "K": qk.T, "V": left}[mode]
+        scores = utilities.composition_scores(left, right, broadcast_dims=True)
+        idx = torch.arange(len(layers), device=scores.device)
+        mask = idx[:, None, None, None] < idx[None, None, :, None]
+        scores = torch.where(mask, scores, torch.zeros_like(scores))
+        labels = [f"L{l}H{h}" for l in layers for h in range(self.cfg.n_heads)]
+        return CompositionScores(scores=scores, layer_indices=layers, head_labels=labels)
+
     @property
     def b_U(self) -> Tensor:
         return self.unembed.b_U

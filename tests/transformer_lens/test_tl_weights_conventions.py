@@ -296,3 +296,27 @@ def test_tl_parameters_and_svd_interpreter(runs):
     assert svd.get_singular_vectors("w_out", layer_index=0, num_vectors=2).shape == (model.cfg.d_vocab, 1, 2)
     with pytest.raises(NotImplementedError, match="Sparse MoE"):
         svd.get_singular_vectors("w_in", layer_index=1)
+
+
+@torch.no_grad()
+def test_composition_scores_and_attention_layer_circuits(runs):
+    """``all_composition_scores`` equals the Frobenius-norm definition computed from dense per-head
+    circuits; ``QK/OV_for_attn_layers`` leave a hybrid's Gated DeltaNet layers out."""
+    model = runs("mixtral")[0]  # GQA: W_K/W_V repeated to the query heads
+    a, b = model.blocks[0].attn, model.blocks[1].attn
+    ov1 = a.W_V[1] @ a.W_O[1]
+    qk2 = b.W_Q[3] @ b.W_K[3].T
+    ov2 = b.W_V[3] @ b.W_O[3]
+    for mode, right in (("Q", qk2), ("K", qk2.T), ("V", ov2)):
+        scores = model.all_composition_scores(mode)
+        assert scores.shape == (2, 4, 2, 4) and scores.head_labels[5] == "L1H1"
+        want = (ov1 @ right).norm() / (ov1.norm() * right.norm())
+        assert float(scores[0, 1, 1, 3]) == pytest.approx(float(want), rel=1e-4)
+        assert not scores[1, :, 0, :].any() and not scores[0, :, 0, :].any()  # only earlier -> later layers
+    assert model.all_head_labels()[:2] == ["L0H0", "L0H1"] and len(model.all_head_labels()) == 8
+    hybrid = runs("qwen3_next")[0]
+    layers, qk = hybrid.QK_for_attn_layers()
+    full = [l for l in range(hybrid.cfg.n_layers) if l not in hybrid.cfg.linear_attn_layers]
+    assert layers == full and qk.shape == (len(full), hybrid.cfg.n_heads, hybrid.cfg.d_model, hybrid.cfg.d_model)
+    torch.testing.assert_close(qk.AB[0], hybrid.blocks[full[0]].attn.QK.AB, atol=1e-5, rtol=1e-5)
+    assert hybrid.all_composition_scores("V").layer_indices == full
