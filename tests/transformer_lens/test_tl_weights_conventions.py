@@ -177,7 +177,8 @@ def test_mlp_and_expert_weights_reproduce_activations(runs, arch):
         mlp = model.blocks[l].mlp
         x = cache[f"blocks.{l}.ln2.hook_normalized"]
         if l not in cfg.moe_layers:
-            assert mlp.W_in.shape == mlp.W_gate.shape == (cfg.d_model, cfg.d_mlp) and mlp.W_out.shape == (cfg.d_mlp, cfg.d_model)
+            assert mlp.W_in.shape == mlp.W_gate.shape == (cfg.d_model, cfg.d_mlp)
+            assert mlp.W_out.shape == (cfg.d_mlp, cfg.d_model)
             post = F.silu(x @ mlp.W_gate) * (x @ mlp.W_in)
             torch.testing.assert_close(post, cache[f"blocks.{l}.mlp.hook_post"], **TOL)
             torch.testing.assert_close(post @ mlp.W_out, cache["mlp_out", l], **TOL)
@@ -208,7 +209,8 @@ def test_views_share_storage_and_edits_propagate(runs):
     with torch.no_grad():
         before = model(tokens)
         attn.W_O[2, 0, 5] += 1.0
-        assert attn.w_o[5, 2 * model.cfg.d_head] == pytest.approx(float(hf.model.layers[1].self_attn.o_proj.weight[5, 2 * model.cfg.d_head]) + 1.0)
+        col = 2 * model.cfg.d_head  # head 2's first column of o_proj
+        assert attn.w_o[5, col] == pytest.approx(float(hf.model.layers[1].self_attn.o_proj.weight[5, col]) + 1.0)
         after = model(tokens)
         attn.W_O[2, 0, 5] -= 1.0
         assert (after - before).abs().max() > 1e-3
