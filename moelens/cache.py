@@ -113,6 +113,25 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         dense = torch.zeros(*idx.shape[:-1], self.model.cfg.n_experts, device=idx.device)
         return dense.scatter_add_(-1, idx, w)
 
+    # run_with_cache(..., pos_slice=s): every hook was sliced on its position axis. `positions` are the
+    # original positions the cached ones stand for (None: all of them, or unknown for embeddings input)
+    pos_slice = None
+    positions: Optional[Tensor] = None
+
+    def set_pos_slice(self, pos_slice, n_pos: Optional[int] = None) -> None:
+        """Record that this cache holds only ``pos_slice`` of the positions (``run_with_cache`` does it),
+        and slice ``tokens`` / ``attention_mask`` alike so that the expert views stay aligned."""
+        from transformer_lens.utilities import Slice
+
+        s = Slice.unwrap(pos_slice)
+        self.pos_slice = s
+        if n_pos is not None:
+            self.positions = torch.as_tensor(s.indices(n_pos)).reshape(-1)
+        if self.tokens is not None:
+            self.tokens = s.apply(self.tokens, dim=-1)
+        if self.attention_mask is not None:
+            self.attention_mask = s.apply(self.attention_mask, dim=-1)
+
     tokens: Optional[Tensor] = None  # the input tokens, when run_with_cache was given tokens or text
     # the run's attention mask ([batch, pos], 1 for real tokens): the one run_with_cache was given, or
     # the one it built when it padded a list of texts; None when every position was a real token
@@ -121,7 +140,8 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
     def routing(self, layer: int, batch: Optional[int] = None, tokens: Optional[Tensor] = None):
         """A tidy pandas table, one row per (batch, position, slot): position, token string, slot,
         expert, combine weight and router score. Token strings come from ``tokens`` (default: the
-        input the cache was made from) when the model has a tokenizer."""
+        input the cache was made from) when the model has a tokenizer. In a cache made with
+        ``pos_slice``, ``position`` is the original position (``cache.positions``)."""
         import pandas as pd
 
         tokens = self.tokens if tokens is None else tokens
@@ -138,6 +158,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         rows = []
         batches = range(idx.shape[0]) if batch is None else [batch]
         tok = getattr(self.model, "tokenizer", None)
+        pos_of = (lambda p: int(self.positions[p])) if self.positions is not None else (lambda p: p)  # noqa: E731
         for b in batches:
             strs = None
             if tokens is not None and tok is not None:
@@ -146,7 +167,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
                 for s in range(idx.shape[2]):
                     rows.append(
                         {
-                            "batch": b, "position": p, "token": strs[p] if strs else None, "slot": s,
+                            "batch": b, "position": pos_of(p), "token": strs[p] if strs else None, "slot": s,
                             "expert": int(idx[b, p, s]), "weight": float(w[b, p, s]),
                             "score": float(scores[b, p, s]) if scores is not None else None,
                         }

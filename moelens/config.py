@@ -222,12 +222,85 @@ class MoEConfig:
     def positional_embedding_type(self) -> str:
         return "rotary"
 
+    # -- fields TransformerLens' own code reads (patching, head_detector, utilities.test_prompt) ---
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device of the model's embedding (where inputs go), kept current by the model
+        (``model.to(...)``, ``from_pretrained(device=..., device_map=...)``); None for a config
+        no model was built from."""
+        return self.__dict__.get("_device")
+
+    @property
+    def n_devices(self) -> int:
+        return int(self.__dict__.get("_n_devices", 1))
+
+    @property
+    def model_name(self) -> str:
+        """What the model was loaded from (``from_pretrained``'s name or directory), else the architecture."""
+        return self.__dict__.get("_model_name") or self.architecture
+
+    @property
+    def original_architecture(self) -> str:
+        """The transformers class name (``config.json``'s ``architectures[0]``)."""
+        return self.architecture
+
+    @property
+    def n_key_value_heads(self) -> int:
+        """Key/value heads of the attention layers (``hook_k``/``hook_v`` head axis): ``n_kv_heads``
+        for grouped-query attention, ``n_heads`` for MLA (every head has its own key)."""
+        return self.n_kv_heads if self.attention == "gqa" else self.n_heads
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def act_fn(self) -> str:
+        """The MLP activation in TransformerLens' naming: ``"silu"`` (SwiGLU), or gpt-oss's ``"clamped_swiglu"``."""
+        return self.expert_act
+
+    @property
+    def gated_mlp(self) -> bool:
+        return True
+
+    @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """TransformerLens' name for norms that scale by ``(1 + w)`` (``norm_zero_centered``)."""
+        return self.norm_zero_centered
+
+    @property
+    def num_experts(self) -> int:
+        """TransformerLens' MoE name for ``n_experts``."""
+        return self.n_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        """TransformerLens' MoE name for ``top_k``."""
+        return self.top_k
+
+    # TransformerLens' optional hooks and layouts that moelens does not have (always off here)
+    use_attn_result = False
+    use_split_qkv_input = False
+    use_attn_in = False
+    use_hook_mlp_in = False
+    ungroup_grouped_query_attention = False
+
+    def _set_runtime(self, **values) -> None:
+        """Set the run-time fields (``device``, ``n_devices``, ``model_name``): not part of the
+        configuration proper (not in ``to_dict``, equality or the hash)."""
+        for k, v in values.items():
+            object.__setattr__(self, f"_{k}", v)
+
     def replace(self, **changes) -> "MoEConfig":
-        """A copy with some fields changed (the config itself is immutable)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (the config itself is immutable); the run-time fields
+        (``device``, ``n_devices``, ``model_name``) carry over."""
+        new = dataclasses.replace(self, **changes)
+        new._set_runtime(**{k[1:]: v for k, v in self.__dict__.items() if k.startswith("_")})
+        return new
 
     def __hash__(self) -> int:
-        return hash(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()))
+        return hash(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
+                          if not k.startswith("_")))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

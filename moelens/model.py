@@ -28,6 +28,7 @@ from moelens.components.attention import AttentionContext
 from moelens.components.block import TransformerBlock
 from moelens.components.norm import RMSNorm
 from moelens.components.rope import rope_cos_sin, rope_frequencies
+from moelens.components.tl_views import ModelViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, unknown_hook_error
 
@@ -44,17 +45,28 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """``logits = x W_U^T``; ``w_u`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout)."""
+    """``logits = x @ W_U``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
+    layout); ``W_U`` is its TransformerLens view ``[d_model, d_vocab]``."""
 
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
+    @property
+    def W_U(self) -> Tensor:
+        """``[d_model, d_vocab]`` (a view of ``w_u``): ``W_U[:, t]`` is token ``t``'s unembedding direction."""
+        return self.w_u.T
+
+    @property
+    def b_U(self) -> Tensor:
+        """``[d_vocab]`` zeros: no supported architecture has an unembedding bias."""
+        return torch.zeros(self.w_u.shape[0], dtype=self.w_u.dtype, device=self.w_u.device)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.w_u)
 
 
-class HookedMoETransformer(HookedRootModule):
+class HookedMoETransformer(ModelViews, HookedRootModule):
     """A sparse mixture-of-experts decoder with a hook point on every router, expert and combine step.
 
     Build with :meth:`from_pretrained` (hub-layout checkpoints, hub ids, bundled models) or
@@ -63,6 +75,7 @@ class HookedMoETransformer(HookedRootModule):
 
     def __init__(self, cfg: MoEConfig, tokenizer: Any = None):
         super().__init__()
+        cfg = cfg.replace()  # this model's own copy: cfg.device / model_name describe this model
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
@@ -74,6 +87,21 @@ class HookedMoETransformer(HookedRootModule):
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.setup()
+        self._sync_cfg_device()
+
+    def _apply(self, fn, *args, **kwargs):
+        """``to``/``cuda``/``cpu``/``to_empty`` all come here: keep ``cfg.device`` current."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync_cfg_device()
+        return out
+
+    def _sync_cfg_device(self) -> None:
+        """``cfg.device``: the embedding's device (where inputs go, as TransformerLens' ``cfg.device``);
+        ``cfg.n_devices``: how many devices hold parameters (> 1 with a ``device_map``)."""
+        if not hasattr(self, "embed"):  # during construction
+            return
+        devices = {p.device for p in self.parameters()}
+        self.cfg._set_runtime(device=self.embed.W_E.device, n_devices=max(1, len(devices)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,6 +220,8 @@ class HookedMoETransformer(HookedRootModule):
         if device_map is not None:
             placement.attach_device_hooks(model, plan)
         model.name_or_path = str(name_or_path)
+        model.cfg._set_runtime(model_name=str(name_or_path))
+        model._sync_cfg_device()
         return model.eval()
 
     # ------------------------------------------------------------------ forward
@@ -299,6 +329,34 @@ class HookedMoETransformer(HookedRootModule):
         self._check_name(name)
         return super()._enable_hook_with_name(name, hook, dir)
 
+    def get_caching_hooks(self, names_filter=None, incl_bwd: bool = False, device=None,
+                          remove_batch_dim: bool = False, cache: Optional[dict] = None, pos_slice=None):
+        """As TransformerLens' ``get_caching_hooks``, except that ``pos_slice`` slices each hook's own
+        position axis, read from its shape annotation (:func:`moelens.hooks.pos_dim`): ``pos`` (or
+        ``query_pos`` for attention scores and patterns, as TransformerLens) wherever it sits, e.g.
+        axis 1 of ``attn.hook_rot_q [batch, pos, head, d_head]`` and of ``mlp.hook_expert_out
+        [batch, pos, top_k, d_model]``. An ``int`` keeps the axis (length 1), as in TransformerLens."""
+        from transformer_lens.utilities import Slice
+
+        from moelens.hooks import pos_dim
+
+        cache, fwd, bwd = super().get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        if pos_slice is None:
+            return cache, fwd, bwd
+        pos_slice = Slice.unwrap(pos_slice)
+
+        def sliced(save, suffix):
+            def hook(tensor, hook):
+                save(tensor, hook=hook)
+                key = hook.name + suffix
+                dim = pos_dim(hook, cache[key].ndim)
+                if cache[key].ndim >= -dim:
+                    cache[key] = pos_slice.apply(cache[key], dim=dim)
+            hook.__name__ = hook.__qualname__ = "save_hook"
+            return hook
+
+        return (cache, [(n, sliced(f, "")) for n, f in fwd], [(n, sliced(f, "_grad")) for n, f in bwd])
+
     def run_with_cache(
         self, *model_args, names_filter=None, return_cache_object: bool = True, fwd_hooks=(), **kwargs
     ):
@@ -324,6 +382,8 @@ class HookedMoETransformer(HookedRootModule):
             mask = built if mask is None else mask
         cache.tokens = first if isinstance(first, Tensor) and not first.is_floating_point() else None
         cache.attention_mask = mask if isinstance(mask, Tensor) else None
+        if kwargs.get("pos_slice") is not None:
+            cache.set_pos_slice(kwargs["pos_slice"], n_pos=None if cache.tokens is None else cache.tokens.shape[-1])
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -400,10 +460,6 @@ class HookedMoETransformer(HookedRootModule):
     @property
     def W_E(self) -> Tensor:
         return self.embed.W_E
-
-    @property
-    def W_U(self) -> Tensor:
-        return self.unembed.w_u
 
     def generate(self, input="", max_new_tokens: int = 10, **kwargs):
         """Generate text or tokens, as TransformerLens' ``HookedTransformer.generate``; hooks apply

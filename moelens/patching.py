@@ -628,7 +628,7 @@ def run_with_interventions(model, input, interventions: Sequence[Intervention], 
 # metrics: logits [rows, pos, vocab] -> [rows]
 class TokenLogitMetric:
     """A metric that reads a few logits at one position and declares which (``token_ids``), so an
-    engine can unembed only those rows of ``W_U`` (:meth:`from_token_logits`) instead of the whole
+    engine can unembed only those columns of ``W_U`` (:meth:`from_token_logits`) instead of the whole
     vocabulary. Called on full logits ``[rows, pos, vocab]`` it is an ordinary metric."""
 
     def __init__(self, token_ids: Sequence[int], fn: Callable[[Tensor], Tensor], position: int = -1):

@@ -1,7 +1,7 @@
 """Direct logit attribution and logit lens per expert.
 
 Conventions (TransformerLens' frozen-scale DLA): a component ``c`` at a position contributes
-``(c / s) . (w_f * W_U[t])`` to the logit of token ``t``, where ``s`` is ``ln_final.hook_scale`` at
+``(c / s) . (w_f * W_U[:, t])`` to the logit of token ``t``, where ``s`` is ``ln_final.hook_scale`` at
 that position (the clean run's divisor, frozen) and ``w_f`` the final norm's weight. Summed over
 all components of the residual stream this is exactly the logit (no unembedding bias in any
 supported architecture). An expert's component at a position is its weighted update
@@ -154,7 +154,7 @@ def expert_logit_lens(
     model, cache, layer: int, expert: Union[int, str], position: int = -1, batch: int = 0, k: int = 10,
 ):
     """The tokens an expert's weighted update at one position promotes and suppresses, read
-    through the final norm's frozen scale and the unembedding: ``(w_e E_e(x) / s) . (w_f * W_U[v])``
+    through the final norm's frozen scale and the unembedding: ``(w_e E_e(x) / s) . (w_f * W_U[:, v])``
     for every vocabulary token ``v`` (logit units: its direct effect on each logit).
 
     ``expert="shared"`` reads the shared experts' output. Returns a DataFrame with ``rank``,
@@ -178,9 +178,9 @@ def expert_logit_lens(
         vec = cache.expert_contribution(layer, int(expert))[at]
         routed = bool((cache[f"blocks.{layer}.mlp.hook_expert_indices"][at] == int(expert)).any())
     s = cache["ln_final.hook_scale"][at].float()
-    W_U = model.W_U
+    W_U = model.W_U  # [d_model, d_vocab]
     d = (vec.float().to(W_U.device) / s.to(W_U.device)) * model.ln_final.scale_weight.float().to(W_U.device)
-    logits = W_U.float() @ d  # [d_vocab]
+    logits = d @ W_U.float()  # [d_vocab]
     rows = []
     for direction, largest in (("promoted", True), ("suppressed", False)):
         vals, ids = torch.topk(logits, min(k, logits.numel()), largest=largest)
@@ -211,11 +211,11 @@ def expert_weight_lens(
         raise ValueError(f"layer {layer} is not sparse; sparse layers are {list(cfg.moe_layers)}")
     experts = list(range(cfg.n_experts)) if experts is None else list(experts)
     w_down = model.blocks[layer].mlp.experts.w_down  # [n_experts, d_model, d_expert]
-    W_U = model.W_U
+    W_U = model.W_U  # [d_model, d_vocab]
     dev = W_U.device
     w_f = model.ln_final.scale_weight.float().to(dev) if fold_final_norm else torch.ones(cfg.d_model, device=dev)
     d_exp = w_down.shape[-1]
-    n_vocab = W_U.shape[0]
+    n_vocab = W_U.shape[1]
     per_group = max(1, min(len(experts), max_elements // max(d_exp * min(n_vocab, 4096), 1)))
     out_v = torch.empty(len(experts), d_exp, k)
     out_i = torch.empty(len(experts), d_exp, k, dtype=torch.long)
@@ -228,7 +228,7 @@ def expert_weight_lens(
         best_i = torch.zeros((rows, k), dtype=torch.long, device=dev)
         sign = 1.0 if largest else -1.0
         for start in range(0, n_vocab, chunk):
-            logits = sign * (dirs @ W_U[start : start + chunk].float().T)  # [rows, chunk]
+            logits = sign * (dirs @ W_U[:, start : start + chunk].float())  # [rows, chunk]
             kk = min(k, logits.shape[1])
             v, i = torch.topk(logits, kk, dim=-1)
             cat_v, cat_i = torch.cat([best_v, v], -1), torch.cat([best_i, i + start], -1)

@@ -7,8 +7,8 @@ Mixed into :class:`moelens.MoEActivationCache`. The inherited methods (``accumul
 provides. Overridden here, with TransformerLens' signatures:
 
 * ``__getitem__``: short keys for the MoE hooks (``cache["expert_indices", 2]``);
-* ``compute_head_results``: per-head results from ``hook_z`` and moelens' ``w_o`` layout
-  (``[d_model, n_heads * d_head_v]``, the hub's ``o_proj`` layout);
+* ``compute_head_results``: per-head results ``z_h @ W_O[h]`` from ``hook_z`` and ``attn.W_O``
+  (``[head, d_head_v, d_model]``), times the output gate where the attention has one;
 * ``decompose_resid(..., expert_level=True)``: one component per (layer, expert), plus shared experts;
 * ``get_full_resid_decomposition``: heads, then per layer dense neurons (``L{l}N{n}``) or, for a
   sparse layer, its experts (``L{l}E{e}``, ``L{l}_shared``), then ``embed`` and ``bias``.
@@ -17,7 +17,7 @@ The final norm's weight: ``apply_ln_to_stack`` divides by the cached scale only 
 convention), and ``model.tokens_to_residual_directions`` folds ``ln_final.w`` into the unembedding
 direction, so ``logit_attrs`` components sum to the logits. ``accumulated_resid(apply_ln=True)``
 at the final layer calls ``model.ln_final`` itself (weight included), so its last entry times
-``model.W_U.T`` (``W_U`` is ``[d_vocab, d_model]``) is the logits.
+``model.W_U`` (``[d_model, d_vocab]``, as in TransformerLens) is the logits.
 """
 
 from __future__ import annotations
@@ -88,30 +88,28 @@ class TLAnalysisMixin:
 
     # ------------------------------------------------------------------ heads
     def _head_results(self, layer: int) -> Optional[Tensor]:
-        """``[batch, pos, head, d_model]``: each head's output ``z_h w_o[:, h]^T`` (times the output
+        """``[batch, pos, head, d_model]``: each head's output ``z_h @ W_O[h]`` (times the output
         gate where the attention has one), without ``b_O``; None where the layer has no per-head
         split (linear-attention mixers, or a gate that was not cached)."""
-        cfg = self.model.cfg
         key = f"blocks.{layer}.attn.hook_result"
         if key in self.cache_dict:
             return self.cache_dict[key]
         attn = self.model.blocks[layer].attn
         z = self.cache_dict.get(f"blocks.{layer}.attn.hook_z")
-        w_o = getattr(attn, "w_o", None)
-        if z is None or w_o is None or z.shape[-2] != cfg.n_heads or w_o.shape[-1] != z.shape[-2] * z.shape[-1]:
+        W_O = getattr(attn, "W_O", None)  # [head, d_head_v, d_model]; absent for linear-attention mixers
+        if z is None or W_O is None or z.shape[-2:] != W_O.shape[:2]:
             return None
         gate = self.cache_dict.get(f"blocks.{layer}.attn.hook_attn_gate")
         if gate is not None:
             z = z * gate
         elif getattr(attn, "W_G", None) is not None:
             return None
-        W = w_o.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
-        self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
+        self.cache_dict[key] = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:
         """Per-head results ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` from
-        ``hook_z`` and ``w_o`` (moelens layout ``[d_model, head * d_head_v]``)."""
+        ``hook_z`` and ``attn.W_O`` ``[head, d_head_v, d_model]``."""
         cached = all(f"blocks.{l}.attn.hook_result" in self.cache_dict for l in range(self.model.cfg.n_layers))
         for l in range(self.model.cfg.n_layers):
             self._head_results(l)
@@ -347,6 +345,7 @@ class TLAnalysisMixin:
             new.attention_mask = _as_slice(batch_slice).apply(mask, dim=0)
             if new.attention_mask.ndim == 1:
                 new.attention_mask = new.attention_mask[None]
+        new.pos_slice, new.positions = getattr(self, "pos_slice", None), getattr(self, "positions", None)
         return new
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from moelens.components.norm import norm_fn, rms_norm
 from moelens.components.rope import apply_rope_partial, rope_fn
+from moelens.components.tl_views import GQAViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
@@ -131,7 +132,7 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
     return torch.matmul(pattern, vh).transpose(1, 2)
 
 
-class Attention(nn.Module):
+class Attention(GQAViews, nn.Module):
     """GQA self-attention (Mixtral, Qwen2/3-MoE, OLMoE). Weights use the ``[out, in]`` layout."""
 
     def __init__(self, cfg: MoEConfig, layer: int = 0):

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from moelens.components.tl_views import ExpertViews
+
 
 def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
     """gpt-oss's expert activation, in transformers' operation order:
@@ -29,7 +31,7 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-class Experts(nn.Module):
+class Experts(ExpertViews, nn.Module):
     """``n_experts`` gated FFNs. ``act="silu"``: ``w_down (silu(w_gate x) * w_up x)``;
     ``act="clamped_swiglu"`` (gpt-oss): :func:`clamped_swiglu`. With ``bias`` (gpt-oss) every
     projection has a per-expert bias ``b_gate``/``b_up [n_experts, d_expert]``, ``b_down [n_experts, d_model]``,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from moelens.components.tl_views import DeltaNetViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
@@ -193,7 +194,7 @@ class DeltaNetCacheLayer:
             self.state = self.state[rows.to(self.state.device)]
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(DeltaNetViews, nn.Module):
     """The Gated DeltaNet mixer (hooks and equations in the module docstring).
 
     Weights (``[out, in]``): ``W_qkv [d_conv, d_model]`` (rows ``[q; k; v]``), ``W_z``

@@ -53,13 +53,14 @@ from torch import Tensor, nn
 from moelens.components.attention import AttentionContext, attend
 from moelens.components.norm import rms_norm
 from moelens.components.rope import rope_fn, yarn_softmax_scale
+from moelens.components.tl_views import MLAViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
 
 LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm are built without an eps argument
 
 
-class MLAttention(nn.Module):
+class MLAttention(MLAViews, nn.Module):
     """DeepSeek-V2 multi-head latent attention. Weights use the ``[out, in]`` layout."""
 
     def __init__(self, cfg: MoEConfig):

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from moelens.components.tl_views import GatedMLPViews
 from moelens.hooks import ShapedHookPoint
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(GatedMLPViews, nn.Module):
     """``w_down (silu(w_gate x) * (w_up x))``. Hooks: ``hook_pre`` (gate pre-activation) and
     ``hook_post`` (the hidden product that ``w_down`` reads), both ``[batch, pos, width]``."""
 
@@ -21,12 +22,6 @@ class GatedMLP(nn.Module):
         self.w_down = nn.Parameter(torch.empty(d_model, d_hidden))
         self.hook_pre = ShapedHookPoint(f"batch pos {width_name}")
         self.hook_post = ShapedHookPoint(f"batch pos {width_name}")
-
-    @property
-    def W_out(self) -> Tensor:
-        """``w_down`` in TransformerLens' ``[d_hidden, d_model]`` orientation (a view, for
-        ``ActivationCache.stack_neuron_results``)."""
-        return self.w_down.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.w_gate))

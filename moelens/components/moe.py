@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from moelens.components.experts import Experts
 from moelens.components.mlp import GatedMLP
 from moelens.components.router import Router
+from moelens.components.tl_views import MoEViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
 
-class MoE(nn.Module):
+class MoE(MoEViews, nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg

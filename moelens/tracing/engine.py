@@ -138,7 +138,7 @@ class SuffixEngine:
         x = self.model.ln_final(last).to(self.model.unembed.w_u.device)
         ids = getattr(self.metric, "token_ids", None)
         if ids is not None and getattr(self.metric, "position", None) == -1:
-            # the metric declares the few logits it reads: unembed only those rows of W_U
+            # the metric declares the few logits it reads: unembed only those rows of unembed.w_u (columns of W_U)
             return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids]))
         return self.metric(self.model.unembed(x))
 

@@ -48,7 +48,7 @@ def test_expert_logit_lens_without_a_batch_dim(qwen2):
 def _check_lens(model, cache, single, l, p):
     e = int(cache["expert_indices", l][0, p, 0])
     want = (cache.expert_contribution(l, e)[0, p] / cache["ln_final.hook_scale"][0, p]) @ (
-        model.ln_final.scale_weight * model.W_U).T
+        model.ln_final.scale_weight[:, None] * model.W_U)
     for c in (cache, single):  # the single-sequence cache read [pos, d] as [batch, pos] before
         lens = A.expert_logit_lens(model, c, l, e, position=p, k=4)
         top = want.topk(4)
@@ -58,7 +58,7 @@ def _check_lens(model, cache, single, l, p):
                                    top.values.double(), atol=1e-5, rtol=1e-5)
         shared = A.expert_logit_lens(model, c, l, "shared", position=p, k=1)
         s = (cache["shared_out", l][0, p] / cache["ln_final.hook_scale"][0, p]) @ (
-            model.ln_final.scale_weight * model.W_U).T
+            model.ln_final.scale_weight[:, None] * model.W_U)
         assert shared["logit"].iloc[0] == pytest.approx(float(s.max().detach()), abs=1e-5)
 
 

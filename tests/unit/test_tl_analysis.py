@@ -58,7 +58,7 @@ def test_accumulated_resid_apply_ln_gives_logits(runs, arch):
     with torch.no_grad():
         acc, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
         assert labels[-1] == "final_post" and len(labels) == model.cfg.n_layers + 1
-        torch.testing.assert_close(acc[-1] @ model.W_U.T, logits, **TOL)
+        torch.testing.assert_close(acc[-1] @ model.W_U, logits, **TOL)
         # intermediate layer: divided by that layer's ln1 scale
         acc1 = cache.accumulated_resid(layer=1, apply_ln=True)
         torch.testing.assert_close(acc1[-1], cache["resid_pre", 1] / cache["blocks.1.ln1.hook_scale"], **TOL)
@@ -165,10 +165,10 @@ def test_inherited_methods_agree_with_hand_computation(runs):
                                    stack / cache["ln_final.hook_scale"][:, -1], atol=0, rtol=0)
         # logit_attrs by hand
         t = 9
-        want = (stack / cache["ln_final.hook_scale"][:, -1]) @ (model.ln_final.w * model.W_U[t])
+        want = (stack / cache["ln_final.hook_scale"][:, -1]) @ (model.ln_final.w * model.W_U[:, t])
         torch.testing.assert_close(cache.logit_attrs(stack, tokens=t, pos_slice=-1), want, **TOL)
         torch.testing.assert_close(model.tokens_to_residual_directions(torch.tensor([t, 3])),
-                                   model.ln_final.w * model.W_U[[t, 3]])
+                                   model.ln_final.w * model.W_U[:, [t, 3]].T)
         assert model.accumulated_bias(cfg.n_layers).abs().max() == 0
 
 
@@ -254,7 +254,7 @@ def test_expert_logit_lens_and_weight_lens(runs):
     lens = A.expert_logit_lens(model, cache, l, e, position=p, batch=b, k=5)
     assert lens.attrs["routed"]
     full = (cache.expert_contribution(l, e)[b, p] / cache["ln_final.hook_scale"][b, p]) @ (
-        model.ln_final.w * model.W_U).T
+        model.ln_final.w[:, None] * model.W_U)
     top = full.topk(5)
     assert lens[lens.direction == "promoted"]["token_id"].tolist() == top.indices.tolist()
     torch.testing.assert_close(torch.tensor(lens[lens.direction == "promoted"]["logit"].values), top.values.double(),
@@ -262,7 +262,7 @@ def test_expert_logit_lens_and_weight_lens(runs):
     # weight-only lens: chunked over the vocabulary equals the brute force
     vals, ids = A.expert_weight_lens(model, l, experts=[0, 3], k=4, max_elements=1000)
     W = model.blocks[l].mlp.experts.w_down[[0, 3]]  # [2, d_model, d_expert]
-    brute = torch.einsum("edn,vd->env", W * model.ln_final.w[None, :, None], model.W_U).detach()
+    brute = torch.einsum("edn,vd->env", W * model.ln_final.w[None, :, None], model.W_U.T).detach()
     bt = brute.topk(4, dim=-1)
     assert torch.equal(ids, bt.indices)
     torch.testing.assert_close(vals, bt.values)
