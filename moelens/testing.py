@@ -260,3 +260,62 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
             index["weight_map"][key + "_scale_inv"] = index["weight_map"][key]
         (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return done
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 quantisation of ``w [..., out, in]`` (``in`` a multiple of 32) along ``in``: returns
+    ``(blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32])`` as gpt-oss's checkpoints
+    store them: per group of 32, the power-of-two scale ``2**ceil(log2(amax / 6))`` and each value
+    rounded to the nearest E2M1 value (low nibble = even position)."""
+    from moelens.quant.mxfp4 import FP4_VALUES
+
+    *lead, out, cols = w.shape
+    if cols % 32:
+        raise ValueError(f"in-features {cols} is not a multiple of 32")
+    g = w.float().reshape(*lead, out, cols // 32, 32)
+    amax = g.abs().amax(-1).clamp(min=2.0**-120)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)[..., None]
+    positive = torch.tensor(FP4_VALUES[:8])
+    nib = (scaled.abs()[..., None] - positive).abs().argmin(-1) + 8 * (scaled < 0)
+    nib = nib.to(torch.uint8)
+    blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+def save_mxfp4_copy(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy a gpt-oss checkpoint saved by transformers (expert banks ``experts.gate_up_proj`` /
+    ``experts.down_proj`` in its ``[E, in, out]`` layout) to ``dst`` with the banks stored as MXFP4
+    ``*_blocks`` / ``*_scales`` (:func:`mxfp4_quantize` of the ``[E, out, in]`` matrices) and
+    ``quantization_config`` set to gpt-oss's. Returns the quantised keys."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",):
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    done, index_map = [], {}
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if key.endswith(("experts.gate_up_proj", "experts.down_proj")) and t.ndim == 3:
+                    out[key + "_blocks"], out[key + "_scales"] = mxfp4_quantize(t.transpose(1, 2))
+                    done.append(key)
+                else:
+                    out[key] = t
+        save_file(out, dst / shard.name, metadata={"format": "pt"})
+        index_map.update({k: shard.name for k in out})
+    if (src / "model.safetensors.index.json").is_file():
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index_map}))
+    return done
