@@ -319,3 +319,76 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> list[str]:
     if (src / "model.safetensors.index.json").is_file():
         (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index_map}))
     return done
+
+
+# aten ops that make a CUDA device wait for the host (or the host for the device): a scalar read,
+# data-dependent output sizes, equality reduced to a Python bool
+SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
+            "bincount", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave")
+
+
+class count_host_syncs:
+    """Context manager counting the operations that would synchronise a GPU with the host, while
+    the code runs on any device (so a CPU test can check the GPU code path): every aten op of
+    :data:`SYNC_OPS` (``repeat_interleave`` only without ``output_size``), indexing with a boolean
+    mask (its output size depends on the data), and ``Tensor.tolist`` / ``.cpu()`` / ``.numpy()``
+    calls. ``.calls`` lists them in order (op names)."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if name in SYNC_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
+                    calls.append(name)
+                elif name in ("index", "index_put", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+                ):
+                    calls.append(f"{name}[bool mask]")
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        self._saved = {}
+        for meth in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, meth)
+            self._saved[meth] = original
+
+            def wrapper(t, *a, _m=meth, _o=original, **k):
+                calls.append(f"Tensor.{_m}")
+                return _o(t, *a, **k)
+
+            setattr(torch.Tensor, meth, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for meth, original in self._saved.items():
+            setattr(torch.Tensor, meth, original)
+        self._mode.__exit__(*exc)
+        return False
+
+
+class gpu_code_path:
+    """Context manager: run the code path moelens takes on a CUDA device on whatever device the
+    tensors are on (``expert_impl="auto"`` picks ``grouped_mm``, hook checks that would read values
+    back to the host are skipped as on a GPU), so that CPU tests can count its host syncs."""
+
+    def __enter__(self):
+        from moelens.components.experts import GPU_CODE_PATH
+
+        self._prev = GPU_CODE_PATH["on"]
+        GPU_CODE_PATH["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        from moelens.components.experts import GPU_CODE_PATH
+
+        GPU_CODE_PATH["on"] = self._prev
+        return False

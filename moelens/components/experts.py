@@ -36,9 +36,21 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+# tests set "on" to run the GPU code path on the CPU (moelens.testing.gpu_code_path)
+GPU_CODE_PATH = {"on": False}
+
+
+def on_gpu_path(t: Tensor) -> bool:
+    """Whether ``t``'s computation takes the GPU code path (no host synchronisation)."""
+    return t.device.type == "cuda" or GPU_CODE_PATH["on"]
+
+
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``expert_impl="auto"`` runs ``torch._grouped_mm`` here: CUDA devices of compute
-    capability >= 8.0 (>= 9.0 before torch 2.9), in bf16 (the dtype its CUDA kernel takes)."""
+    capability >= 8.0 (>= 9.0 before torch 2.9), in bf16 (the dtype its CUDA kernel takes); any
+    device where torch has the op under :func:`moelens.testing.gpu_code_path`."""
+    if GPU_CODE_PATH["on"] and device.type != "cuda":
+        return hasattr(torch, "_grouped_mm")
     if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
     major, minor = torch.cuda.get_device_capability(device)
