@@ -364,8 +364,10 @@ def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> Non
 def packed_specs(directory: Path, arch: Architecture, model: nn.Module, hf_config: dict) -> dict[str, PackSpec]:
     """Which parameters of ``model`` a ``keep_quantized=True`` load keeps packed: every parameter that
     the checkpoint fills from FP8 ``weight`` + ``weight_scale_inv`` keys, or from MXFP4
-    ``*_blocks`` / ``*_scales`` pairs (read from the safetensors headers only). Raises for a
-    plain checkpoint, and for a quantised tensor whose key-map operation cannot stay packed."""
+    ``*_blocks`` / ``*_scales`` pairs (read from the safetensors headers only), except those that
+    the key map reshapes or splits on load (e.g. Qwen3.5's gated ``q_proj``, a fused FP8
+    ``gate_up_proj``): these are dequantised at load as without ``keep_quantized`` (a warning
+    names them). Raises for a plain checkpoint."""
     from moelens.quant.packed import hf_format
 
     fmt = hf_format(hf_config)
@@ -385,19 +387,24 @@ def packed_specs(directory: Path, arch: Architecture, model: nn.Module, hf_confi
         sources = [k[: -len(mxfp4.BLOCKS)] for k in keys if k.endswith(mxfp4.BLOCKS)]
         ok_ops = {"interleaved_t", "transpose"}
     specs: dict[str, PackSpec] = {}
+    unpacked: list[str] = []
     for key in sorted(sources):
         if plan.skipped_by(key) is not None:
             continue
         for name, _, split in plan.targets(plan.rename(key)) or []:
             op = split[0] if isinstance(split, tuple) and split and isinstance(split[0], str) else (
                 None if split is None else "split")
-            if op not in ok_ops:
-                raise CheckpointError(
-                    f"{directory}: {key} is {method.upper()}-quantised and fills {name} through the key map's "
-                    f"{op!r} operation, which moelens cannot keep packed; load without keep_quantized=True"
-                )
+            if op not in ok_ops:  # reshaped or split on load: this one is dequantised at load as usual
+                unpacked.append(f"{name} ({op})")
+                continue
             if name in params and params[name].ndim >= 2:
                 specs[name] = PackSpec(method, block)
+    if unpacked:
+        logger.warning(
+            f"moelens: keep_quantized=True keeps {len(specs)} tensors packed; {len(unpacked)} quantised tensors fill "
+            f"their parameters through a reshaping key-map operation and are dequantised at load instead: "
+            f"{_short(unpacked, 6)}"
+        )
     return specs
 
 

@@ -209,6 +209,10 @@ def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
     rows, cols = w.shape
     bm, bn = block
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: vectorised, the same arithmetic as the loop below
+        blk = w.float().reshape(rows // bm, bm, cols // bn, bn)
+        s = blk.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        return (blk / s[:, None, :, None]).to(torch.float8_e4m3fn).reshape(rows, cols), s
     grid = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn), dtype=torch.float32)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for i in range(grid.shape[0]):
@@ -221,7 +225,7 @@ def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
 
 def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
-                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True) -> list[str]:
+                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True, device: Any = None) -> list[str]:
     """Copy the checkpoint in ``src`` to ``dst`` with every 2-D tensor whose key fully matches
     ``pattern`` stored as FP8 blocks (``<key>`` float8_e4m3fn + ``<key>_scale_inv`` fp32) and
     ``quantization_config`` added to config.json, as DeepSeek-V3's FP8 checkpoints are laid out.
@@ -249,7 +253,8 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.ndim == 2 and rx.fullmatch(key):
-                    out[key], out[key + "_scale_inv"] = fp8_quantize_block(t, block)
+                    q, scale = fp8_quantize_block(t.to(device) if device is not None else t, block)
+                    out[key], out[key + "_scale_inv"] = q.cpu(), scale.cpu()
                     done.append(key)
                 else:
                     out[key] = t
@@ -272,18 +277,22 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     *lead, out, cols = w.shape
     if cols % 32:
         raise ValueError(f"in-features {cols} is not a multiple of 32")
-    g = w.float().reshape(*lead, out, cols // 32, 32)
+    if lead:  # one leading entry (expert) at a time: bounded memory
+        pairs = [mxfp4_quantize(m) for m in w.reshape(-1, out, cols)]
+        return (torch.stack([p[0] for p in pairs]).reshape(*lead, out, cols // 32, 16),
+                torch.stack([p[1] for p in pairs]).reshape(*lead, out, cols // 32))
+    g = w.float().reshape(out, cols // 32, 32)
     amax = g.abs().amax(-1).clamp(min=2.0**-120)
     exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = g / torch.exp2(exp)[..., None]
-    positive = torch.tensor(FP4_VALUES[:8])
-    nib = (scaled.abs()[..., None] - positive).abs().argmin(-1) + 8 * (scaled < 0)
+    positive = torch.tensor(FP4_VALUES[:8], device=w.device)
+    nib = torch.bucketize(scaled.abs().contiguous(), (positive[1:] + positive[:-1]) / 2) + 8 * (scaled < 0)  # nearest value
     nib = nib.to(torch.uint8)
     blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
     return blocks.contiguous(), (exp + 127).to(torch.uint8)
 
 
-def save_mxfp4_copy(src: str | Path, dst: str | Path) -> list[str]:
+def save_mxfp4_copy(src: str | Path, dst: str | Path, device: Any = None) -> list[str]:
     """Copy a gpt-oss checkpoint saved by transformers (expert banks ``experts.gate_up_proj`` /
     ``experts.down_proj`` in its ``[E, in, out]`` layout) to ``dst`` with the banks stored as MXFP4
     ``*_blocks`` / ``*_scales`` (:func:`mxfp4_quantize` of the ``[E, out, in]`` matrices) and
@@ -310,7 +319,8 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> list[str]:
             for key in f.keys():
                 t = f.get_tensor(key)
                 if key.endswith(("experts.gate_up_proj", "experts.down_proj")) and t.ndim == 3:
-                    out[key + "_blocks"], out[key + "_scales"] = mxfp4_quantize(t.transpose(1, 2))
+                    blocks, scales = mxfp4_quantize((t.to(device) if device is not None else t).transpose(1, 2))
+                    out[key + "_blocks"], out[key + "_scales"] = blocks.cpu(), scales.cpu()
                     done.append(key)
                 else:
                     out[key] = t
