@@ -374,7 +374,10 @@ def main(argv=None) -> dict:
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "workload": SIZES["small" if args.small else "real"], "models": {},
     }
-    root = args.workdir or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None)
+    root = args.workdir
+    if root is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        # checkpoints in RAM when there is room for the largest (gpt-oss-20b cut: ~9 GB plain + packed)
+        root = "/dev/shm" if args.small or shutil.disk_usage("/dev/shm").free > 24 << 30 else None
     workdir = Path(tempfile.mkdtemp(prefix="moelens-gpu-check-", dir=root))
     t0 = time.perf_counter()
     out = Path(args.out)
