@@ -193,3 +193,14 @@ def test_vectorised_fp8_dequantisation_equals_the_loaders(shape, block):
         ours = dequantize_fp8(q, s, block, dtype)
         theirs = torch.stack([Fp8BlockFormat(block=block).dequantize("w", q[i], s[i], dtype) for i in range(len(q))])
         assert torch.equal(ours, theirs)
+
+
+def test_fingerprints_see_the_packed_weights(checkpoints):
+    from moelens.tracing.fingerprint import parameter_checksum
+    from moelens.tracing.trace import weights_state
+
+    m = HookedMoETransformer.from_pretrained(checkpoints["mxfp4"], keep_quantized=True)
+    before, state = parameter_checksum(m), weights_state(m)
+    with torch.no_grad():
+        m.blocks[1].mlp.experts.w_down.scales[3, 0, 0] += 1  # an edit of one expert's packed scale
+    assert parameter_checksum(m) != before and weights_state(m) != state
