@@ -204,3 +204,28 @@ def test_fingerprints_see_the_packed_weights(checkpoints):
     with torch.no_grad():
         m.blocks[1].mlp.experts.w_down.scales[3, 0, 0] += 1  # an edit of one expert's packed scale
     assert parameter_checksum(m) != before and weights_state(m) != state
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_scales_in_another_shard(checkpoints, fmt, tmp_path):
+    """A sharded checkpoint whose scales sit in another shard than their weights loads packed alike."""
+    import json
+
+    from safetensors.torch import save_file
+
+    src = checkpoints[fmt]
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scales = {k: v for k, v in tensors.items() if k.endswith(("_scale_inv", "_scales"))}
+    rest = {k: v for k, v in tensors.items() if k not in scales}
+    assert scales
+    save_file(rest, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(scales, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {**{k: "model-00001-of-00002.safetensors" for k in rest},
+                            **{k: "model-00002-of-00002.safetensors" for k in scales}}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    a = HookedMoETransformer.from_pretrained(tmp_path, keep_quantized=True)
+    b = HookedMoETransformer.from_pretrained(src, keep_quantized=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
