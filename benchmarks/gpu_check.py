@@ -143,6 +143,16 @@ def randomize(model, seed: int = 0) -> None:
             p.normal_(0.0, 0.1, generator=gen)
 
 
+def set_impl(model, impl: str) -> None:
+    for b in model.blocks:
+        if hasattr(b.mlp, "experts"):
+            b.mlp.experts.impl = impl
+
+
+def get_impl(model) -> str:
+    return next(b.mlp.experts.impl for b in model.blocks if hasattr(b.mlp, "experts"))
+
+
 def hf_experts_module(hf, layer: int):
     mlp = hf.model.layers[layer].mlp
     return getattr(mlp, "experts", None)
@@ -205,6 +215,16 @@ def check_model(name: str, device: torch.device, small: bool, workdir: Path, rec
     record["expert_impl"] = {k: m.blocks[layer].mlp.experts.resolved_impl(tokens.new_zeros(1, dtype=dtype))
                              for k, m in models.items()}
 
+    # -- a first forward on the default path; if the grouped kernel fails here, say so and go on sorted
+    for key in ("moelens", "moelens_dequantised"):
+        try:
+            with torch.no_grad():
+                models[key](tokens[:1, :16])
+        except RuntimeError as exc:
+            record.setdefault("grouped_mm_error", {})[key] = f"{type(exc).__name__}: {exc}"[:2000]
+            set_impl(models[key], "sorted")
+            record["expert_impl"][key] = "sorted (grouped_mm failed)"
+
     # -- parity with transformers (bf16, plain checkpoint) --------------------------------------
     with torch.no_grad():
         out = hf(tokens, output_router_logits=True)
@@ -230,16 +250,12 @@ def check_model(name: str, device: torch.device, small: bool, workdir: Path, rec
     with torch.no_grad():
         md = models["moelens_dequantised"]
         auto_a, auto_b = md(tokens), mp(tokens)
-        impls = [m.cfg.expert_impl for m in (md, mp)]
+        impls = [get_impl(m) for m in (md, mp)]
         for m in (md, mp):
-            for b in m.blocks:
-                if hasattr(b.mlp, "experts"):
-                    b.mlp.experts.impl = "sorted"
+            set_impl(m, "sorted")
         sorted_a, sorted_b = md(tokens), mp(tokens)
         for m, impl in zip((md, mp), impls):
-            for b in m.blocks:
-                if hasattr(b.mlp, "experts"):
-                    b.mlp.experts.impl = impl
+            set_impl(m, impl)
     record["packed"] = {"bit_identical_same_impl": bool(torch.equal(sorted_a, sorted_b)),
                         "max_abs_diff_default_impls": (auto_a.float() - auto_b.float()).abs().max().item()}
     del auto_a, auto_b, sorted_a, sorted_b
