@@ -149,7 +149,7 @@ class PackedTensor(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if hasattr(Tensor, name):
+            if hasattr(Tensor, name) and not name.startswith("__"):  # dunders: protocol probes (copy, pickle)
                 raise PackedAccessError(
                     f"{self.name or 'this weight'} is kept packed ({self.fmt}, keep_quantized=True), not a tensor: "
                     f"`.{name}` would need the whole {tuple(self.shape)} bank dequantised. Index it per expert "

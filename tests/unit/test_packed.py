@@ -229,3 +229,15 @@ def test_scales_in_another_shard(checkpoints, fmt, tmp_path):
     b = HookedMoETransformer.from_pretrained(src, keep_quantized=True)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_deepcopy_and_device_move_keep_the_packed_model(checkpoints):
+    import copy
+
+    m = HookedMoETransformer.from_pretrained(checkpoints["fp8"], keep_quantized=True)
+    twin = copy.deepcopy(m)
+    assert packed_tensors(twin).keys() == packed_tensors(m).keys()
+    moved = twin.to("cpu")  # a device move keeps the packed bytes (no dtype change)
+    assert moved.blocks[1].mlp.experts.w_gate.q.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        assert torch.equal(m(ids()), twin(ids()))
