@@ -20,7 +20,8 @@ tiny configs) the script
    median times of a forward, a forward caching every hook (transformers: hidden states + router
    logits), greedy generation per new token (KV cache) and a zero-ablation sweep over experts of
    the first sparse layer (one forward per expert; transformers: the expert's down projection
-   zeroed), for transformers, moelens and moelens packed; peak memory while loading and running;
+   zeroed), and ``moelens.trace_experts`` over every expert of that layer (moelens only), for
+   transformers, moelens and moelens packed; peak memory while loading and running;
    resident weight bytes; host synchronisations in one forward on the GPU code path.
 
 The JSON is rewritten after each model, so a run cut short keeps what it measured. Errors of one
@@ -312,6 +313,7 @@ def check_model(name: str, device: torch.device, small: bool, workdir: Path, rec
             "moelens_packed": median_time(lambda: gen_ml(mp), device, max(1, reps // 2), warmup=0) / new,
         }
     times["expert_sweep_per_expert"] = sweep_times(hf, ml, mp, layer, tokens[:1, : w["sweep_seq"]], w["sweep"], device)
+    times["trace_experts"] = trace_times(ml, mp, layer, device, n_samples=2 if small else 8)
     record["times_s"] = times
     with peak(device, mem, "moelens_forward"), torch.no_grad():
         ml(tokens)
@@ -363,6 +365,21 @@ def sweep_times(hf, ml, mp, layer: int, tokens, n: int, device) -> dict:
             out["transformers"] = None
         out["moelens"] = median_time(lambda: moelens_sweep(ml), device, 1) / len(experts)
         out["moelens_packed"] = median_time(lambda: moelens_sweep(mp), device, 1) / len(experts)
+    return out
+
+
+def trace_times(ml, mp, layer: int, device, n_samples: int) -> dict:
+    """Seconds of ``moelens.trace_experts`` (every expert of ``layer``, ``n_samples`` noise samples,
+    the suffix engine) on a 7-token fact prompt of the toy tokenizer; transformers has no equivalent."""
+    import moelens
+    from moelens.testing import toy_tokenizer
+
+    case = moelens.FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
+    z = torch.randn(n_samples, 2, ml.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    out = {"transformers": None}
+    for key, m in (("moelens", ml), ("moelens_packed", mp)):
+        m.tokenizer = toy_tokenizer(256)
+        out[key] = median_time(lambda m=m: moelens.trace_experts(m, case, layer, noise=z.to(device)), device, 1)
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMED = ("forward", "cache_all", "generate_per_token", "expert_sweep_per_expert")
+TIMED = ("forward", "cache_all", "generate_per_token", "expert_sweep_per_expert", "trace_experts")
 RUNNERS = ("transformers", "moelens", "moelens_packed")
 
 
