@@ -185,7 +185,10 @@ class HookedMoETransformer(HookedRootModule):
         ``keep_quantized=True`` (FP8-block and MXFP4 checkpoints) keeps the quantised weights packed
         in memory, as the checkpoint stores them, and dequantises each routed expert (and each FP8
         projection) when it runs (:mod:`moelens.quant.packed`): bit-identical outputs with the
-        memory of the checkpoint. Device maps are then planned with the packed sizes.
+        memory of the checkpoint (bit-identical for the same ``expert_impl``: on CUDA the default
+        ``"auto"`` runs grouped kernels for dequantised experts and one expert at a time for packed
+        ones, so compare with ``expert_impl="sorted"`` there). Device maps are planned with the
+        packed sizes.
         """
         meta = device is not None and torch.device(device).type == "meta"
         directory = loading.resolve(name_or_path, weights=not meta)
