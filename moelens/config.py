@@ -119,7 +119,8 @@ class MoEConfig:
     n_ctx: Optional[int] = None  # max_position_embeddings (what to_tokens(truncate=True) cuts to); None: no limit
     # numerics / implementation
     dtype: torch.dtype = torch.float32
-    expert_impl: Literal["sorted", "loop", "grouped_mm"] = "sorted"
+    # "auto": grouped_mm on CUDA (bf16, no host sync), sorted elsewhere (moelens/components/experts.py)
+    expert_impl: Literal["auto", "sorted", "loop", "grouped_mm"] = "auto"
     # Qwen3.5 / Qwen3-Next hybrids (see moelens/components/gated_deltanet.py)
     norm_zero_centered: bool = False  # RMSNorms scale by (1 + w), multiplied in fp32 before the cast
     attn_output_gate: bool = False  # full attention: o = w_o (z * sigmoid(W_G x)), W_G from a doubled q_proj

@@ -23,6 +23,7 @@ from torch import nn
 
 from moelens.architectures.base import Architecture
 from moelens.quant import mxfp4
+from moelens.quant.packed import PackSpec, packed_tensors
 
 logger = logging.getLogger("moelens")
 
@@ -206,6 +207,7 @@ class _Plan:
 def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bool, progress: bool = False) -> None:
     """Stream every tensor of the checkpoint into ``model``; raise on any mismatch."""
     params = dict(model.named_parameters())
+    packed = packed_tensors(model)
     cfg = getattr(model, "cfg", None)
     plan = _Plan(arch, params, tied, n_layers=getattr(cfg, "n_layers", None))
     files = checkpoint_files(directory)
@@ -245,6 +247,9 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
                     key = base
                     source = _mxfp4_source(directory, f, fname, key, file_of, plan, params)
                 targets = plan.targets(plan.rename(key))
+                if targets and any(t[0] in packed for t in targets):  # keep_quantized: copy the packed bytes
+                    _fill_packed(packed, targets, key, f, directory, fname, file_of, quant)
+                    continue
                 if targets is None or any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
@@ -268,7 +273,10 @@ def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bo
         )
     if shape_errors:
         raise CheckpointError("Shape mismatch between checkpoint and config:\n  " + "\n  ".join(shape_errors))
-    missing = _missing(params, plan)
+    missing = _missing(params, plan) + [
+        f"{name}{'' if lack == ['all'] else f'[experts {lack[:8]}]'} (kept packed)"
+        for name, p in packed.items() if (lack := p.missing())
+    ]
     if unexpected or missing:
         parts = []
         if missing:
@@ -353,6 +361,85 @@ def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> Non
             src = src[:, half::2].T if op == "interleaved_t" else src.T
             param[i].copy_(src.to(device=param.device, dtype=param.dtype))
     plan.filled[name].add("all")
+def packed_specs(directory: Path, arch: Architecture, model: nn.Module, hf_config: dict) -> dict[str, PackSpec]:
+    """Which parameters of ``model`` a ``keep_quantized=True`` load keeps packed: every parameter that
+    the checkpoint fills from FP8 ``weight`` + ``weight_scale_inv`` keys, or from MXFP4
+    ``*_blocks`` / ``*_scales`` pairs (read from the safetensors headers only), except those that
+    the key map reshapes or splits on load (e.g. Qwen3.5's gated ``q_proj``, a fused FP8
+    ``gate_up_proj``): these are dequantised at load as without ``keep_quantized`` (a warning
+    names them). Raises for a plain checkpoint."""
+    from moelens.quant.packed import hf_format
+
+    fmt = hf_format(hf_config)
+    if fmt is None:
+        raise CheckpointError(
+            f"{directory}: keep_quantized=True, but config.json declares no FP8 or MXFP4 quantization_config: "
+            f"there is nothing to keep packed (load it without keep_quantized)"
+        )
+    method, block = fmt
+    params = dict(model.named_parameters())
+    plan = _Plan(arch, params, tied=False, n_layers=getattr(getattr(model, "cfg", None), "n_layers", None))
+    keys = {k for ks in checkpoint_files(directory).values() for k in ks}
+    if method == "fp8":
+        sources = [k[: -len("_scale_inv")] for k in keys if k.endswith("weight_scale_inv")]
+        ok_ops = {None}
+    else:
+        sources = [k[: -len(mxfp4.BLOCKS)] for k in keys if k.endswith(mxfp4.BLOCKS)]
+        ok_ops = {"interleaved_t", "transpose"}
+    specs: dict[str, PackSpec] = {}
+    unpacked: list[str] = []
+    for key in sorted(sources):
+        if plan.skipped_by(key) is not None:
+            continue
+        for name, _, split in plan.targets(plan.rename(key)) or []:
+            op = split[0] if isinstance(split, tuple) and split and isinstance(split[0], str) else (
+                None if split is None else "split")
+            if op not in ok_ops:  # reshaped or split on load: this one is dequantised at load as usual
+                unpacked.append(f"{name} ({op})")
+                continue
+            if name in params and params[name].ndim >= 2:
+                specs[name] = PackSpec(method, block)
+    if unpacked:
+        logger.warning(
+            f"moelens: keep_quantized=True keeps {len(specs)} tensors packed; {len(unpacked)} quantised tensors fill "
+            f"their parameters through a reshaping key-map operation and are dequantised at load instead: "
+            f"{_short(unpacked, 6)}"
+        )
+    return specs
+
+
+def _fill_packed(packed: dict, targets, key: str, f, directory: Path, fname: str, file_of: dict, quant) -> None:
+    """Copy the packed checkpoint tensors of ``key`` (FP8 weight + scales, or an MXFP4 pair) into the
+    model's :class:`~moelens.quant.packed.PackedTensor` targets, unchanged."""
+
+    def read(k):
+        if file_of[k] == fname:
+            return f.get_tensor(k)
+        with _safe_open(directory / file_of[k], framework="pt", device="cpu") as g:
+            return g.get_tensor(k)
+
+    if key + mxfp4.BLOCKS in file_of:
+        blocks, scales = read(key + mxfp4.BLOCKS), read(key + mxfp4.SCALES)
+        mxfp4.check_pair(blocks, scales, key)
+        for name, _, (op, half) in targets:
+            if op == "interleaved_t":  # fused gate|up rows interleaved: gate = even output rows, up = odd
+                packed[name].fill(key, blocks[:, half::2].contiguous(), scales[:, half::2].contiguous())
+            else:  # transpose: the checkpoint's [E, out, in] blocks are already moelens' [E, out, in]
+                packed[name].fill(key, blocks, scales)
+        return
+    scale_key = quant.scale_key(key) if quant is not None else None
+    if scale_key is None or scale_key not in file_of:
+        raise CheckpointError(f"{key}: kept packed (keep_quantized=True) but the checkpoint has no {key}_scale_inv")
+    q, s = read(key), read(scale_key)
+    if q.dtype != torch.float8_e4m3fn:
+        from moelens.quant import QuantFormatError
+
+        raise QuantFormatError(f"{key}: has a weight_scale_inv but dtype {q.dtype}, expected float8_e4m3fn")
+    block = quant.block_shape(key, q.shape, s.shape)
+    (name, expert, _), = targets
+    packed[name].fill(key, q, s, index=expert, block=block)
+
+
 def _quant_format(directory: Path):
     from moelens.quant import checkpoint_format
 

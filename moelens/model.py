@@ -114,23 +114,49 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         seed: Optional[int] = None,
         tokenizer: Any = None,
         expert_impl: Optional[str] = None,
+        keep_quantized: bool = False,
     ) -> "HookedMoETransformer":
         """A randomly initialised model (``device="meta"``: the skeleton only, no memory).
+
+        ``keep_quantized=True`` (meta device only) builds the skeleton that
+        ``from_pretrained(..., keep_quantized=True)`` would, from the ``quantization_config`` of the
+        preset or config dict (which parameters the format packs: :data:`moelens.quant.packed.PACKED_PATTERNS`),
+        for planning memory and placement with the packed sizes.
 
         ``cfg`` is a :class:`MoEConfig`, a Hugging Face ``config.json`` dict or config object
         (e.g. ``transformers.MixtralConfig(...)``), or the name of a preset of :mod:`moelens.presets`
         (e.g. ``"Qwen/Qwen3-30B-A3B-Base"``).
         """
+        hf_config = _hf_dict(cfg) if keep_quantized else None
         cfg = _as_config(cfg, dtype, expert_impl)
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if keep_quantized and device.type != "meta":
+            raise ValueError(
+                "from_config(keep_quantized=True) builds meta skeletons only (for planning memory); random weights "
+                "are not quantised. Save a quantised checkpoint and use from_pretrained(..., keep_quantized=True)."
+            )
         with torch.device("meta"):
             model = cls(cfg, tokenizer=tokenizer)
         model = model.to(cfg.dtype)
+        if keep_quantized:
+            model._pack(hf_config)
         if device.type == "meta":
             return model
         model = model._materialize(device)
         model.init_weights(seed)
         return model.eval()
+
+    def _pack(self, hf_config: Optional[dict]) -> None:
+        """Pack the meta skeleton as the checkpoint format of ``hf_config`` would (planning only)."""
+        from moelens.quant.packed import hf_format, pack_model, specs_for
+
+        fmt = hf_format(hf_config or {})
+        if fmt is None:
+            raise ValueError(
+                "keep_quantized=True: the config declares no FP8 or MXFP4 quantization_config (pass a preset or "
+                "config.json dict that has one)"
+            )
+        pack_model(self, specs_for(self, *fmt))
 
     def _materialize(self, device: torch.device) -> "HookedMoETransformer":
         """Allocate the meta skeleton on ``device`` (uninitialised), keeping tied weights tied."""
@@ -169,6 +195,7 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         device: Union[str, torch.device, None] = None,
         *,
         expert_impl: Optional[str] = None,
+        keep_quantized: bool = False,
         progress: bool = False,
         device_map: Union[None, str, dict] = None,
         max_memory: Optional[dict] = None,
@@ -182,6 +209,14 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``, with ``max_memory``)
         places blocks across devices (see :mod:`moelens.placement` and docs/gpu.md); activations move
         between devices inside the forward, so hooks and caches keep working.
+
+        ``keep_quantized=True`` (FP8-block and MXFP4 checkpoints) keeps the quantised weights packed
+        in memory, as the checkpoint stores them, and dequantises each routed expert (and each FP8
+        projection) when it runs (:mod:`moelens.quant.packed`): bit-identical outputs with the
+        memory of the checkpoint (bit-identical for the same ``expert_impl``: on CUDA the default
+        ``"auto"`` runs grouped kernels for dequantised experts and one expert at a time for packed
+        ones, so compare with ``expert_impl="sorted"`` there). Device maps are planned with the
+        packed sizes.
         """
         meta = device is not None and torch.device(device).type == "meta"
         directory = loading.resolve(name_or_path, weights=not meta)
@@ -191,7 +226,10 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
             cfg = cfg.replace(expert_impl=expert_impl)
         tokenizer = loading.load_tokenizer(directory)
         if meta:
-            return cls.from_config(cfg, device="meta", tokenizer=tokenizer)
+            model = cls.from_config(cfg, device="meta", tokenizer=tokenizer)
+            if keep_quantized:
+                model._pack(hf_config)
+            return model
         arch = get_architecture(hf_config)
         if (cfg.tie_word_embeddings and "tie_word_embeddings" not in config_overrides
                 and loading.lm_head_differs_from_embedding(directory, arch, cfg.dtype)):
@@ -209,6 +247,10 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         with torch.device("meta"):
             model = cls(cfg, tokenizer=tokenizer)
         model = model.to(cfg.dtype)
+        if keep_quantized:  # on the meta skeleton: placement and allocation see the packed sizes
+            from moelens.quant.packed import pack_model
+
+            pack_model(model, loading.packed_specs(directory, arch, model, hf_config))
         if device_map is not None:
             from moelens import placement
 
@@ -503,8 +545,11 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
     def n_params(self, active: bool = False, include_embeddings: bool = True) -> int:
         """Parameter count (total, or active per token: only ``top_k`` of the routed experts, their
         weights and, where they have them, biases)."""
+        from moelens.quant.packed import packed_tensors
+
         total = 0
-        for name, p in self.named_parameters():
+        weights = list(self.named_parameters()) + list(packed_tensors(self).items())  # packed: logical sizes
+        for name, p in weights:
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
@@ -514,6 +559,19 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total
+
+
+def _hf_dict(cfg) -> Optional[dict]:
+    """The ``config.json`` dict behind a preset name, dict or transformers config (None for a MoEConfig)."""
+    if isinstance(cfg, str):
+        from moelens.presets import get_preset
+
+        return get_preset(cfg)
+    if isinstance(cfg, dict):
+        return cfg
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return None
 
 
 def _as_config(cfg, dtype, expert_impl) -> MoEConfig:

@@ -34,7 +34,8 @@ DeviceLike = Union[str, int, torch.device]
 
 __all__ = [
     "placement_units", "unit_sizes", "infer_device_map", "resolve_device_map", "materialize",
-    "attach_device_hooks", "remove_device_hooks", "dispatch", "move_to_device",
+    "attach_device_hooks", "remove_device_hooks", "dispatch", "move_to_device", "smallest_gpu_set", "card_budget",
+    "GPU_CARDS", "GPU_SETS",
 ]
 
 _HANDLES_ATTR = "_moelens_device_hook_handles"
@@ -341,6 +342,44 @@ def materialize(
         model._buffers["rope_inv_freq"] = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)[0].to(first)
     model.device_map = dict(plan)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- GPU sets
+MIB = 1 << 20
+# cards by what nvidia-smi reports as total memory (an "80 GB" H100 is 79.6 GiB, a "141 GB" H200 140.4 GiB)
+GPU_CARDS = {"H100 80GB": 81559 * MIB, "H200 141GB": 143771 * MIB}
+# the sets :func:`smallest_gpu_set` tries, smallest total memory first (one node holds up to 8 cards)
+GPU_SETS = (
+    (1, "H100 80GB"), (1, "H200 141GB"), (2, "H100 80GB"), (2, "H200 141GB"), (4, "H100 80GB"),
+    (4, "H200 141GB"), (8, "H100 80GB"), (8, "H200 141GB"), (16, "H200 141GB"), (32, "H200 141GB"),
+)
+
+
+def card_budget(card_bytes: int, reserve_fraction: float = 0.05, min_reserve: int = 2 << 30) -> int:
+    """Weight budget of one card: its memory less a reserve for the CUDA context and activations
+    (``reserve_fraction`` of it, at least ``min_reserve``)."""
+    return int(card_bytes - max(min_reserve, reserve_fraction * card_bytes))
+
+
+def smallest_gpu_set(model: nn.Module, sets=GPU_SETS, reserve_fraction: float = 0.05,
+                     min_reserve: int = 2 << 30) -> Optional[dict]:
+    """The first set of :data:`GPU_SETS` whose cards hold the weights of ``model`` (a meta skeleton
+    is enough: packed skeletons count their packed bytes) under a balanced pipeline, each card
+    keeping :func:`card_budget`'s reserve. Returns ``{"gpus": "8 x H200 141GB", "n_gpus", "card",
+    "budget_per_gpu", "device_map", "bytes_per_gpu"}``, or None when no set fits."""
+    sizes = unit_sizes(model)
+    for n, card in sets:
+        budget = card_budget(GPU_CARDS[card], reserve_fraction, min_reserve)
+        try:
+            plan = infer_device_map(model, {i: budget for i in range(n)}, strategy="balanced")
+        except ValueError:
+            continue
+        per: "OrderedDict[str, int]" = OrderedDict()
+        for unit, dev in plan.items():
+            per[dev] = per.get(dev, 0) + sizes[unit]
+        return {"gpus": f"{n} x {card}", "n_gpus": n, "card": card, "budget_per_gpu": budget,
+                "device_map": dict(plan), "bytes_per_gpu": dict(per)}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- hooks

@@ -865,16 +865,32 @@ def preset_summary(name: str) -> dict:
 
     Returns ``{"name", "alias", "architecture", "total_params", "active_params",
     "active_params_no_embeddings", "total_params_no_embeddings", "published_params",
-    "bytes_bf16", "n_layers", "n_experts", "top_k"}``. "Active" counts only ``top_k`` of the
+    "bytes_bf16", "n_layers", "n_experts", "top_k", "quantization", "bytes_unpacked", "bytes_packed",
+    "gpus_unpacked", "gpus_packed"}``. ``bytes_unpacked`` is the resident bytes of the bf16 model
+    (as the default loader builds it; fp32 router weights where the architecture keeps them),
+    ``bytes_packed`` that of ``keep_quantized=True`` for presets whose hub checkpoint is FP8 or
+    MXFP4 (else None); ``gpus_*`` name the smallest set of :data:`moelens.placement.GPU_SETS` that
+    holds them (:func:`moelens.placement.smallest_gpu_set`; None: none of them). "Active" counts only ``top_k`` of the
     routed experts of every sparse layer (shared experts, dense layers, attention and norms
     always count); the embedding and unembedding matrices are excluded from the ``*_no_embeddings``
     numbers.
     """
+    import torch
+
     from moelens.model import HookedMoETransformer
+    from moelens.placement import smallest_gpu_set
+    from moelens.quant.packed import hf_format, resident_bytes
 
     hub_id = resolve_name(name)
     model = HookedMoETransformer.from_config(get_preset(hub_id), device="meta")
     total = model.n_params()
+    bf16 = HookedMoETransformer.from_config(get_preset(hub_id), device="meta", dtype=torch.bfloat16)
+    fmt = hf_format(get_preset(hub_id))
+    packed = None
+    if fmt is not None:
+        packed = HookedMoETransformer.from_config(get_preset(hub_id), device="meta", dtype=torch.bfloat16,
+                                                  keep_quantized=True)
+    fits = {k: (smallest_gpu_set(m) or {}).get("gpus") for k, m in (("unpacked", bf16), ("packed", packed)) if m is not None}
     return {
         "name": hub_id,
         "alias": PRESET_INFO[hub_id]["alias"],
@@ -885,6 +901,11 @@ def preset_summary(name: str) -> dict:
         "active_params_no_embeddings": model.n_params(active=True, include_embeddings=False),
         "published_params": PRESET_INFO[hub_id]["published_params"],
         "bytes_bf16": 2 * total,
+        "quantization": fmt[0] if fmt else None,
+        "bytes_unpacked": resident_bytes(bf16),
+        "bytes_packed": resident_bytes(packed) if packed is not None else None,
+        "gpus_unpacked": fits["unpacked"],
+        "gpus_packed": fits.get("packed"),
         "n_layers": model.cfg.n_layers,
         "n_experts": model.cfg.n_experts,
         "top_k": model.cfg.top_k,

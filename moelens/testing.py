@@ -209,6 +209,10 @@ def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
     rows, cols = w.shape
     bm, bn = block
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: vectorised, the same arithmetic as the loop below
+        blk = w.float().reshape(rows // bm, bm, cols // bn, bn)
+        s = blk.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        return (blk / s[:, None, :, None]).to(torch.float8_e4m3fn).reshape(rows, cols), s
     grid = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn), dtype=torch.float32)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for i in range(grid.shape[0]):
@@ -221,7 +225,7 @@ def fp8_quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
 
 def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
-                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True) -> list[str]:
+                  pattern: str = FP8_PROJECTIONS, write_block_size: bool = True, device: Any = None) -> list[str]:
     """Copy the checkpoint in ``src`` to ``dst`` with every 2-D tensor whose key fully matches
     ``pattern`` stored as FP8 blocks (``<key>`` float8_e4m3fn + ``<key>_scale_inv`` fp32) and
     ``quantization_config`` added to config.json, as DeepSeek-V3's FP8 checkpoints are laid out.
@@ -249,7 +253,8 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.ndim == 2 and rx.fullmatch(key):
-                    out[key], out[key + "_scale_inv"] = fp8_quantize_block(t, block)
+                    q, scale = fp8_quantize_block(t.to(device) if device is not None else t, block)
+                    out[key], out[key + "_scale_inv"] = q.cpu(), scale.cpu()
                     done.append(key)
                 else:
                     out[key] = t
@@ -260,3 +265,140 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
             index["weight_map"][key + "_scale_inv"] = index["weight_map"][key]
         (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return done
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 quantisation of ``w [..., out, in]`` (``in`` a multiple of 32) along ``in``: returns
+    ``(blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32])`` as gpt-oss's checkpoints
+    store them: per group of 32, the power-of-two scale ``2**ceil(log2(amax / 6))`` and each value
+    rounded to the nearest E2M1 value (low nibble = even position)."""
+    from moelens.quant.mxfp4 import FP4_VALUES
+
+    *lead, out, cols = w.shape
+    if cols % 32:
+        raise ValueError(f"in-features {cols} is not a multiple of 32")
+    if lead:  # one leading entry (expert) at a time: bounded memory
+        pairs = [mxfp4_quantize(m) for m in w.reshape(-1, out, cols)]
+        return (torch.stack([p[0] for p in pairs]).reshape(*lead, out, cols // 32, 16),
+                torch.stack([p[1] for p in pairs]).reshape(*lead, out, cols // 32))
+    g = w.float().reshape(out, cols // 32, 32)
+    amax = g.abs().amax(-1).clamp(min=2.0**-120)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)[..., None]
+    positive = torch.tensor(FP4_VALUES[:8], device=w.device)
+    nib = torch.bucketize(scaled.abs().contiguous(), (positive[1:] + positive[:-1]) / 2) + 8 * (scaled < 0)  # nearest value
+    nib = nib.to(torch.uint8)
+    blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+def save_mxfp4_copy(src: str | Path, dst: str | Path, device: Any = None) -> list[str]:
+    """Copy a gpt-oss checkpoint saved by transformers (expert banks ``experts.gate_up_proj`` /
+    ``experts.down_proj`` in its ``[E, in, out]`` layout) to ``dst`` with the banks stored as MXFP4
+    ``*_blocks`` / ``*_scales`` (:func:`mxfp4_quantize` of the ``[E, out, in]`` matrices) and
+    ``quantization_config`` set to gpt-oss's. Returns the quantised keys."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",):
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    done, index_map = [], {}
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if key.endswith(("experts.gate_up_proj", "experts.down_proj")) and t.ndim == 3:
+                    blocks, scales = mxfp4_quantize((t.to(device) if device is not None else t).transpose(1, 2))
+                    out[key + "_blocks"], out[key + "_scales"] = blocks.cpu(), scales.cpu()
+                    done.append(key)
+                else:
+                    out[key] = t
+        save_file(out, dst / shard.name, metadata={"format": "pt"})
+        index_map.update({k: shard.name for k in out})
+    if (src / "model.safetensors.index.json").is_file():
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index_map}))
+    return done
+
+
+# aten ops that make a CUDA device wait for the host (or the host for the device): a scalar read,
+# data-dependent output sizes, equality reduced to a Python bool
+SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
+            "bincount", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave")
+
+
+class count_host_syncs:
+    """Context manager counting the operations that would synchronise a GPU with the host, while
+    the code runs on any device (so a CPU test can check the GPU code path): every aten op of
+    :data:`SYNC_OPS` (``repeat_interleave`` only without ``output_size``), indexing with a boolean
+    mask (its output size depends on the data), and ``Tensor.tolist`` / ``.cpu()`` / ``.numpy()``
+    calls. ``.calls`` lists them in order (op names)."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if name in SYNC_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
+                    calls.append(name)
+                elif name in ("index", "index_put", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+                ):
+                    calls.append(f"{name}[bool mask]")
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        self._saved = {}
+        for meth in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, meth)
+            self._saved[meth] = original
+
+            def wrapper(t, *a, _m=meth, _o=original, **k):
+                calls.append(f"Tensor.{_m}")
+                return _o(t, *a, **k)
+
+            setattr(torch.Tensor, meth, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for meth, original in self._saved.items():
+            setattr(torch.Tensor, meth, original)
+        self._mode.__exit__(*exc)
+        return False
+
+
+class gpu_code_path:
+    """Context manager: run the code path moelens takes on a CUDA device on whatever device the
+    tensors are on (``expert_impl="auto"`` picks ``grouped_mm``, hook checks that would read values
+    back to the host are skipped as on a GPU), so that CPU tests can count its host syncs."""
+
+    def __enter__(self):
+        from moelens.components.experts import GPU_CODE_PATH
+
+        self._prev = GPU_CODE_PATH["on"]
+        GPU_CODE_PATH["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        from moelens.components.experts import GPU_CODE_PATH
+
+        GPU_CODE_PATH["on"] = self._prev
+        return False

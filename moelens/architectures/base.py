@@ -24,6 +24,9 @@ GENERIC_IGNORED = frozenset(
         "eos_token_id", "pad_token_id", "tie_word_embeddings", "task_specific_params", "prefix",
         "finetuning_task", "decoder_start_token_id", "sep_token_id", "num_labels", "_commit_hash",
         "layer_types", "max_window_layers",
+        # the format of the stored weights, read by the loader for every architecture (moelens.quant:
+        # FP8 blocks and MXFP4 are dequantised or kept packed; any other quant_method is refused there)
+        "quantization_config",
     }
 )
 

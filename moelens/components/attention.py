@@ -122,12 +122,14 @@ def _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups):
     # a copy to compare with: a hook may edit the sink weights in place (and return None)
     before = sink.clone() if has_hooks(attn.hook_sink_weight) else sink
     new_sink = attn.hook_sink_weight(sink)
-    if new_sink is not before and not torch.equal(new_sink, before):
+    if new_sink is not before:
         if new_sink.shape != sink.shape:
             raise ValueError(f"{attn.hook_sink_weight.name}: expected shape {tuple(sink.shape)}, got {tuple(new_sink.shape)}")
         kept = pattern.sum(-1)
         factor = torch.where(kept > 0, (1 - new_sink.to(kept.dtype)) / kept.clamp_min(torch.finfo(kept.dtype).tiny), 0)
-        pattern = pattern * factor[..., None]
+        # rescale only if the hook changed a value; decided on the device (no host sync)
+        changed = (new_sink != before).any()
+        pattern = torch.where(changed, pattern * factor[..., None], pattern)
     pattern = attn.hook_pattern(pattern.to(vh.dtype))
     return torch.matmul(pattern, vh).transpose(1, 2)
 

@@ -1,16 +1,23 @@
 """Routed experts: a bank of SwiGLU FFNs evaluated only on the (token, slot) pairs routed to them.
 
-Two implementations with identical results:
+Implementations with identical results (``expert_impl``, tested equal):
 
-* :meth:`Experts.forward_loop` - the reference: for each expert, find its (token, slot) pairs
-  with a mask and run the FFN on them.
-* :meth:`Experts.forward_sorted` - the default: sort the ``batch*pos*top_k`` pairs by expert once,
-  run each expert on one contiguous slice (batched matmuls), un-permute.
-* :meth:`Experts.forward_grouped` - opt-in (``expert_impl="grouped_mm"``): the same sorted rows
-  through ``torch._grouped_mm``, one kernel per projection for all experts (what transformers uses
-  by default; meant for GPUs with many experts; tested equal on CPU, not measured on a GPU here).
+* :meth:`Experts.forward_loop` (``"loop"``) - the reference: for each expert, find its (token, slot)
+  pairs with a mask and run the FFN on them.
+* :meth:`Experts.forward_sorted` (``"sorted"``) - sort the ``batch*pos*top_k`` pairs by expert once,
+  run each expert on one contiguous slice, un-permute. Reads the per-expert counts back to the
+  host (one synchronisation per layer on a GPU); one small matmul per routed expert.
+* :meth:`Experts.forward_grouped` (``"grouped_mm"``) - the same sorted rows through
+  ``torch._grouped_mm``, one kernel per projection for all experts (what transformers runs by
+  default), with no host synchronisation: the group offsets stay on the device.
+* ``"auto"`` (the default) picks per call, by the input's device: ``grouped_mm`` on CUDA where
+  torch has a grouped kernel for the dtype (:func:`grouped_mm_available`), ``sorted`` elsewhere.
 
-Both return the *unweighted* output of each slot's expert, ``[batch, pos, top_k, d_model]``.
+Weights kept packed (``keep_quantized=True``, :mod:`moelens.quant.packed`) are dequantised one
+expert at a time inside :meth:`Experts.ffn`, so packed banks run the per-expert paths (``auto``
+chooses ``sorted``; ``grouped_mm`` would need the whole bank dequantised and is refused).
+
+All return the *unweighted* output of each slot's expert, ``[batch, pos, top_k, d_model]``.
 """
 
 from __future__ import annotations
@@ -31,13 +38,35 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+# tests set "on" to run the GPU code path on the CPU (moelens.testing.gpu_code_path)
+GPU_CODE_PATH = {"on": False}
+
+
+def on_gpu_path(t: Tensor) -> bool:
+    """Whether ``t``'s computation takes the GPU code path (no host synchronisation)."""
+    return t.device.type == "cuda" or GPU_CODE_PATH["on"]
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``expert_impl="auto"`` runs ``torch._grouped_mm`` here: CUDA devices of compute
+    capability >= 8.0 (>= 9.0 before torch 2.9), in bf16 (the dtype its CUDA kernel takes); any
+    device where torch has the op under :func:`moelens.testing.gpu_code_path`."""
+    if GPU_CODE_PATH["on"] and device.type != "cuda":
+        return hasattr(torch, "_grouped_mm")
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (8, 0) if version >= (2, 9) else major == 9
+
+
 class Experts(ExpertViews, nn.Module):
     """``n_experts`` gated FFNs. ``act="silu"``: ``w_down (silu(w_gate x) * w_up x)``;
     ``act="clamped_swiglu"`` (gpt-oss): :func:`clamped_swiglu`. With ``bias`` (gpt-oss) every
     projection has a per-expert bias ``b_gate``/``b_up [n_experts, d_expert]``, ``b_down [n_experts, d_model]``,
     added after the matmul (as transformers adds it)."""
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "sorted", *, bias: bool = False,
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, impl: str = "auto", *, bias: bool = False,
                  act: str = "silu", alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.n_experts = n_experts
@@ -68,12 +97,31 @@ class Experts(ExpertViews, nn.Module):
         out = F.linear(self.activation(gate, up), self.w_down[e])
         return out + self.b_down[e] if self.b_down is not None else out
 
+    @property
+    def packed(self) -> bool:
+        """Whether the expert weights are kept packed (``keep_quantized=True``)."""
+        return "w_gate" in self._modules
+
+    def resolved_impl(self, x: Tensor) -> str:
+        """The implementation a call on ``x`` runs (``"auto"`` resolved by device, dtype and packing)."""
+        impl = self.impl
+        if impl == "auto":
+            return "grouped_mm" if not self.packed and grouped_mm_available(x.device, x.dtype) else "sorted"
+        if impl == "grouped_mm" and self.packed:
+            raise ValueError(
+                "expert_impl='grouped_mm' needs every expert's weights at once, but they are kept packed "
+                "(keep_quantized=True) and dequantised one expert at a time: use expert_impl='auto' or 'sorted', "
+                "or load without keep_quantized"
+            )
+        return impl
+
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"]
     ) -> Float[Tensor, "batch pos top_k d_model"]:
-        if self.impl == "loop":
+        impl = self.resolved_impl(x)
+        if impl == "loop":
             return self.forward_loop(x, indices)
-        if self.impl == "grouped_mm":
+        if impl == "grouped_mm":
             return self.forward_grouped(x, indices)
         return self.forward_sorted(x, indices)
 
@@ -108,7 +156,10 @@ class Experts(ExpertViews, nn.Module):
         x_flat = x.reshape(-1, x.shape[-1])
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        offsets = torch.cumsum(torch.bincount(flat, minlength=self.n_experts), 0).to(torch.int32)
+        # counts by scatter-add, not bincount (which reads the maximum back to the host on CUDA)
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x_flat[order // k]
         gate = torch._grouped_mm(rows, self.w_gate.transpose(1, 2), offs=offsets)
         up = torch._grouped_mm(rows, self.w_up.transpose(1, 2), offs=offsets)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from moelens.components.experts import Experts
+from moelens.components.experts import Experts, on_gpu_path
 from moelens.components.mlp import GatedMLP
 from moelens.components.router import Router
 from moelens.components.tl_views import MoEViews
@@ -66,8 +66,11 @@ class MoE(MoEViews, nn.Module):
         choice = scores
         if self.cfg.router_correction_bias:
             choice = self.hook_router_selection_scores(self.router.selection_scores(scores))
-        indices = self.hook_expert_indices(self.router.select(choice, logits=logits))
-        if has_hooks(self.hook_expert_indices):  # only an edit can make them invalid (saves GPU syncs)
+        selected = self.router.select(choice, logits=logits)
+        indices = self.hook_expert_indices(selected)
+        # only an edit can make them invalid; on a GPU only a returned (not in-place) edit is checked,
+        # as the check reads the range back to the host (in-place out-of-range edits fail in the gather)
+        if has_hooks(self.hook_expert_indices) and (indices is not selected or not on_gpu_path(indices)):
             self._check_indices(indices)
         weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype, logits=logits))
         expert_out = self.hook_expert_out(self.experts(x, indices))

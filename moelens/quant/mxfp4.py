@@ -62,11 +62,23 @@ def quant_method(hf_config: dict) -> Optional[str]:
     return method
 
 
+_LUTS: dict = {}
+
+
+def _lut(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The E2M1 value table in ``dtype`` on ``device``, made once per pair (a host-to-device copy
+    per call would stall a GPU that dequantises experts as it runs)."""
+    key = (dtype, str(device))
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUTS[key]
+
+
 def dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """``[*prefix, G, 16]`` uint8 blocks and ``[*prefix, G]`` uint8 scales -> ``[*prefix, G*32]``
     in ``dtype`` (no transpose; see :func:`dequantize_experts` for the expert layout)."""
     check_pair(blocks, scales)
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    lut = _lut(dtype, blocks.device)
     blocks = blocks.to(torch.uint8)
     exponents = scales.to(torch.int32) - 127
     *prefix, g, b = blocks.shape

@@ -74,7 +74,11 @@ def parameter_checksum(model, chunk: int = 1 << 24) -> str:
 
     h = hashlib.sha256()
     with torch.no_grad():
-        for key, p in sorted(model.named_parameters()):
+        from moelens.quant.packed import packed_tensors
+
+        weights = list(model.named_parameters()) + [  # packed weights (keep_quantized=True): their bytes
+            (f"{name}.{b}", t) for name, m in packed_tensors(model).items() for b, t in m._buffers.items()]
+        for key, p in sorted(weights, key=lambda kv: kv[0]):
             flat = p.detach().reshape(-1)
             s1 = s2 = 0.0
             for lo in range(0, flat.numel(), chunk):

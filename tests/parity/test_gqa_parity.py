@@ -180,12 +180,14 @@ def test_sdpa_and_explicit_attention_agree(arch, tiny_dirs):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("impl", [None, "grouped_mm"])
+@pytest.mark.parametrize("impl", [None, "sorted", "grouped_mm"])
 def test_sorted_expert_path_equals_reference_loop(arch, impl, tiny_dirs):
     d, _ = tiny_dirs(arch)
     fast = HookedMoETransformer.from_pretrained(d, expert_impl=impl)
     ref = HookedMoETransformer.from_pretrained(d, expert_impl="loop")
-    assert fast.cfg.expert_impl == (impl or "sorted") and ref.cfg.expert_impl == "loop"
+    assert fast.cfg.expert_impl == (impl or "auto") and ref.cfg.expert_impl == "loop"
+    experts = fast.blocks[fast.cfg.moe_layers[0]].mlp.experts
+    assert experts.resolved_impl(torch.zeros(1, dtype=fast.cfg.dtype)) == (impl or "sorted")  # auto on CPU: sorted
     ids = torch.randint(0, 256, (4, 16))
     with torch.no_grad():
         a, ca = fast.run_with_cache(ids)
