@@ -85,7 +85,9 @@ class MoEConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     # router
-    router_dtype: Literal["model", "float32"] = "model"
+    # "model": logits in the model dtype; "float32": input and weight upcast, logits fp32;
+    # "model_upcast" (Granite): logits computed in the model dtype, then upcast to fp32
+    router_dtype: Literal["model", "float32", "model_upcast"] = "model"
     router_weights_dtype: Literal["model", "float32"] = "model"
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
@@ -107,10 +109,21 @@ class MoEConfig:
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
     router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
+    router_renorm_min: float = 0.0  # ERNIE-4.5: the top-k sum is clamped to at least this before renormalising
+    # ERNIE-4.5: transformers holds the correction bias as a (frozen) parameter, so parameter counts include it
+    correction_bias_counted: bool = False
     router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
+    # Granite scalar multipliers (1.0 / None: absent). The residual multiplier scales every block's update
+    # before the residual add: the attention output, and the MoE output through its combine weights
+    # (hook_expert_weights) and its shared-expert output (hook_shared_out), so that hook_attn_out and
+    # hook_mlp_out stay what is added to the residual stream and the experts' contributions still sum to it
+    embedding_multiplier: float = 1.0  # hook_embed = W_E[tokens] * embedding_multiplier
+    attn_scale: Optional[float] = None  # attention softmax scale (None: d_head ** -0.5)
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits = unembed(ln_final(resid)) / logits_scaling
     # tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -162,6 +175,11 @@ class MoEConfig:
             )
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head_qk):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.d_head_qk}]")
+        if self.residual_multiplier != 1.0 and (self.attention != "gqa" or self.linear_attn_layers or self.dense_layers):
+            raise ValueError(
+                "residual_multiplier != 1 is implemented for GQA attention and sparse MoE layers only "
+                "(every layer sparse, no MLA / linear attention)"
+            )
         if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 

@@ -35,23 +35,30 @@ TextInput = Union[str, Sequence[str]]
 
 
 class Embed(nn.Module):
+    """``W_E[tokens]``, times ``cfg.embedding_multiplier`` where the architecture has one (Granite)."""
+
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.multiplier = cfg.embedding_multiplier
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        x = F.embedding(tokens, self.W_E)
+        return x * self.multiplier if self.multiplier != 1.0 else x
 
 
 class Unembed(nn.Module):
-    """``logits = x W_U^T``; ``w_u`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout)."""
+    """``logits = x W_U^T``; ``w_u`` is ``[d_vocab, d_model]`` (the hub's ``lm_head.weight`` layout).
+    Granite divides the logits by ``cfg.logits_scaling``."""
 
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.logits_scaling = cfg.logits_scaling
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.w_u)
+        logits = F.linear(x, self.w_u)
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
 
 
 class HookedMoETransformer(HookedRootModule):
@@ -403,7 +410,10 @@ class HookedMoETransformer(HookedRootModule):
 
     @property
     def W_U(self) -> Tensor:
-        return self.unembed.w_u
+        """The unembedding ``[d_vocab, d_model]``; where the logits are divided by ``cfg.logits_scaling``
+        (Granite) the divided matrix (a computed tensor, not the parameter ``unembed.w_u``)."""
+        w = self.unembed.w_u
+        return w / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else w
 
     def generate(self, input="", max_new_tokens: int = 10, **kwargs):
         """Generate text or tokens, as TransformerLens' ``HookedTransformer.generate``; hooks apply
@@ -426,7 +436,8 @@ class HookedMoETransformer(HookedRootModule):
         tokens = torch.as_tensor(tokens, device=W_U.device)
         if tokens.is_floating_point():
             raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
-        return W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
+        direction = W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
+        return direction / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else direction
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the output biases written into the residual stream before ``layer`` (attention
@@ -437,7 +448,7 @@ class HookedMoETransformer(HookedRootModule):
         for l, block in enumerate(self.blocks[:last]):
             b = getattr(block.attn, "b_O", None)
             if b is not None:
-                out = out + b.to(out.device)
+                out = out + b.to(out.device) * self.cfg.residual_multiplier
             if include_mlp_biases and l < layer:
                 b = getattr(block.mlp, "b_out", None)
                 if b is not None:
@@ -451,8 +462,8 @@ class HookedMoETransformer(HookedRootModule):
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
-            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
-                continue
+            if name.endswith("router.b_correction") and not self.cfg.correction_bias_counted:
+                continue  # a buffer in transformers (DeepSeek-V3, MiniMax-M2): not counted there
             n = p.numel()
             if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k

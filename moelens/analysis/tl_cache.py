@@ -106,7 +106,10 @@ class TLAnalysisMixin:
         elif getattr(attn, "W_G", None) is not None:
             return None
         W = w_o.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
-        self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
+        result = torch.einsum("...hd,mhd->...hm", z, W)
+        if cfg.residual_multiplier != 1.0:  # Granite scales the attention update before the residual add
+            result = result * cfg.residual_multiplier
+        self.cache_dict[key] = result
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:

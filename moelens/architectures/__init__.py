@@ -35,6 +35,11 @@ def _register_optional() -> None:
     from moelens.architectures import gpt_oss
 
     ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
+    from moelens.architectures import granitemoe
+    from moelens.architectures import ernie4_5_moe, minimax_m2
+
+    for arch in (granitemoe.ARCH, granitemoe.SHARED_ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH):
+        ARCHITECTURES[arch.name] = arch
 
 
 _register_optional()

@@ -11,7 +11,8 @@ Hook points (all ``[batch, pos, ...]``):
 ``hook_expert_out``     unweighted output of each slot's expert ``[batch, pos, top_k, d_model]``
 ``hook_routed_out``     ``sum_slots weight * expert_out`` ``[batch, pos, d_model]``
 ``hook_shared_gate``    Qwen2-MoE only: ``sigmoid(x . w)`` ``[batch, pos, 1]``
-``hook_shared_out``     shared-expert output after its gate ``[batch, pos, d_model]``
+``hook_shared_out``     shared-expert output after its gate (Granite: times ``residual_multiplier``)
+                        ``[batch, pos, d_model]``
 
 The block's output is ``routed + shared``; the enclosing block hooks it as ``hook_mlp_out``.
 Combine numerics follow transformers' default (grouped_mm) backend: per-slot products in
@@ -76,6 +77,8 @@ class MoE(nn.Module):
         shared = self.shared_experts(x)
         if self.cfg.shared_gate:
             shared = self.hook_shared_gate(torch.sigmoid(F.linear(x, self.W_shared_gate))) * shared
+        if self.cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier
+            shared = shared * self.cfg.residual_multiplier
         return routed + self.hook_shared_out(shared)
 
     def _check_scores_unedited(self, raw: Tensor, scores: Tensor) -> None:

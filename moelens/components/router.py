@@ -34,6 +34,12 @@ still holds the fp32 softmax over *all* experts (the contract's meaning); its to
 equals gpt-oss's weights mathematically, but the weights and the selection are computed from the
 logits, as transformers does (same dtype, same ties).
 
+Granite (``router_order="topk_softmax"``, ``router_dtype="model_upcast"``): model-dtype logits upcast
+to fp32, top-k of the logits, fp32 softmax over the k, times ``residual_multiplier``, cast to the
+model dtype. ERNIE-4.5: fp32 softmax scores, ``b_correction`` added for selection (sorted top-k),
+weights renormalised by ``clamp(sum, min=router_renorm_min)``. MiniMax-M2: sigmoid scores,
+``b_correction`` for selection (unsorted top-k, no groups), weights renormalised (no epsilon), fp32.
+
 Forced routing: :meth:`Router.weights` gathers the combine weights from the scores at whatever
 indices it is given, so editing ``hook_expert_indices`` re-routes and the weights follow the
 architecture's rule (renormalised over the forced set where the architecture renormalises).
@@ -83,6 +89,8 @@ class Router(nn.Module):
         b = self.b_router
         if self.cfg.router_dtype == "float32":
             return F.linear(x.float(), self.W_router.float(), None if b is None else b.float())
+        if self.cfg.router_dtype == "model_upcast":  # Granite: model-dtype matmul, fp32 logits
+            return F.linear(x, self.W_router, b).float()
         return F.linear(x, self.W_router, b)
 
     def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
@@ -129,11 +137,18 @@ class Router(nn.Module):
             if logits is None:
                 raise ValueError("router_order='topk_softmax' weights the logits: pass logits=")
             chosen = logits.gather(-1, indices)
-            return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
+            w = torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
+            if cfg.residual_multiplier != 1.0:
+                w = w * cfg.residual_multiplier
+            return w.to(dtype) if cfg.router_weights_dtype == "model" else w
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             denominator = w.sum(dim=-1, keepdim=True)
+            if cfg.router_renorm_min:  # ERNIE-4.5: clamp(sum, min=moe_norm_min)
+                denominator = denominator.clamp(min=cfg.router_renorm_min)
             w = w / (denominator + cfg.router_renorm_eps if cfg.router_renorm_eps else denominator)
         if cfg.routed_scaling_factor != 1.0:
             w = w * cfg.routed_scaling_factor
+        if cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier, folded into the combine
+            w = w * cfg.residual_multiplier
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w
