@@ -106,7 +106,7 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=3, attention_bias=True,
-        embedding_multiplier=3.0, attention_multiplier=0.09, residual_multiplier=0.6, logits_scaling=2.5,
+        embedding_multiplier=1.7, attention_multiplier=0.09, residual_multiplier=0.6, logits_scaling=0.6,
         rope_theta=1e5, rms_norm_eps=1e-6,
     )),
     "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(

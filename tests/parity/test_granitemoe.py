@@ -1,7 +1,7 @@
 """Granite MoE and GraniteMoeShared vs transformers on tiny sharpened checkpoints saved by transformers.
 
 Every distinctive feature is active in the tiny configs (moelens/testing.py): all four scalar multipliers
-away from 1 (embedding 3.0, attention 0.09, residual 0.6, logits 2.5), q/k/v/o biases, GQA, the
+away from 1 (attention 0.09, residual 0.6, embedding and logits 1.7 / 0.6 and 3.0 / 2.5), q/k/v/o biases, GQA, the
 top-k-of-logits router, and (GraniteMoeShared) the ungated shared MLP with tied embeddings.
 """
 
@@ -10,7 +10,7 @@ import torch
 
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedConfigError, translate_config
-from moelens.testing import assert_routing_matches, edit_config, save_tiny
+from moelens.testing import TINY_CONFIGS, assert_routing_matches, edit_config, save_tiny
 
 ARCHS = ["granitemoe", "granitemoeshared"]
 TOL = 1e-4
@@ -32,7 +32,10 @@ def test_logits_router_experts_and_weights_match(arch, fused, tiny_dirs):
     d, hf = tiny_dirs(arch, fused=fused)
     model = HookedMoETransformer.from_pretrained(d)
     cfg = model.cfg
-    assert (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling) == (3.0, 0.09, 0.6, 2.5)
+    kw = TINY_CONFIGS[arch][2]
+    assert (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling) == (
+        kw["embedding_multiplier"], kw["attention_multiplier"], kw["residual_multiplier"], kw["logits_scaling"])
+    assert all(v != 1.0 for v in (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling))
     assert cfg.has_shared_experts == (arch == "granitemoeshared")
     ids, mask = batch()
     # moelens folds the residual multiplier into its combine weights (hook_expert_weights)
@@ -50,7 +53,7 @@ def test_hooks_are_what_is_added_to_the_residual(arch, tiny_dirs):
     ids, _ = batch(pad=False)
     with torch.no_grad():
         _, cache = model.run_with_cache(ids)
-    torch.testing.assert_close(cache["hook_embed"], model.W_E[ids] * 3.0, atol=0, rtol=0)
+    torch.testing.assert_close(cache["hook_embed"], model.W_E[ids] * model.cfg.embedding_multiplier, atol=0, rtol=0)
     for l in range(model.cfg.n_layers):
         torch.testing.assert_close(cache["resid_mid", l], cache["resid_pre", l] + cache["attn_out", l], atol=0, rtol=0)
         torch.testing.assert_close(cache["resid_post", l], cache["resid_mid", l] + cache["mlp_out", l], atol=0, rtol=0)
