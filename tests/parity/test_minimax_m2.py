@@ -135,3 +135,23 @@ def test_hub_config_fields():
                          ("qk_norm_type", "per_head"), ("shared_intermediate_size", 64), ("use_routing_bias", False)]:
         with pytest.raises(UnsupportedConfigError, match=field):
             translate_config({**base, field: value})
+
+
+def test_fp8_block_checkpoint_loads_like_transformers(tmp_path):
+    """MiniMax-M2 ships FP8 block-128 weights (experts ``w1/w2/w3`` and attention, each with a
+    ``weight_scale_inv``); moelens dequantises them while loading, as transformers' dequantize=True path."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from moelens.testing import save_fp8_copy
+
+    plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
+    save_tiny("minimax_m2", plain)
+    keys = save_fp8_copy(plain, fp8, block=(16, 16), pattern=r".*\.(q_proj|k_proj|v_proj|o_proj|w1|w2|w3)\.weight")
+    assert any(k.endswith("experts.0.w1.weight") for k in keys) and any("o_proj" in k for k in keys)
+    hf = AutoModelForCausalLM.from_pretrained(fp8, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
+    model = HookedMoETransformer.from_pretrained(fp8)
+    plain_model = HookedMoETransformer.from_pretrained(plain)
+    ids, mask = batch()
+    assert_routing_matches(model, hf, ids, mask, TOL)
+    with torch.no_grad():  # the dequantised weights are not the unquantised ones
+        assert not torch.equal(model.blocks[0].mlp.experts.w_gate, plain_model.blocks[0].mlp.experts.w_gate)
