@@ -151,3 +151,15 @@ def test_class_defaults_match_transformers():
 def test_unsupported_values_raise_naming_the_field(field, value):
     with pytest.raises(UnsupportedConfigError, match=field):
         translate_config({"architectures": ["Ernie4_5_MoeForCausalLM"], field: value})
+
+
+def test_hook_names_of_dense_and_sparse_layers(tiny_dirs):
+    d, _ = tiny_dirs("ernie4_5_moe")
+    names = list(HookedMoETransformer.from_pretrained(d, device="meta").hook_dict)
+    layer = [n.split(".", 2)[2] for n in names if n.startswith("blocks.1.")]
+    assert layer[layer.index("mlp.hook_router_logits"):layer.index("hook_mlp_out")] == [
+        "mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_router_selection_scores",
+        "mlp.hook_expert_indices", "mlp.hook_expert_weights", "mlp.hook_expert_out", "mlp.hook_routed_out",
+        "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post", "mlp.hook_shared_out"]
+    dense = [n.split(".", 2)[2] for n in names if n.startswith("blocks.3.")]
+    assert "mlp.hook_pre" in dense and not any("router" in n for n in dense)

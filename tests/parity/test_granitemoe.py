@@ -131,3 +131,12 @@ def test_residual_multiplier_refused_where_not_implemented():
                             "num_hidden_layers": 2, "residual_multiplier": 0.5})
     with pytest.raises(ValueError, match="residual_multiplier"):
         cfg.replace(moe_layers=[1])
+
+
+def test_hook_names(tiny_dirs):
+    for arch, shared in (("granitemoe", False), ("granitemoeshared", True)):
+        d, _ = tiny_dirs(arch)
+        names = set(HookedMoETransformer.from_pretrained(d, device="meta").hook_dict)
+        assert ("blocks.0.mlp.hook_shared_out" in names) == shared
+        assert "blocks.0.mlp.hook_router_selection_scores" not in names  # no correction bias
+        assert {"blocks.2.mlp.hook_expert_weights", "blocks.2.hook_attn_out", "hook_embed"} <= names
