@@ -1,6 +1,6 @@
 """Granite MoE (``GraniteMoeForCausalLM``, e.g. ibm-granite/granite-3.1-1b-a400m-instruct, -3b-a800m) and
-GraniteMoeShared (``GraniteMoeSharedForCausalLM``, e.g. ibm-research/PowerMoE-3b's shared-expert
-successors), as transformers 5.25 computes them.
+GraniteMoeShared (``GraniteMoeSharedForCausalLM``, e.g. ibm-research/moe-7b-1b-active-shared-experts), as
+transformers 5.25 computes them (ibm/PowerMoE-3b and the Granite 3.0 MoE checkpoints are ``GraniteMoe`` too).
 
 * Four scalars (config data, :class:`~moelens.config.MoEConfig`): ``embedding_multiplier`` scales
   the embeddings (``hook_embed`` is the scaled embedding); ``attention_multiplier`` *is* the

@@ -7,7 +7,7 @@ Hook points (all ``[batch, pos, ...]``):
 ``hook_router_selection_scores``  DeepSeek-V3 family only: ``scores + e_score_correction_bias``,
                         what top-k selects on ``[batch, pos, n_experts]`` (fp32)
 ``hook_expert_indices`` chosen experts ``[batch, pos, top_k]`` int64 (editing it re-routes)
-``hook_expert_weights`` final combine weight per slot ``[batch, pos, top_k]``
+``hook_expert_weights`` final combine weight per slot (Granite: times ``residual_multiplier``) ``[batch, pos, top_k]``
 ``hook_expert_out``     unweighted output of each slot's expert ``[batch, pos, top_k, d_model]``
 ``hook_routed_out``     ``sum_slots weight * expert_out`` ``[batch, pos, d_model]``
 ``hook_shared_gate``    Qwen2-MoE only: ``sigmoid(x . w)`` ``[batch, pos, 1]``
