@@ -53,7 +53,9 @@ class MoEConfig:
     moe_layers: list[int]  # sorted indices of the sparse (MoE) layers
     d_mlp: int = 0  # width of the dense SwiGLU in non-sparse layers (0 if there are none)
     # norms / embeddings
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # also the LayerNorm eps where norm_type == "layer"
+    norm_type: Literal["rms", "layer"] = "rms"  # "layer": LayerNorm with weight and bias (PhiMoE)
+    unembed_bias: bool = False  # PhiMoE: lm_head has a bias (unembed.b_u)
     tie_word_embeddings: bool = False
     # attention
     attention: Literal["gqa", "mla"] = "gqa"
@@ -98,7 +100,10 @@ class MoEConfig:
     router_bias: bool = False  # gpt-oss: the router linear has a bias
     # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
     # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
-    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # "sparsemixer" (PhiMoE, eval path): top-k of the logits; slot j's weight is a softmax over the logits
+    # within relative distance 2 * router_jitter_eps of the chosen logit (earlier slots' experts excluded)
+    router_order: Literal["softmax_topk", "topk_softmax", "sparsemixer"] = "softmax_topk"
+    router_jitter_eps: float = 0.0
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
     expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
@@ -225,12 +230,13 @@ class MoEConfig:
     # -- TransformerLens ActivationCache compatibility (read by its analysis methods) -------------
     @property
     def normalization_type(self) -> str:
-        """Every supported architecture uses pre-norm RMSNorm with a weight (TransformerLens' "RMS")."""
-        return "RMS"
+        """TransformerLens' name of the pre-norms: "RMS" (RMSNorm with a weight), or "LN" (LayerNorm with
+        weight and bias, PhiMoE)."""
+        return "LN" if self.norm_type == "layer" else "RMS"
 
     @property
     def final_rms(self) -> bool:
-        return True
+        return self.norm_type == "rms"
 
     @property
     def attn_only(self) -> bool:

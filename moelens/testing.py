@@ -129,6 +129,16 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, rope_theta=5e5, rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )),
+    # PhiMoE: sparsemixer top-2 (threshold 2 x 0.25, wide enough to keep several experts in each softmax),
+    # LayerNorm with biases, q/k/v/o and lm_head biases, LongRoPE switching to the long mscale past 8 positions
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.25,
+        attention_bias=True, lm_head_bias=True, max_position_embeddings=64, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
+                         "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                         "short_mscale": 1.1, "long_mscale": 1.3},
+    )),
 }
 
 

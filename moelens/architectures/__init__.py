@@ -36,9 +36,9 @@ def _register_optional() -> None:
 
     ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
     from moelens.architectures import granitemoe
-    from moelens.architectures import ernie4_5_moe, minimax_m2
+    from moelens.architectures import ernie4_5_moe, minimax_m2, phimoe
 
-    for arch in (granitemoe.ARCH, granitemoe.SHARED_ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH):
+    for arch in (granitemoe.ARCH, granitemoe.SHARED_ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH, phimoe.ARCH):
         ARCHITECTURES[arch.name] = arch
 
 

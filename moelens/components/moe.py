@@ -61,7 +61,7 @@ class MoE(nn.Module):
         logits = self.hook_router_logits(self.router.logits(x))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
-        if self.cfg.router_order == "topk_softmax" and has_hooks(self.hook_router_scores):
+        if self.cfg.router_order in ("topk_softmax", "sparsemixer") and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
         if self.cfg.router_correction_bias:

@@ -40,6 +40,9 @@ model dtype. ERNIE-4.5: fp32 softmax scores, ``b_correction`` added for selectio
 weights renormalised by ``clamp(sum, min=router_renorm_min)``. MiniMax-M2: sigmoid scores,
 ``b_correction`` for selection (unsorted top-k, no groups), weights renormalised (no epsilon), fp32.
 
+PhiMoE (``router_order="sparsemixer"``): top-k of the model-dtype logits (sorted); each slot's weight
+from :func:`sparsemixer_weights` (a softmax over the logits near the chosen one), not renormalised.
+
 Forced routing: :meth:`Router.weights` gathers the combine weights from the scores at whatever
 indices it is given, so editing ``hook_expert_indices`` re-routes and the weights follow the
 architecture's rule (renormalised over the forced set where the architecture renormalises).
@@ -108,9 +111,9 @@ class Router(nn.Module):
         self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
-        if cfg.router_order == "topk_softmax":
+        if cfg.router_order in ("topk_softmax", "sparsemixer"):
             if logits is None:
-                raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
+                raise ValueError(f"router_order={cfg.router_order!r} selects on the logits: pass logits=")
             return torch.topk(logits, cfg.top_k, dim=-1, sorted=True).indices
         if cfg.topk_method == "noaux_tc":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
@@ -132,6 +135,10 @@ class Router(nn.Module):
         logits: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.router_order == "sparsemixer":
+            if logits is None:
+                raise ValueError("router_order='sparsemixer' weights the logits: pass logits=")
+            return sparsemixer_weights(logits, indices, cfg.router_jitter_eps)
         if cfg.router_order == "topk_softmax":
             # softmax over the logits of the chosen (or forced) experts, in the logits' dtype
             if logits is None:
@@ -152,3 +159,24 @@ class Router(nn.Module):
         if cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier, folded into the combine
             w = w * cfg.residual_multiplier
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w
+
+
+def sparsemixer_weights(
+    logits: Float[Tensor, "batch pos n_experts"], indices: Int[Tensor, "batch pos top_k"], eps: float
+) -> Float[Tensor, "batch pos top_k"]:
+    """PhiMoE's "sparsemixer" combine weights, as transformers computes them in eval mode, in the logits'
+    dtype. For slot ``j`` with chosen expert ``e_j`` (logit ``t = logits[e_j]``): the experts of the earlier
+    slots are excluded (-inf), so is every expert with ``(t - logit) / max(|logit|, t) > 2 eps``; the
+    weight is the softmax of what remains, at ``e_j``. (transformers hard-codes two slots; the rule
+    extends to any number, and to forced experts.)"""
+    remaining = logits
+    weights = []
+    for j in range(indices.shape[-1]):
+        idx = indices[..., j : j + 1]
+        threshold = logits.gather(-1, idx)
+        factor = logits.abs().clamp(min=threshold)
+        far = ((threshold - logits) / factor) > (2 * eps)
+        gates = torch.softmax(remaining.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, idx))
+        remaining = remaining.scatter(-1, idx, float("-inf"))
+    return torch.cat(weights, dim=-1)
