@@ -1,7 +1,7 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
-gpt-oss-120b, the Qwen3.5/3.6 and Qwen3-Next hybrids, Granite-3.1 MoE (1B-A400M, 3B-A800M), MiniMax-M2 and
-ERNIE-4.5 (21B-A3B, 300B-A47B).
+gpt-oss-120b, the Qwen3.5/3.6 and Qwen3-Next hybrids, Granite-3.1 MoE (1B-A400M, 3B-A800M), MiniMax-M2,
+Phi-3.5-MoE (structure only: its LongRoPE factors are left out) and ERNIE-4.5 (21B-A3B, 300B-A47B).
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -950,6 +950,38 @@ PRESETS.update({
                                 "weight_block_size": [128, 128],
                                 "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
     },
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "architectures": ["PhimoeForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "input_jitter_noise": 0.01,
+        "intermediate_size": 6400,
+        "lm_head_bias": True,
+        "max_position_embeddings": 131072,
+        "model_type": "phimoe",
+        "num_attention_heads": 32,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "original_max_position_embeddings": 4096,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.01,
+        "sliding_window": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 32064,
+    },
     "baidu/ERNIE-4.5-21B-A3B-PT": _ernie_4_5_moe(),
     "baidu/ERNIE-4.5-300B-A47B-PT": _ernie_4_5_moe(
         hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=54,
@@ -960,6 +992,7 @@ ALIASES.update({
     "granite-3.1-1b-a400m": "ibm-granite/granite-3.1-1b-a400m-instruct",
     "granite-3.1-3b-a800m": "ibm-granite/granite-3.1-3b-a800m-instruct",
     "minimax-m2": "MiniMaxAI/MiniMax-M2",
+    "phi-3.5-moe": "microsoft/Phi-3.5-MoE-instruct",
     "ernie-4.5-21b-a3b": "baidu/ERNIE-4.5-21B-A3B-PT",
     "ernie-4.5-300b-a47b": "baidu/ERNIE-4.5-300B-A47B-PT",
 })
@@ -1001,6 +1034,21 @@ PRESET_INFO.update({
             "modules, FP8 block-128 quantization_config: the hub file as quoted in a public MiniMax-M2.5 quantisation "
             "guide (identical fields to M2) and in MOE_ARCHITECTURES_2026.md §7.2 (QuixiAI/MiniMax-M2.1-bf16, "
             "amd/MiniMax-M2.7-BF16); the file has no bos/eos ids (class defaults 200034 / 200020 apply)"
+        ),
+    },
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "alias": "phi-3.5-moe",
+        "published_params": 41_900_000_000,  # "41.9B total, 6.6B active" (model card)
+        "exact_params": 41_873_153_344,  # meta-device count, = transformers (incl. LayerNorm, attention, lm_head biases)
+        "doc_active_params": 6_600_000_000,  # model card "6.6B active" (moelens: 6.64 B incl. embeddings)
+        "notes": (
+            f"{_STRUCTURAL}: 32 layers, 4096 wide, 32 q / 8 kv heads, 16 experts of 6400, top-2, vocab 32064, "
+            "q/k/v/o, LayerNorm and lm_head biases; router_jitter_noise 0.01 (the sparsemixer threshold), "
+            "sliding_window 131072, eos 32000. NOT the hub file in two respects: the hub's architectures[0] is the "
+            "remote-code name PhiMoEForCausalLM (moelens reads it as PhimoeForCausalLM, as here), and its "
+            "LongRoPE rope_scaling (64 short and 64 long factors, short/long mscale 1.243, original 4096) is left "
+            "out because no public copy of the full factor lists was found: the preset counts parameters and "
+            "plans memory exactly, but computes with plain RoPE; load the checkpoint's own config.json to run it"
         ),
     },
     "baidu/ERNIE-4.5-21B-A3B-PT": {

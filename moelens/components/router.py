@@ -111,9 +111,20 @@ class Router(nn.Module):
         self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
-        if cfg.router_order in ("topk_softmax", "sparsemixer"):
+        if cfg.router_order == "sparsemixer":
             if logits is None:
-                raise ValueError(f"router_order={cfg.router_order!r} selects on the logits: pass logits=")
+                raise ValueError("router_order='sparsemixer' selects on the logits: pass logits=")
+            # transformers: slot by slot, the first maximal logit (Tensor.max), earlier slots excluded; ties
+            # (frequent in bf16) resolve to the lower expert index, which topk does not promise
+            remaining, chosen = logits, []
+            for _ in range(cfg.top_k):
+                idx = remaining.max(dim=-1, keepdim=True).indices
+                chosen.append(idx)
+                remaining = remaining.scatter(-1, idx, float("-inf"))
+            return torch.cat(chosen, dim=-1)
+        if cfg.router_order == "topk_softmax":
+            if logits is None:
+                raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
             return torch.topk(logits, cfg.top_k, dim=-1, sorted=True).indices
         if cfg.topk_method == "noaux_tc":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
