@@ -12,7 +12,7 @@ import torch
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedConfigError, translate_config
 from moelens.components.router import sparsemixer_weights
-from moelens.testing import assert_routing_matches, edit_config, hf_routing, save_tiny
+from moelens.testing import assert_routing_matches, edit_config, save_tiny
 
 TOL = 1e-4
 
