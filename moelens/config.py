@@ -53,7 +53,9 @@ class MoEConfig:
     moe_layers: list[int]  # sorted indices of the sparse (MoE) layers
     d_mlp: int = 0  # width of the dense SwiGLU in non-sparse layers (0 if there are none)
     # norms / embeddings
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # also the LayerNorm eps where norm_type == "layer"
+    norm_type: Literal["rms", "layer"] = "rms"  # "layer": LayerNorm with weight and bias (PhiMoE)
+    unembed_bias: bool = False  # PhiMoE: lm_head has a bias (unembed.b_u)
     tie_word_embeddings: bool = False
     # attention
     attention: Literal["gqa", "mla"] = "gqa"
@@ -85,7 +87,9 @@ class MoEConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     # router
-    router_dtype: Literal["model", "float32"] = "model"
+    # "model": logits in the model dtype; "float32": input and weight upcast, logits fp32;
+    # "model_upcast" (Granite): logits computed in the model dtype, then upcast to fp32
+    router_dtype: Literal["model", "float32", "model_upcast"] = "model"
     router_weights_dtype: Literal["model", "float32"] = "model"
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
@@ -96,7 +100,10 @@ class MoEConfig:
     router_bias: bool = False  # gpt-oss: the router linear has a bias
     # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
     # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
-    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # "sparsemixer" (PhiMoE, eval path): top-k of the logits; slot j's weight is a softmax over the logits
+    # within relative distance 2 * router_jitter_eps of the chosen logit (earlier slots' experts excluded)
+    router_order: Literal["softmax_topk", "topk_softmax", "sparsemixer"] = "softmax_topk"
+    router_jitter_eps: float = 0.0
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
     expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
@@ -107,10 +114,21 @@ class MoEConfig:
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
     router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
+    router_renorm_min: float = 0.0  # ERNIE-4.5: the top-k sum is clamped to at least this before renormalising
+    # ERNIE-4.5: transformers holds the correction bias as a (frozen) parameter, so parameter counts include it
+    correction_bias_counted: bool = False
     router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
+    # Granite scalar multipliers (1.0 / None: absent). The residual multiplier scales every block's update
+    # before the residual add: the attention output, and the MoE output through its combine weights
+    # (hook_expert_weights) and its shared-expert output (hook_shared_out), so that hook_attn_out and
+    # hook_mlp_out stay what is added to the residual stream and the experts' contributions still sum to it
+    embedding_multiplier: float = 1.0  # hook_embed = W_E[tokens] * embedding_multiplier
+    attn_scale: Optional[float] = None  # attention softmax scale (None: d_head ** -0.5)
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits = unembed(ln_final(resid)) / logits_scaling
     # tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -163,6 +181,11 @@ class MoEConfig:
             )
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head_qk):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.d_head_qk}]")
+        if self.residual_multiplier != 1.0 and (self.attention != "gqa" or self.linear_attn_layers or self.dense_layers):
+            raise ValueError(
+                "residual_multiplier != 1 is implemented for GQA attention and sparse MoE layers only "
+                "(every layer sparse, no MLA / linear attention)"
+            )
         if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
@@ -208,12 +231,13 @@ class MoEConfig:
     # -- TransformerLens ActivationCache compatibility (read by its analysis methods) -------------
     @property
     def normalization_type(self) -> str:
-        """Every supported architecture uses pre-norm RMSNorm with a weight (TransformerLens' "RMS")."""
-        return "RMS"
+        """TransformerLens' name of the pre-norms: "RMS" (RMSNorm with a weight), or "LN" (LayerNorm with
+        weight and bias, PhiMoE)."""
+        return "LN" if self.norm_type == "layer" else "RMS"
 
     @property
     def final_rms(self) -> bool:
-        return True
+        return self.norm_type == "rms"
 
     @property
     def attn_only(self) -> bool:

@@ -247,6 +247,17 @@ def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], str))
 
 
+def longrope_restart(cfg, n_tokens: int, n_cached: int) -> bool:
+    """transformers' PhiMoE generation drops its KV cache and recomputes the whole sequence (so every
+    key gets the long mscale) once the sequence holds ``original_max_position_embeddings + 1`` tokens
+    while the cache holds at most ``original_max_position_embeddings`` (``prepare_inputs_for_generation``)."""
+    rope = cfg.yarn
+    if not rope or rope.get("rope_type") != "longrope":
+        return False
+    original = rope["original_max_position_embeddings"]
+    return n_tokens >= original + 1 and n_cached <= original
+
+
 def _position_ids(mask: Tensor) -> Tensor:
     """transformers' rule: ``cumsum(mask) - 1``, padding at 0."""
     pos = mask.long().cumsum(-1) - 1
@@ -428,7 +439,9 @@ def generate(
             step_hooks = patching.to_hooks(model, _present(interventions, tokens.shape[1])) if interventions else []
             # a hooks context only when there are hooks to add (entering and leaving one costs a pass over all hook points)
             with model.hooks(fwd_hooks=step_hooks + hooks) if step_hooks or hooks else contextlib.nullcontext():
-                first = cache is None or step == 0
+                if cache is not None and step > 0 and longrope_restart(model.cfg, tokens.shape[1], cache.seq_len):
+                    cache = model_cache = GenerationCache(model)  # PhiMoE: recompute with the long mscale
+                first = cache is None or step == 0 or cache.seq_len == 0
                 inp = tokens if first else tokens[:, -1:]
                 pos = None if positions is None else (positions if first else positions[:, -1:])
                 _set_pos_offset(model, 0 if first else tokens.shape[1] - 1)

@@ -26,8 +26,8 @@ from moelens import loading
 from moelens.architectures import get_architecture, translate_config
 from moelens.components.attention import AttentionContext
 from moelens.components.block import TransformerBlock
-from moelens.components.norm import RMSNorm
-from moelens.components.rope import rope_cos_sin, rope_frequencies
+from moelens.components.norm import make_norm
+from moelens.components.rope import longrope_mscale, rope_cos_sin, rope_frequencies
 from moelens.components.tl_views import ModelViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, unknown_hook_error
@@ -36,34 +36,48 @@ TextInput = Union[str, Sequence[str]]
 
 
 class Embed(nn.Module):
+    """``W_E[tokens]``, times ``cfg.embedding_multiplier`` where the architecture has one (Granite)."""
+
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.multiplier = cfg.embedding_multiplier
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        x = F.embedding(tokens, self.W_E)
+        return x * self.multiplier if self.multiplier != 1.0 else x
 
 
 class Unembed(nn.Module):
-    """``logits = x @ W_U``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
-    layout); ``W_U`` is its TransformerLens view ``[d_model, d_vocab]``."""
+    """``logits = (x @ W_U + b_U)``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
+    layout) and PhiMoE's ``b_u``; Granite divides the logits by ``cfg.logits_scaling``. ``W_U`` and
+    ``b_U`` are the TransformerLens views ``[d_model, d_vocab]`` and ``[d_vocab]``, the scaling folded in."""
 
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.b_u = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None  # PhiMoE's lm_head.bias
+        self.logits_scaling = cfg.logits_scaling
 
     @property
     def W_U(self) -> Tensor:
-        """``[d_model, d_vocab]`` (a view of ``w_u``): ``W_U[:, t]`` is token ``t``'s unembedding direction."""
-        return self.w_u.T
+        """``[d_model, d_vocab]``: ``W_U[:, t]`` is token ``t``'s unembedding direction. A view of
+        ``w_u``; where the logits are divided by ``logits_scaling`` (Granite) the divided matrix (a
+        computed tensor, so an in-place edit of it does not reach ``w_u``)."""
+        w = self.w_u.T
+        return w / self.logits_scaling if self.logits_scaling != 1.0 else w
 
     @property
     def b_U(self) -> Tensor:
-        """``[d_vocab]`` zeros: no supported architecture has an unembedding bias."""
-        return torch.zeros(self.w_u.shape[0], dtype=self.w_u.dtype, device=self.w_u.device)
+        """``[d_vocab]``: the unembedding bias (PhiMoE's ``lm_head.bias``, divided like the logits),
+        zeros where the architecture has none."""
+        if self.b_u is None:
+            return torch.zeros(self.w_u.shape[0], dtype=self.w_u.dtype, device=self.w_u.device)
+        return self.b_u / self.logits_scaling if self.logits_scaling != 1.0 else self.b_u
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.w_u)
+        logits = F.linear(x, self.w_u, self.b_u)
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
 
 
 class HookedMoETransformer(ModelViews, HookedRootModule):
@@ -81,8 +95,7 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         self.embed = Embed(cfg)
         self.hook_embed = ShapedHookPoint("batch pos d_model")
         self.blocks = nn.ModuleList([TransformerBlock(cfg, l) for l in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
-                                weight_fp32=cfg.norm_weight_fp32)
+        self.ln_final = make_norm(cfg, cfg.d_model)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
@@ -174,7 +187,9 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
         for name, p in self.named_parameters():
-            if name.endswith((".w", "norm_w")):
+            if name.endswith(".b"):  # LayerNorm bias
+                p.zero_()
+            elif name.endswith((".w", "norm_w")):
                 zero = self.cfg.norm_zero_centered and not name.endswith("attn.norm_w")  # the gated norm is 1-based
                 p.fill_(0.0 if zero else 1.0)
             elif name.endswith(".A_log"):
@@ -338,7 +353,8 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         if inv_freq.dtype != torch.float32:  # e.g. after model.to(torch.bfloat16): recompute in fp32
             inv_freq = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0]
             self._buffers["rope_inv_freq"] = inv_freq = inv_freq.to(device)
-        cos, sin = rope_cos_sin(positions, inv_freq.to(device), self._rope_factor, self.cfg.rope_arith)
+        factor = longrope_mscale(self.cfg.yarn, positions, self._rope_factor)  # PhiMoE: short / long mscale
+        cos, sin = rope_cos_sin(positions, inv_freq.to(device), factor, self.cfg.rope_arith)
         key_mask = None
         if attention_mask is not None:
             if attention_mask.shape[-1] != q_offset + n_pos:
@@ -524,7 +540,23 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         tokens = torch.as_tensor(tokens, device=W_U.device)
         if tokens.is_floating_point():
             raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
-        return W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
+        direction = W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
+        return direction / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else direction
+
+    def logit_bias(self) -> Tensor:
+        """``[d_vocab]``: the constant part of every logit that no residual-stream component carries: the
+        final LayerNorm's bias through the unembedding plus the unembedding bias (PhiMoE), divided by
+        ``logits_scaling`` where the architecture has one; zero for RMSNorm models without ``lm_head``
+        bias. What TransformerLens' ``b_U`` holds after folding the final norm: ``cache.logit_attrs``
+        components sum to the logits minus this."""
+        W_U = self.unembed.w_u
+        out = torch.zeros(W_U.shape[0], device=W_U.device, dtype=W_U.dtype)
+        b = getattr(self.ln_final, "b", None)
+        if b is not None:
+            out = out + F.linear(b.to(W_U.device, W_U.dtype), W_U)
+        if self.unembed.b_u is not None:
+            out = out + self.unembed.b_u
+        return out / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else out
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the output biases written into the residual stream before ``layer`` (attention
@@ -535,7 +567,7 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         for l, block in enumerate(self.blocks[:last]):
             b = getattr(block.attn, "b_O", None)
             if b is not None:
-                out = out + b.to(out.device)
+                out = out + b.to(out.device) * self.cfg.residual_multiplier
             if include_mlp_biases and l < layer:
                 b = getattr(block.mlp, "b_out", None)
                 if b is not None:
@@ -552,8 +584,8 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         for name, p in weights:
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
-            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
-                continue
+            if name.endswith("router.b_correction") and not self.cfg.correction_bias_counted:
+                continue  # a buffer in transformers (DeepSeek-V3, MiniMax-M2): not counted there
             n = p.numel()
             if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k

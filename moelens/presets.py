@@ -1,6 +1,7 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
-gpt-oss-120b.
+gpt-oss-120b, the Qwen3.5/3.6 and Qwen3-Next hybrids, Granite-3.1 MoE (1B-A400M, 3B-A800M), MiniMax-M2,
+Phi-3.5-MoE (structure only: its LongRoPE factors are left out) and ERNIE-4.5 (21B-A3B, 300B-A47B).
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -829,6 +830,253 @@ PRESET_INFO.update({
             "0.25, rope base 1e7, vocab 151936, norm_topk_prob true: class defaults (docstring checkpoint "
             "Qwen/Qwen3-Next-80B-A3B-Instruct) and the public Megatron config (THUDM/slime); intermediate_size "
             "5120 (no dense layers, so inert), bos/eos 151643/151645 as in the Qwen3 family. MTP weights skipped"
+        ),
+    },
+})
+
+
+# ------------------------------------------------ Granite MoE, MiniMax-M2, ERNIE-4.5-MoE (MOE_ARCHITECTURES_2026.md §7)
+def _granite_3_1_moe(**changes: Any) -> dict[str, Any]:
+    """ibm-granite/granite-3.1-1b-a400m-instruct's hub config.json (a public copy: leok7v/nano-lamma
+    models/granite-3.1-1b-a400m-instruct/config.json, commit c16de35338caf09b95babaf32b082f44aaad1883),
+    with ``changes`` for the 3B-A800M."""
+    cfg = {
+        "architectures": ["GraniteMoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attention_multiplier": 0.015625,
+        "bos_token_id": 0,
+        "embedding_multiplier": 12.0,
+        "eos_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "intermediate_size": 512,
+        "logits_scaling": 6.0,
+        "max_position_embeddings": 131072,
+        "model_type": "granitemoe",
+        "num_attention_heads": 16,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 32,
+        "output_router_logits": False,
+        "pad_token_id": 0,
+        "residual_multiplier": 0.22,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1500000.0,
+        "router_aux_loss_coef": 0.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.47.0",
+        "use_cache": True,
+        "vocab_size": 49155,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def _ernie_4_5_moe(**changes: Any) -> dict[str, Any]:
+    """baidu/ERNIE-4.5-21B-A3B-PT's config.json fields as quoted in public copies (Ascend MindIE's ERNIE-MoE
+    tests, atb_llm ``FAKE_CONFIG_DICT``; an ``llm_memory_calculator`` fixture), with ``changes`` for the 300B."""
+    cfg = {
+        "architectures": ["Ernie4_5_MoeForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 2560,
+        "intermediate_size": 12288,
+        "max_position_embeddings": 131072,
+        "model_type": "ernie4_5_moe",
+        "moe_intermediate_size": 1536,
+        "moe_k": 6,
+        "moe_layer_end_index": 27,
+        "moe_layer_interval": 1,
+        "moe_layer_start_index": 1,
+        "moe_num_experts": 64,
+        "moe_num_shared_experts": 2,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "use_bias": False,
+        "use_cache": False,
+        "vocab_size": 103424,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+PRESETS.update({
+    "ibm-granite/granite-3.1-1b-a400m-instruct": _granite_3_1_moe(),
+    "ibm-granite/granite-3.1-3b-a800m-instruct": _granite_3_1_moe(
+        hidden_size=1536, num_attention_heads=24, num_hidden_layers=32, num_local_experts=40, rope_theta=10000000.0,
+    ),
+    "MiniMaxAI/MiniMax-M2": {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "attn_type_list": [1] * 62,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 3072,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 196608,
+        "model_type": "minimax_m2",
+        "mtp_transformer_layers": 1,
+        "num_attention_heads": 48,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 62,
+        "num_key_value_heads": 8,
+        "num_local_experts": 256,
+        "num_mtp_modules": 3,
+        "qk_norm_type": "per_layer",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "rotary_dim": 64,
+        "scoring_func": "sigmoid",
+        "shared_intermediate_size": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.1",
+        "use_cache": True,
+        "use_mtp": True,
+        "use_qk_norm": True,
+        "use_routing_bias": True,
+        "vocab_size": 200064,
+        "quantization_config": {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128],
+                                "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
+    },
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "architectures": ["PhimoeForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "input_jitter_noise": 0.01,
+        "intermediate_size": 6400,
+        "lm_head_bias": True,
+        "max_position_embeddings": 131072,
+        "model_type": "phimoe",
+        "num_attention_heads": 32,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "original_max_position_embeddings": 4096,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.01,
+        "sliding_window": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 32064,
+    },
+    "baidu/ERNIE-4.5-21B-A3B-PT": _ernie_4_5_moe(),
+    "baidu/ERNIE-4.5-300B-A47B-PT": _ernie_4_5_moe(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=54,
+        moe_num_shared_experts=0, moe_layer_start_index=3, moe_layer_end_index=53, moe_intermediate_size=3584, moe_k=8,
+    ),
+})
+ALIASES.update({
+    "granite-3.1-1b-a400m": "ibm-granite/granite-3.1-1b-a400m-instruct",
+    "granite-3.1-3b-a800m": "ibm-granite/granite-3.1-3b-a800m-instruct",
+    "minimax-m2": "MiniMaxAI/MiniMax-M2",
+    "phi-3.5-moe": "microsoft/Phi-3.5-MoE-instruct",
+    "ernie-4.5-21b-a3b": "baidu/ERNIE-4.5-21B-A3B-PT",
+    "ernie-4.5-300b-a47b": "baidu/ERNIE-4.5-300B-A47B-PT",
+})
+PRESET_INFO.update({
+    "ibm-granite/granite-3.1-1b-a400m-instruct": {
+        "alias": "granite-3.1-1b-a400m",
+        "published_params": 1_300_000_000,  # "1.3B parameters, 400M active" (IBM Granite 3.x MoE model cards)
+        "published_tolerance": 0.03,
+        "exact_params": 1_334_628_352,  # meta-device count, = transformers (tied embeddings)
+        "doc_active_params": 400_000_000,  # model card "400M active" (moelens: 0.429 B incl. the tied embedding)
+        "notes": (
+            "the hub config.json field for field, from a public copy (leok7v/nano-lamma "
+            "models/granite-3.1-1b-a400m-instruct/config.json, commit c16de35338caf09b95babaf32b082f44aaad1883): "
+            "24 layers, 1024 wide, 16 q / 8 kv heads, 32 experts of 512, top-8, tied embeddings, multipliers "
+            "embedding 12, attention 1/64, residual 0.22, logits 6; the Granite-3.1-1B-A400M-Base file has the same "
+            "structure"
+        ),
+    },
+    "ibm-granite/granite-3.1-3b-a800m-instruct": {
+        "alias": "granite-3.1-3b-a800m",
+        "published_params": 3_300_000_000,  # "3.3B parameters, 800M active" (IBM Granite 3.x MoE model cards)
+        "exact_params": 3_298_793_472,  # meta-device count, = transformers (tied embeddings)
+        "doc_active_params": 800_000_000,  # model card "800M active" (moelens: 0.883 B incl. the tied embedding)
+        "notes": (
+            f"{_STRUCTURAL}: 32 layers, 1536 wide, 24 q / 8 kv heads, 40 experts of 512, top-8, vocab 49155, tied, "
+            "rope_theta 1e7, max_position 131072 as quoted in a public planner fixture of the hub file "
+            "(GRANITE_31_3B_A800M); the four multipliers, token ids and rms_norm_eps are NOT confirmed by a public "
+            "copy of this file: they are taken equal to the 1B-A400M's (same head_dim 64, so attention 1/64)"
+        ),
+    },
+    "MiniMaxAI/MiniMax-M2": {
+        "alias": "minimax-m2",
+        "published_params": 229_000_000_000,  # "229B total, 10B active" (MOE_ARCHITECTURES_2026.md §9)
+        "exact_params": 228_689_748_992,  # §9 (228.690 B), meta-device count
+        "doc_active_params": 11_030_000_000,  # §9: 11.03 B incl. embeddings (published "10B")
+        "notes": (
+            f"{_STRUCTURAL} (62 layers, 3072 wide, 48 q / 8 kv heads of 128, 256 experts of 1536, vocab 200064); "
+            "rotary_dim 64, rope_theta 5e6, top-8, sigmoid router with routing bias, per-layer QK norm, 3 MTP "
+            "modules, FP8 block-128 quantization_config: the hub file as quoted in a public MiniMax-M2.5 quantisation "
+            "guide (identical fields to M2) and in MOE_ARCHITECTURES_2026.md §7.2 (QuixiAI/MiniMax-M2.1-bf16, "
+            "amd/MiniMax-M2.7-BF16); the file has no bos/eos ids (class defaults 200034 / 200020 apply)"
+        ),
+    },
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "alias": "phi-3.5-moe",
+        "published_params": 41_900_000_000,  # "41.9B total, 6.6B active" (model card)
+        "exact_params": 41_873_153_344,  # meta-device count, = transformers (incl. LayerNorm, attention, lm_head biases)
+        "doc_active_params": 6_600_000_000,  # model card "6.6B active" (moelens: 6.64 B incl. embeddings)
+        "notes": (
+            f"{_STRUCTURAL}: 32 layers, 4096 wide, 32 q / 8 kv heads, 16 experts of 6400, top-2, vocab 32064, "
+            "q/k/v/o, LayerNorm and lm_head biases; router_jitter_noise 0.01 (the sparsemixer threshold), "
+            "sliding_window 131072, eos 32000. NOT the hub file in two respects: the hub's architectures[0] is the "
+            "remote-code name PhiMoEForCausalLM (moelens reads it as PhimoeForCausalLM, as here), and its "
+            "LongRoPE rope_scaling (64 short and 64 long factors, short/long mscale 1.243, original 4096) is left "
+            "out because no public copy of the full factor lists was found: the preset counts parameters and "
+            "plans memory exactly, but computes with plain RoPE; load the checkpoint's own config.json to run it"
+        ),
+    },
+    "baidu/ERNIE-4.5-21B-A3B-PT": {
+        "alias": "ernie-4.5-21b-a3b",
+        "published_params": 21_000_000_000,  # "21B total, 3B activated" (model card; the hub widget says 21.8B)
+        "published_tolerance": 0.04,
+        "exact_params": 21_825_437_888,  # meta-device count, = transformers (incl. the [1, 64] correction biases)
+        "doc_active_params": 3_000_000_000,  # model card "3B activated" (moelens: 3.35 B incl. the tied embedding)
+        "notes": (
+            f"{_STRUCTURAL}: 28 layers (layer 0 dense, 1..27 sparse), 2560 wide, 20 q / 4 kv heads of 128, 64 experts "
+            "of 1536 + 2 shared, top-6, dense width 12288, vocab 103424, tied embeddings, rope_theta 5e5, "
+            "rms_norm_eps 1e-5: the fields quoted by public copies of the hub file (Ascend MindIE atb_llm ERNIE-MoE "
+            "tests; llm_memory_calculator's ERNIE_45_21B_A3B fixture). Fields the hub file carries for Baidu's own "
+            "stack (moe_capacity, moe_gate, moe_use_aux_free, use_rmsnorm, num_nextn_predict_layers, ...) are "
+            "left out; moelens accepts them (ignored or required, see moelens.architectures.ernie4_5_moe)"
+        ),
+    },
+    "baidu/ERNIE-4.5-300B-A47B-PT": {
+        "alias": "ernie-4.5-300b-a47b",
+        "published_params": 300_000_000_000,  # "300B total, 47B activated" (model card)
+        "exact_params": 298_636_913_856,  # meta-device count, = transformers (tied embeddings)
+        "doc_active_params": 47_000_000_000,  # model card "47B activated" (moelens: 47.08 B incl. the tied embedding)
+        "notes": (
+            f"{_STRUCTURAL}: 54 layers (0..2 dense, 3..53 sparse), 8192 wide, 64 q / 8 kv heads of 128, 64 experts of "
+            "3584, no shared expert, top-8, dense width 28672, vocab 103424: the 300B config as quoted in Ascend "
+            "MindIE's ERNIE-MoE router tests (moe_gate topk_fused, tie_word_embeddings true). A FastDeploy test "
+            "fixture of a 300B-shaped config says tie_word_embeddings false (299.48 B); both are within 0.5 % of "
+            "the published 300B, so the count does not settle it"
         ),
     },
 })

@@ -102,6 +102,43 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )),
+    # Granite: all four multipliers away from 1, attention biases (q, k, v and o), GQA
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=3, attention_bias=True,
+        embedding_multiplier=1.7, attention_multiplier=0.09, residual_multiplier=0.6, logits_scaling=0.6,
+        rope_theta=1e5, rms_norm_eps=1e-6,
+    )),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        attention_bias=True, embedding_multiplier=3.0, attention_multiplier=0.09, residual_multiplier=0.6,
+        logits_scaling=2.5, rope_theta=1e5, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    )),
+    # MiniMax-M2: sigmoid router with a selection bias, full-width QK norm, partial RoPE (16 of head_dim 32)
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, rotary_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=3,
+        rope_theta=5e6, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    )),
+    # ERNIE-4.5: MoE in layers 1..2 only (0 and 3 dense), two shared experts, softmax router with a
+    # selection bias, interleaved fp32 RoPE
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=3, moe_num_shared_experts=2,
+        moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, rope_theta=5e5, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )),
+    # PhiMoE: sparsemixer top-2 (threshold 2 x 0.25, wide enough to keep several experts in each softmax),
+    # LayerNorm with biases, q/k/v/o and lm_head biases, LongRoPE switching to the long mscale past 8 positions
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.25,
+        attention_bias=True, lm_head_bias=True, max_position_embeddings=64, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
+                         "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                         "short_mscale": 1.1, "long_mscale": 1.3},
+    )),
 }
 
 
@@ -126,7 +163,8 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
     for name, p in model.named_parameters():
         if p.ndim >= 2:
             std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight",
+                              "block_sparse_moe.router.weight")):
                 std *= router_scale
             if name.endswith("mlp.experts.gate_up_proj") and p.ndim == 3 and "gpt_oss" in type(model).__module__:
                 # gpt-oss: transposed [E, d_model, 2I] bank; x3 so that |gate|, |up| > swiglu_limit=7 happens
@@ -402,3 +440,59 @@ class gpu_code_path:
 
         GPU_CODE_PATH["on"] = self._prev
         return False
+
+
+@torch.no_grad()
+def hf_routing(hf_model, ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """Run a transformers MoE model and capture what each sparse layer's router returned.
+
+    Returns ``(logits, layers)``: ``layers[i] = (router_logits [batch, pos, n_experts], weights
+    [batch, pos, top_k], indices [batch, pos, top_k])`` of the ``i``-th module whose class name ends in
+    ``TopKRouter`` (transformers 5's routers return ``(router_logits, top_k_weights, top_k_index)``),
+    in layer order. The chosen experts and combine weights are transformers' own, not recomputed.
+    """
+    captured = []
+
+    def grab(module, args, out):
+        captured.append(tuple(t.detach() for t in out[:3]))
+
+    handles = [m.register_forward_hook(grab) for m in hf_model.modules() if type(m).__name__.endswith("TopKRouter")]
+    if not handles:
+        raise ValueError(f"{type(hf_model).__name__} has no *TopKRouter module to capture")
+    try:
+        logits = hf_model(ids, attention_mask=attention_mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+    b, p = ids.shape
+    return logits, [tuple(t.reshape(b, p, -1) for t in layer) for layer in captured]
+
+
+@torch.no_grad()
+def assert_routing_matches(model, hf_model, ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                           tol: float = 1e-4, weight_scale: float = 1.0) -> dict:
+    """moelens ``model`` against transformers ``hf_model`` on ``ids``: logits, raw router logits, chosen
+    experts (as sets per position) and combine weights (paired with their experts) agree to ``tol`` at
+    every real (unpadded) position. ``weight_scale``: what moelens folds into its combine weights beyond
+    transformers' (Granite's residual multiplier). Returns the largest differences seen."""
+    theirs, layers = hf_routing(hf_model, ids, attention_mask)
+    ours, cache = model.run_with_cache(ids, attention_mask=attention_mask)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+    worst = {"logits": float((theirs.float() - ours.float())[real].abs().max())}
+    assert worst["logits"] < tol, f"logits differ by {worst['logits']}"
+    assert len(layers) == len(model.cfg.moe_layers), (len(layers), model.cfg.moe_layers)
+    worst["router_logits"] = worst["weights"] = 0.0
+    for (r_logits, r_w, r_idx), l in zip(layers, model.cfg.moe_layers):
+        d = float((cache[f"blocks.{l}.mlp.hook_router_logits"].float() - r_logits.float())[real].abs().max())
+        worst["router_logits"] = max(worst["router_logits"], d)
+        assert d < tol, f"layer {l}: router logits differ by {d}"
+        idx = cache[f"blocks.{l}.mlp.hook_expert_indices"]
+        mine_idx, order = idx.sort(-1)
+        mine_w = cache[f"blocks.{l}.mlp.hook_expert_weights"].gather(-1, order)
+        their_idx, t_order = r_idx.sort(-1)
+        their_w = r_w.gather(-1, t_order) * weight_scale
+        assert torch.equal(mine_idx[real], their_idx[real]), f"layer {l}: chosen experts differ"
+        d = float((mine_w.float() - their_w.float())[real].abs().max())
+        worst["weights"] = max(worst["weights"], d)
+        assert d < tol, f"layer {l}: combine weights differ by {d}"
+    return worst

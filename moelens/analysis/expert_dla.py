@@ -178,6 +178,8 @@ def expert_logit_lens(
         vec = cache.expert_contribution(layer, int(expert))[at]
         routed = bool((cache[f"blocks.{layer}.mlp.hook_expert_indices"][at] == int(expert)).any())
     s = cache["ln_final.hook_scale"][at].float()
+    if model.cfg.normalization_type == "LN":  # LayerNorm (PhiMoE) centres its input: so does the lens
+        vec = vec - vec.mean(-1, keepdim=True)
     W_U = model.W_U  # [d_model, d_vocab]
     d = (vec.float().to(W_U.device) / s.to(W_U.device)) * model.ln_final.scale_weight.float().to(W_U.device)
     logits = d @ W_U.float()  # [d_vocab]
@@ -221,7 +223,10 @@ def expert_weight_lens(
     out_i = torch.empty(len(experts), d_exp, k, dtype=torch.long)
     for g in range(0, len(experts), per_group):
         group = experts[g : g + per_group]
-        dirs = w_down[group].to(dev).float().transpose(1, 2).reshape(-1, cfg.d_model) * w_f  # [G*d_exp, d_model]
+        dirs = w_down[group].to(dev).float().transpose(1, 2).reshape(-1, cfg.d_model)  # [G*d_exp, d_model]
+        if cfg.normalization_type == "LN":  # LayerNorm (PhiMoE) centres its input
+            dirs = dirs - dirs.mean(-1, keepdim=True)
+        dirs = dirs * w_f
         rows = dirs.shape[0]
         chunk = max(k, max_elements // max(rows, 1))
         best_v = torch.full((rows, k), float("-inf"), device=dev)

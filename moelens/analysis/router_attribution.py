@@ -67,7 +67,8 @@ def router_attribution(
     (``heads=True``: each head ``L{l}H{h}`` instead, and the attention output biases as ``bias``;
     a linear-attention layer stays whole), each earlier MLP (``expert_level=True``:
     ``L{l}E{e}`` per routed expert and ``L{l}_shared``; dense layers ``{l}_mlp_out``) and
-    ``router_bias`` (where the router has one, e.g. gpt-oss).
+    ``router_bias`` (where the router has one, e.g. gpt-oss). With LayerNorm (PhiMoE) each component
+    is centred before the scale and the norm's bias is one more component, ``ln_bias``.
     Needs a full cache (``model.run_with_cache(...)``).
     """
     from transformer_lens.utilities import Slice
@@ -94,8 +95,15 @@ def router_attribution(
     W = router.W_router
     scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
     dev = W.device
-    normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
+    c = comps.float().to(dev)
+    ln_bias = getattr(ln2, "b", None)
+    if ln_bias is not None:  # LayerNorm (PhiMoE): each component centred; its bias is one more component
+        c = c - c.mean(-1, keepdim=True)
+    normed = c / scale.to(dev) * ln2.scale_weight.float().to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
+    if ln_bias is not None:
+        values = torch.cat([values, (ln_bias.float().to(dev) @ W.float().T).expand_as(values[:1])])
+        labels.append("ln_bias")
     b_router = next((getattr(router, n) for n in ("b_router", "b_gate", "bias") if getattr(router, n, None) is not None), None)
     if b_router is not None:
         values = torch.cat([values, b_router.float().to(dev).expand_as(values[:1])])

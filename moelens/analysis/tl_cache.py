@@ -104,7 +104,10 @@ class TLAnalysisMixin:
             z = z * gate
         elif getattr(attn, "W_G", None) is not None:
             return None
-        self.cache_dict[key] = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
+        result = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
+        if cfg.residual_multiplier != 1.0:  # Granite scales the attention update before the residual add
+            result = result * cfg.residual_multiplier
+        self.cache_dict[key] = result
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:

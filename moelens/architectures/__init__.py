@@ -35,6 +35,11 @@ def _register_optional() -> None:
     from moelens.architectures import gpt_oss
 
     ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
+    from moelens.architectures import granitemoe
+    from moelens.architectures import ernie4_5_moe, minimax_m2, phimoe
+
+    for arch in (granitemoe.ARCH, granitemoe.SHARED_ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH, phimoe.ARCH):
+        ARCHITECTURES[arch.name] = arch
 
 
 _register_optional()
@@ -47,11 +52,15 @@ class UnsupportedArchitectureError(ValueError):
 # hub model_types that transformers does not register, read as another architecture
 # (contract, "Loading": Kimi-K2's checkpoints are DeepSeek-V3)
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+# hub ``architectures[0]`` names of remote-code checkpoints whose model transformers implements under
+# another class name (microsoft/Phi-3.5-MoE-instruct's config.json says PhiMoEForCausalLM)
+ARCHITECTURE_ALIASES = {"PhiMoEForCausalLM": "PhimoeForCausalLM"}
 
 
 def get_architecture(hf_config: dict) -> Architecture:
     names = hf_config.get("architectures") or []
     name = names[0] if names else None
+    name = ARCHITECTURE_ALIASES.get(name, name)
     if name is None:
         by_type = {a.model_type: a for a in ARCHITECTURES.values()}
         model_type = MODEL_TYPE_ALIASES.get(hf_config.get("model_type"), hf_config.get("model_type"))

@@ -95,7 +95,7 @@ def rope_dict(hf: dict) -> dict:
     return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
 
 
-def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:
+def rope_settings(hf: dict, arch: str, allow_yarn: bool = False, allow_longrope: bool = False) -> dict:
     """theta and scaling from v5 ``rope_parameters`` or the legacy ``rope_theta``/``rope_scaling``
     (the dict's own ``rope_theta`` first, then the top-level field, as transformers reads them)."""
     scaling = rope_dict(hf)
@@ -108,9 +108,22 @@ def rope_settings(hf: dict, arch: str, allow_yarn: bool = False) -> dict:
     if rope_type == "yarn" and allow_yarn:
         return {"rope_theta": float(theta) if theta is not None else None,
                 "rope_scaling": tuple(sorted((k, v) for k, v in scaling.items() if v is not None))}
+    if rope_type == "longrope" and allow_longrope:  # PhiMoE: per-dim factors, short/long mscale
+        fields = ("short_factor", "long_factor", "short_mscale", "long_mscale", "original_max_position_embeddings")
+        missing = [k for k in fields if scaling.get(k) is None and not (k == "original_max_position_embeddings"
+                                                                      and hf.get(k) is not None)]
+        if missing:
+            raise UnsupportedConfigError(f"{arch}: longrope rope scaling needs {', '.join(missing)}")
+        original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        items = {k: tuple(float(f) for f in scaling[k]) if k.endswith("_factor") else float(scaling[k])
+                 for k in fields[:4]}
+        return {"rope_theta": float(theta) if theta is not None else None,
+                "rope_scaling": tuple(sorted({**items, "rope_type": "longrope",
+                                              "original_max_position_embeddings": int(original)}.items()))}
     raise UnsupportedConfigError(
         f"{arch}: rope scaling type {rope_type!r} is not supported by moelens "
-        f"(supported: default{', yarn' if allow_yarn else ''}). Remove `rope_scaling` or open an issue."
+        f"(supported: default{', yarn' if allow_yarn else ''}{', longrope' if allow_longrope else ''}). "
+        f"Remove `rope_scaling` or open an issue."
     )
 
 

@@ -162,7 +162,7 @@ class Attention(GQAViews, nn.Module):
         self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
         if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = w_o (z * sigmoid(W_G x)), per head
             self.W_G = nn.Parameter(torch.empty(h * d, dm))
-        self.scale = d**-0.5
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else d**-0.5  # Granite: attention_multiplier
         self.hook_q = ShapedHookPoint("batch pos head d_head")
         self.hook_k = ShapedHookPoint("batch pos kv_head d_head")
         self.hook_v = ShapedHookPoint("batch pos kv_head d_head")
@@ -209,4 +209,7 @@ class Attention(GQAViews, nn.Module):
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
         if cfg.attn_output_gate:
             z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
-        return F.linear(z.reshape(b, p, -1), self.w_o, self.b_O)
+        out = F.linear(z.reshape(b, p, -1), self.w_o, self.b_O)
+        if cfg.residual_multiplier != 1.0:  # Granite: the update is scaled before the residual add
+            out = out * cfg.residual_multiplier
+        return out

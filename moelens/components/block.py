@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from moelens.components.attention import Attention, AttentionContext
 from moelens.components.mlp import GatedMLP
 from moelens.components.moe import MoE
-from moelens.components.norm import RMSNorm
+from moelens.components.norm import make_norm
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
 
@@ -34,14 +34,12 @@ class TransformerBlock(nn.Module):
         self.is_moe = layer in cfg.moe_layers
         # registration order = execution order, so `model.hook_dict` lists hooks as they fire
         self.hook_resid_pre = ShapedHookPoint("batch pos d_model")
-        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
-                           weight_fp32=cfg.norm_weight_fp32)
+        self.ln1 = make_norm(cfg, cfg.d_model)
         self.is_linear_attn = layer in cfg.linear_attn_layers  # mixer = Gated DeltaNet, not attention
         self.attn = make_attention(cfg, layer)
         self.hook_attn_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_mid = ShapedHookPoint("batch pos d_model")
-        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
-                           weight_fp32=cfg.norm_weight_fp32)
+        self.ln2 = make_norm(cfg, cfg.d_model)
         self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_post = ShapedHookPoint("batch pos d_model")

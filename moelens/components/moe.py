@@ -7,11 +7,12 @@ Hook points (all ``[batch, pos, ...]``):
 ``hook_router_selection_scores``  DeepSeek-V3 family only: ``scores + e_score_correction_bias``,
                         what top-k selects on ``[batch, pos, n_experts]`` (fp32)
 ``hook_expert_indices`` chosen experts ``[batch, pos, top_k]`` int64 (editing it re-routes)
-``hook_expert_weights`` final combine weight per slot ``[batch, pos, top_k]``
+``hook_expert_weights`` final combine weight per slot (Granite: times ``residual_multiplier``) ``[batch, pos, top_k]``
 ``hook_expert_out``     unweighted output of each slot's expert ``[batch, pos, top_k, d_model]``
 ``hook_routed_out``     ``sum_slots weight * expert_out`` ``[batch, pos, d_model]``
 ``hook_shared_gate``    Qwen2-MoE only: ``sigmoid(x . w)`` ``[batch, pos, 1]``
-``hook_shared_out``     shared-expert output after its gate ``[batch, pos, d_model]``
+``hook_shared_out``     shared-expert output after its gate (Granite: times ``residual_multiplier``)
+                        ``[batch, pos, d_model]``
 
 The block's output is ``routed + shared``; the enclosing block hooks it as ``hook_mlp_out``.
 Combine numerics follow transformers' default (grouped_mm) backend: per-slot products in
@@ -61,7 +62,7 @@ class MoE(MoEViews, nn.Module):
         logits = self.hook_router_logits(self.router.logits(x))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
-        if self.cfg.router_order == "topk_softmax" and has_hooks(self.hook_router_scores):
+        if self.cfg.router_order in ("topk_softmax", "sparsemixer") and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
         if self.cfg.router_correction_bias:
@@ -80,6 +81,8 @@ class MoE(MoEViews, nn.Module):
         shared = self.shared_experts(x)
         if self.cfg.shared_gate:
             shared = self.hook_shared_gate(torch.sigmoid(F.linear(x, self.W_shared_gate))) * shared
+        if self.cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier
+            shared = shared * self.cfg.residual_multiplier
         return routed + self.hook_shared_out(shared)
 
     def _check_scores_unedited(self, raw: Tensor, scores: Tensor) -> None:

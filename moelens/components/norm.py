@@ -91,3 +91,51 @@ class RMSNorm(nn.Module):
         if self.zero_centered:  # (1 + w) multiplied in fp32, cast after (Qwen3.5 / Qwen3-Next)
             return self.hook_normalized((y * (1.0 + self.w.float())).to(x.dtype))
         return self.hook_normalized(self.w * y.to(x.dtype))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and a bias over the last axis (PhiMoE), as ``torch.nn.LayerNorm``.
+
+    ``hook_scale`` (TransformerLens' LayerNorm convention) is ``sqrt(var(x) + eps)`` of the centred input,
+    fp32, ``[batch, pos, 1]``; ``hook_normalized`` the output. Unedited, the output is
+    ``F.layer_norm(x, w, b, eps)`` bit for bit (what transformers runs); an edited ``hook_scale`` gives
+    ``w * (x - mean) / scale + b``.
+    """
+
+    def __init__(self, d: int, eps: float, hooked: bool = True, dims: str = "batch pos d_model"):
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = False
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        if hooked:
+            self.hook_scale = ShapedHookPoint(" ".join(dims.split()[:-1] + ["1"]))
+            self.hook_normalized = ShapedHookPoint(dims)
+        else:
+            self.hook_scale = self.hook_normalized = None
+
+    @property
+    def scale_weight(self) -> Tensor:
+        return self.w
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        out = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        if self.hook_normalized is None:
+            return out
+        if has_hooks(self.hook_scale):
+            x32 = x.float()
+            centred = x32 - x32.mean(-1, keepdim=True)
+            scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            before = scale.clone()
+            seen = self.hook_scale(scale)
+            if not torch.equal(seen, before):  # edited (returned or in place)
+                out = (centred / seen * self.w.float() + self.b.float()).to(x.dtype)
+        return self.hook_normalized(out)
+
+
+def make_norm(cfg, d: int) -> nn.Module:
+    """The pre-norm a config selects (``cfg.norm_type``): RMSNorm (with its zero-centred / fp32-weight
+    variants) or LayerNorm with bias."""
+    if cfg.norm_type == "layer":
+        return LayerNorm(d, cfg.rms_norm_eps)
+    return RMSNorm(d, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered, weight_fp32=cfg.norm_weight_fp32)

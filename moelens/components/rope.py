@@ -34,6 +34,11 @@ def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tup
     inv_freq = 1.0 / (theta**exponents)
     if not yarn:
         return inv_freq, 1.0
+    if yarn.get("rope_type") == "longrope":
+        # transformers' PhiMoE rotary embedding always divides by the short factors (its init function is
+        # called without a sequence length); only the cos/sin scale switches, see longrope_mscale
+        ext = torch.tensor(yarn["short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * theta**exponents), float(yarn["short_mscale"])
     factor = float(yarn["factor"])
     orig = float(yarn["original_max_position_embeddings"])
     beta_fast = float(yarn.get("beta_fast") or 32)
@@ -60,6 +65,15 @@ def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tup
     inv_interp = 1.0 / (factor * theta**exponents)
     inv_freq = inv_interp * (1 - keep) + inv_freq * keep
     return inv_freq, attention_factor
+
+
+def longrope_mscale(rope: Optional[dict], positions: Tensor, default: float) -> float:
+    """PhiMoE's cos/sin scale: ``long_mscale`` once the forward's largest position + 1 exceeds
+    ``original_max_position_embeddings``, else ``short_mscale`` (``default`` without LongRoPE)."""
+    if not rope or rope.get("rope_type") != "longrope":
+        return default
+    long = int(positions.max()) + 1 > rope["original_max_position_embeddings"]
+    return float(rope["long_mscale"] if long else rope["short_mscale"])
 
 
 def yarn_softmax_scale(yarn: Optional[dict]) -> float:

@@ -34,6 +34,15 @@ still holds the fp32 softmax over *all* experts (the contract's meaning); its to
 equals gpt-oss's weights mathematically, but the weights and the selection are computed from the
 logits, as transformers does (same dtype, same ties).
 
+Granite (``router_order="topk_softmax"``, ``router_dtype="model_upcast"``): model-dtype logits upcast
+to fp32, top-k of the logits, fp32 softmax over the k, times ``residual_multiplier``, cast to the
+model dtype. ERNIE-4.5: fp32 softmax scores, ``b_correction`` added for selection (sorted top-k),
+weights renormalised by ``clamp(sum, min=router_renorm_min)``. MiniMax-M2: sigmoid scores,
+``b_correction`` for selection (unsorted top-k, no groups), weights renormalised (no epsilon), fp32.
+
+PhiMoE (``router_order="sparsemixer"``): top-k of the model-dtype logits (sorted); each slot's weight
+from :func:`sparsemixer_weights` (a softmax over the logits near the chosen one), not renormalised.
+
 Forced routing: :meth:`Router.weights` gathers the combine weights from the scores at whatever
 indices it is given, so editing ``hook_expert_indices`` re-routes and the weights follow the
 architecture's rule (renormalised over the forced set where the architecture renormalises).
@@ -83,6 +92,8 @@ class Router(nn.Module):
         b = self.b_router
         if self.cfg.router_dtype == "float32":
             return F.linear(x.float(), self.W_router.float(), None if b is None else b.float())
+        if self.cfg.router_dtype == "model_upcast":  # Granite: model-dtype matmul, fp32 logits
+            return F.linear(x, self.W_router, b).float()
         return F.linear(x, self.W_router, b)
 
     def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
@@ -100,6 +111,17 @@ class Router(nn.Module):
         self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.router_order == "sparsemixer":
+            if logits is None:
+                raise ValueError("router_order='sparsemixer' selects on the logits: pass logits=")
+            # transformers: slot by slot, the first maximal logit (Tensor.max), earlier slots excluded; ties
+            # (frequent in bf16) resolve to the lower expert index, which topk does not promise
+            remaining, chosen = logits, []
+            for _ in range(cfg.top_k):
+                idx = remaining.max(dim=-1, keepdim=True).indices
+                chosen.append(idx)
+                remaining = remaining.scatter(-1, idx, float("-inf"))
+            return torch.cat(chosen, dim=-1)
         if cfg.router_order == "topk_softmax":
             if logits is None:
                 raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
@@ -124,16 +146,48 @@ class Router(nn.Module):
         logits: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if cfg.router_order == "sparsemixer":
+            if logits is None:
+                raise ValueError("router_order='sparsemixer' weights the logits: pass logits=")
+            return sparsemixer_weights(logits, indices, cfg.router_jitter_eps)
         if cfg.router_order == "topk_softmax":
             # softmax over the logits of the chosen (or forced) experts, in the logits' dtype
             if logits is None:
                 raise ValueError("router_order='topk_softmax' weights the logits: pass logits=")
             chosen = logits.gather(-1, indices)
-            return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
+            w = torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
+            if cfg.residual_multiplier != 1.0:
+                w = w * cfg.residual_multiplier
+            return w.to(dtype) if cfg.router_weights_dtype == "model" else w
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             denominator = w.sum(dim=-1, keepdim=True)
+            if cfg.router_renorm_min:  # ERNIE-4.5: clamp(sum, min=moe_norm_min)
+                denominator = denominator.clamp(min=cfg.router_renorm_min)
             w = w / (denominator + cfg.router_renorm_eps if cfg.router_renorm_eps else denominator)
         if cfg.routed_scaling_factor != 1.0:
             w = w * cfg.routed_scaling_factor
+        if cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier, folded into the combine
+            w = w * cfg.residual_multiplier
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w
+
+
+def sparsemixer_weights(
+    logits: Float[Tensor, "batch pos n_experts"], indices: Int[Tensor, "batch pos top_k"], eps: float
+) -> Float[Tensor, "batch pos top_k"]:
+    """PhiMoE's "sparsemixer" combine weights, as transformers computes them in eval mode, in the logits'
+    dtype. For slot ``j`` with chosen expert ``e_j`` (logit ``t = logits[e_j]``): the experts of the earlier
+    slots are excluded (-inf), so is every expert with ``(t - logit) / max(|logit|, t) > 2 eps``; the
+    weight is the softmax of what remains, at ``e_j``. (transformers hard-codes two slots; the rule
+    extends to any number, and to forced experts.)"""
+    remaining = logits
+    weights = []
+    for j in range(indices.shape[-1]):
+        idx = indices[..., j : j + 1]
+        threshold = logits.gather(-1, idx)
+        factor = logits.abs().clamp(min=threshold)
+        far = ((threshold - logits) / factor) > (2 * eps)
+        gates = torch.softmax(remaining.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, idx))
+        remaining = remaining.scatter(-1, idx, float("-inf"))
+    return torch.cat(weights, dim=-1)

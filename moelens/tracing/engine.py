@@ -139,7 +139,10 @@ class SuffixEngine:
         ids = getattr(self.metric, "token_ids", None)
         if ids is not None and getattr(self.metric, "position", None) == -1:
             # the metric declares the few logits it reads: unembed only those rows of unembed.w_u (columns of W_U)
-            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids]))
+            b_u = self.model.unembed.b_u
+            logits = torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids], None if b_u is None else b_u[ids])
+            scaling = self.model.unembed.logits_scaling  # Granite divides its logits
+            return self.metric.from_token_logits(logits / scaling if scaling != 1.0 else logits)
         return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- gradients on a suffix

@@ -31,6 +31,7 @@ DOC_ACTIVE = {
     # MOE_ARCHITECTURES_2026.md §9 (expert biases count k/E); without both embedding matrices
     "openai/gpt-oss-20b": (4.19e9, 3.03e9),
     "openai/gpt-oss-120b": (5.71e9, 4.55e9),
+    "MiniMaxAI/MiniMax-M2": (11.03e9, 11.03e9 - 2 * 200064 * 3072),  # §9
 }
 
 
@@ -59,11 +60,11 @@ def moelens_meta(name):
 def hf_active(model, cfg: dict) -> int:
     """Active parameters per token of a transformers model: routed expert banks
     (``mlp.experts.gate_up_proj`` / ``down_proj`` and gpt-oss's ``*_bias``, shape ``[E, ...]``) count ``k/E``."""
-    k = cfg["num_experts_per_tok"]
+    k = cfg["num_experts_per_tok"] if "num_experts_per_tok" in cfg else cfg["moe_k"]  # ERNIE: moe_k
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
+        if re.search(r"\.(mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -118,7 +119,7 @@ def test_preset_looks_like_a_hub_config(name):
     cfg = presets.get_preset(name)
     info = presets.PRESET_INFO[name]
     assert isinstance(cfg["architectures"], list) and len(cfg["architectures"]) == 1
-    assert cfg["model_type"] and cfg["tie_word_embeddings"] is False
+    assert cfg["model_type"] and isinstance(cfg["tie_word_embeddings"], bool)
     if "rope_parameters" in cfg:  # transformers-5-era hub files (Qwen3.5) nest it
         assert "rope_theta" in cfg["rope_parameters"] and "rope_theta" not in cfg
     else:  # older hub files use the legacy top-level rope_theta
@@ -204,8 +205,9 @@ def test_active_params(name):
     active_no_emb = model.n_params(active=True, include_embeddings=False)
     # exactly what the transformers model gives when only k of E routed experts count
     assert active == hf_active(hf_meta(name), cfg)
-    # embeddings + unembedding (untied) are what separates the two numbers
-    assert active - active_no_emb == 2 * cfg["vocab_size"] * cfg["hidden_size"]
+    # embeddings + unembedding (one matrix when tied) are what separates the two numbers
+    n_emb = 1 if cfg["tie_word_embeddings"] else 2
+    assert active - active_no_emb == n_emb * cfg["vocab_size"] * cfg["hidden_size"]
     if name in DOC_ACTIVE:
         doc_with, doc_without = DOC_ACTIVE[name]
         assert abs(active - doc_with) / doc_with < 0.005

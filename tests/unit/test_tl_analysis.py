@@ -38,6 +38,8 @@ def test_logit_attrs_sum_to_logits(runs, arch):
     assert (model.ln_final.w - 1).abs().max() > 1e-3  # the final norm weight matters in this test
     t = 17
     with torch.no_grad():
+        # the constant no component carries (PhiMoE: final LayerNorm bias and lm_head bias; else zero)
+        logits = logits - model.logit_bias()
         for kw in ({}, {"expert_level": True}):
             stack = cache.decompose_resid(pos_slice=-1, **kw)
             attrs = cache.logit_attrs(stack, tokens=t, pos_slice=-1)
@@ -58,10 +60,14 @@ def test_accumulated_resid_apply_ln_gives_logits(runs, arch):
     with torch.no_grad():
         acc, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
         assert labels[-1] == "final_post" and len(labels) == model.cfg.n_layers + 1
-        torch.testing.assert_close(acc[-1] @ model.W_U, logits, **TOL)
-        # intermediate layer: divided by that layer's ln1 scale
+        # logits = resid_final @ W_U + b_U (PhiMoE's lm_head bias is b_U, not in the residual stream)
+        torch.testing.assert_close(acc[-1] @ model.W_U + model.b_U, logits, **TOL)
+        # intermediate layer: divided by that layer's ln1 scale (LayerNorm: centred first, as TransformerLens)
         acc1 = cache.accumulated_resid(layer=1, apply_ln=True)
-        torch.testing.assert_close(acc1[-1], cache["resid_pre", 1] / cache["blocks.1.ln1.hook_scale"], **TOL)
+        resid = cache["resid_pre", 1]
+        if model.cfg.normalization_type == "LN":
+            resid = resid - resid.mean(-1, keepdim=True)
+        torch.testing.assert_close(acc1[-1], resid / cache["blocks.1.ln1.hook_scale"], **TOL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
