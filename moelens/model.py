@@ -567,7 +567,7 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         for l, block in enumerate(self.blocks[:last]):
             b = getattr(block.attn, "b_O", None)
             if b is not None:
-                out = out + b.to(out.device) * self.cfg.residual_multiplier
+                out = out + b.to(out.device)  # the view: Granite's residual multiplier folded in
             if include_mlp_biases and l < layer:
                 b = getattr(block.mlp, "b_out", None)
                 if b is not None:

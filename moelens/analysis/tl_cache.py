@@ -104,10 +104,8 @@ class TLAnalysisMixin:
             z = z * gate
         elif getattr(attn, "W_G", None) is not None:
             return None
-        result = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
-        if cfg.residual_multiplier != 1.0:  # Granite scales the attention update before the residual add
-            result = result * cfg.residual_multiplier
-        self.cache_dict[key] = result
+        # W_O has Granite's residual multiplier folded in (it scales the attention update)
+        self.cache_dict[key] = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:

@@ -89,7 +89,7 @@ def correction_bias(t, cfg):
 
 
 ERNIE_RULES = (
-    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_O"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_o"),
     # hub key, and transformers 5's in-memory name
     KeyRule("model.layers.{L}.mlp.moe_statics.e_score_correction_bias", ("blocks.{L}.mlp.router.b_correction",),
             "convert", convert=correction_bias),

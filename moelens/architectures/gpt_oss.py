@@ -86,7 +86,7 @@ def translate(hf: dict) -> dict:
 
 
 GPT_OSS_RULES = (
-    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_O"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_o"),
     KeyRule("model.layers.{L}.self_attn.sinks", "blocks.{L}.attn.sinks"),
     KeyRule("model.layers.{L}.mlp.router.weight", "blocks.{L}.mlp.router.W_router"),
     KeyRule("model.layers.{L}.mlp.router.bias", "blocks.{L}.mlp.router.b_router"),

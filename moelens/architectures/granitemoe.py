@@ -64,7 +64,7 @@ def split_gate_up(t: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return gate, up
 
 
-ATTN_O_BIAS = (KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_O"),)
+ATTN_O_BIAS = (KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_o"),)
 
 EXPERT_RULES = (
     # hub layout (fused banks under the original names)

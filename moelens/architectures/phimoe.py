@@ -66,7 +66,7 @@ NORM_RULES = (
     KeyRule("model.layers.{L}.input_layernorm.bias", "blocks.{L}.ln1.b"),
     KeyRule("model.layers.{L}.post_attention_layernorm.bias", "blocks.{L}.ln2.b"),
     KeyRule("lm_head.bias", "unembed.b_u"),
-    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_O"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_o"),
 )
 
 FUSED_RULES = (  # transformers 5's in-memory layout (the router is renamed mlp.router)

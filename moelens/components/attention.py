@@ -158,7 +158,7 @@ class Attention(GQAViews, nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm_w = nn.Parameter(torch.ones(h * d))
             self.k_norm_w = nn.Parameter(torch.ones(kv * d))
-        self.b_O = nn.Parameter(torch.zeros(dm)) if cfg.attn_o_bias else None
+        self.b_o = nn.Parameter(torch.zeros(dm)) if cfg.attn_o_bias else None
         self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
         if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = w_o (z * sigmoid(W_G x)), per head
             self.W_G = nn.Parameter(torch.empty(h * d, dm))
@@ -209,7 +209,7 @@ class Attention(GQAViews, nn.Module):
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks))
         if cfg.attn_output_gate:
             z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
-        out = F.linear(z.reshape(b, p, -1), self.w_o, self.b_O)
+        out = F.linear(z.reshape(b, p, -1), self.w_o, self.b_o)
         if cfg.residual_multiplier != 1.0:  # Granite: the update is scaled before the residual add
             out = out * cfg.residual_multiplier
         return out

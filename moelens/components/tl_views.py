@@ -111,7 +111,20 @@ class GQAViews:
 
     @property
     def W_O(self) -> Tensor:
-        return _heads_out(self.w_o, self.cfg.n_heads)
+        """``[head, d_head, d_model]``; Granite's residual multiplier (which scales the attention
+        update) folded in, so ``sum_h z_h @ W_O[h] + b_O`` is ``hook_attn_out``."""
+        w = _heads_out(self.w_o, self.cfg.n_heads)
+        rm = getattr(self.cfg, "residual_multiplier", 1.0)
+        return w * rm if rm != 1.0 else w
+
+    @property
+    def b_O(self) -> Optional[Tensor]:
+        """``[d_model]``: the output projection's bias (stored as ``b_o``), Granite's residual
+        multiplier folded in as in :attr:`W_O`; None where the attention has none."""
+        if self.b_o is None:
+            return None
+        rm = getattr(self.cfg, "residual_multiplier", 1.0)
+        return self.b_o * rm if rm != 1.0 else self.b_o
 
     @property
     def b_Q(self) -> Optional[Tensor]:

@@ -49,15 +49,24 @@ def test_embed_unembed(runs, arch):
     cfg = model.cfg
     assert model.W_E.shape == (cfg.d_vocab, cfg.d_model)
     assert model.W_U.shape == (cfg.d_model, cfg.d_vocab) and model.unembed.W_U.shape == (cfg.d_model, cfg.d_vocab)
-    assert model.b_U.shape == (cfg.d_vocab,) and not model.b_U.any()
+    # b_U: the hub's lm_head bias (PhiMoE), zeros elsewhere; Granite's logits_scaling divides both
+    scaling = cfg.logits_scaling
+    hub_bias = hf.lm_head.bias if hf.lm_head.bias is not None else torch.zeros(cfg.d_vocab)
+    assert model.b_U.shape == (cfg.d_vocab,)
+    torch.testing.assert_close(model.b_U, hub_bias / scaling, atol=0, rtol=0)
     # W_U[:, t] is token t's unembedding direction: row t of the hub's lm_head (t < d_model included)
     for t in (3, cfg.d_model - 1, cfg.d_vocab - 1):
-        torch.testing.assert_close(model.W_U[:, t], hf.lm_head.weight[t], atol=0, rtol=0)
+        torch.testing.assert_close(model.W_U[:, t], hf.lm_head.weight[t] / scaling, atol=0, rtol=0)
     torch.testing.assert_close(model.W_E, hf.model.embed_tokens.weight, atol=0, rtol=0)
     # logits = ln_final(resid) @ W_U + b_U; resid @ W_U equals the logits up to the final norm
     torch.testing.assert_close(cache["ln_final.hook_normalized"] @ model.W_U + model.b_U, logits, **TOL)
     resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
-    by_hand = (resid / cache["ln_final.hook_scale"]) @ (model.ln_final.scale_weight[:, None] * model.W_U)
+    if cfg.normalization_type == "LN":  # LayerNorm (PhiMoE) centres, and adds its bias through W_U
+        resid = resid - resid.mean(-1, keepdim=True)
+    by_hand = (resid / cache["ln_final.hook_scale"]) @ (model.ln_final.scale_weight[:, None] * model.W_U) + model.b_U
+    ln_bias = getattr(model.ln_final, "b", None)
+    if ln_bias is not None:
+        by_hand = by_hand + ln_bias @ model.W_U
     torch.testing.assert_close(by_hand, logits, **TOL)
     # negative control: a different column is not the token's direction
     assert not torch.allclose(model.W_U[:, 3], hf.lm_head.weight[4])
@@ -79,9 +88,10 @@ def test_attention_weights_match_hub_projections(runs, arch):
         # W_O[h] = columns h*d_head_v.. of o_proj, transposed: [head, d_head_v, d_model]
         assert attn.W_O.shape == (h, dv, dm)
         for head in range(h):
-            torch.testing.assert_close(attn.W_O[head], ref.o_proj.weight[:, head * dv:(head + 1) * dv].T, atol=0, rtol=0)
+            # Granite's residual multiplier (which scales the attention update) is folded into W_O and b_O
+            torch.testing.assert_close(attn.W_O[head], ref.o_proj.weight[:, head * dv:(head + 1) * dv].T * cfg.residual_multiplier, atol=0, rtol=0)
         if ref.o_proj.bias is not None:
-            torch.testing.assert_close(attn.b_O, ref.o_proj.bias, atol=0, rtol=0)
+            torch.testing.assert_close(attn.b_O, ref.o_proj.bias * cfg.residual_multiplier, atol=0, rtol=0)
         if getattr(ref, "q_proj", None) is None:  # MLA with a query low-rank path: no linear W_Q
             assert not hasattr(attn, "W_Q")
             continue
