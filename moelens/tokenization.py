@@ -2,7 +2,7 @@
 
 The methods of TransformerLens' ``HookedTransformer`` with its signatures and results
 (``to_tokens``, ``to_string``, ``to_str_tokens``, ``to_single_token``, ``to_single_str_token``,
-``get_token_position``, ``set_tokenizer``), plus moelens' :meth:`TokenizerMethods.tokenize`, which
+``get_token_position``, ``set_tokenizer``, ``input_to_embed``), plus moelens' :meth:`TokenizerMethods.tokenize`, which
 also returns the attention mask. Differences from TransformerLens, all deliberate:
 
 * BOS is prepended by moelens itself (``prepend_bos``, default ``cfg.default_prepend_bos`` when the
@@ -146,6 +146,21 @@ class TokenizerMethods:
         bos = self.default_prepend_bos() if prepend_bos is None else prepend_bos
         mask = get_attention_mask(tok, tokens, bos, padding_side="left")
         return None if bool(mask.all()) else mask
+
+    def input_to_embed(self, input, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
+                       attention_mask: Optional[Tensor] = None):
+        """TransformerLens' ``input_to_embed``: ``(residual, tokens, None, attention_mask)``, the
+        residual stream entering block 0 (``hook_embed`` applied; no separate positional stream,
+        hence ``None``) and the mask TransformerLens would use (leading pads masked when the
+        tokenizer pads left). ``model(residual, attention_mask=mask, start_at_layer=0)`` resumes the pass."""
+        if _is_text(input):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = input[None] if input.ndim == 1 else input
+        if attention_mask is None:
+            attention_mask = self.input_attention_mask(tokens, prepend_bos)
+        residual = self(tokens, attention_mask=attention_mask, stop_at_layer=0)
+        return residual, tokens, None, attention_mask
 
     # ------------------------------------------------------------------ tokens -> text
     def to_string(self, tokens: Union[Tensor, np.ndarray, Sequence[int], Sequence[Sequence[int]]]) -> Union[str, list[str]]:

@@ -1,6 +1,7 @@
 """Port of TransformerLens' ``tests/integration/test_tokenization_methods.py`` (TransformerLensOrg/
 TransformerLens, branch ``dev-4.x`` at commit 596e584846982c940b1418bc165d61d7c58e9eca; 4.3.0
-has only the TransformerBridge version of this file, with the same assertions).
+has only a TransformerBridge version of it, ``tests/integration/model_bridge/test_tokenization_methods.py``,
+on the same methods).
 
 Changed: the model (the bundled ``moelens-tiny-facts`` and its 727-token BPE tokenizer instead of
 ``solu-1l``'s 48262-token one), hence the expected token ids and strings, the context length

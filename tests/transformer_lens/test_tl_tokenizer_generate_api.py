@@ -84,3 +84,16 @@ def test_loud_errors(model):
     small = HookedMoETransformer.from_config(model.cfg.replace(d_vocab=100), device="meta")
     with pytest.raises(ValueError, match="index past the embedding"):
         small.set_tokenizer(AutoTokenizer.from_pretrained(str(loading.resolve("moelens-tiny-facts"))))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_input_to_embed_resumes_the_forward(model, side):
+    model.tokenizer.padding_side = side
+    with torch.no_grad():
+        residual, tokens, shortformer, mask = model.input_to_embed(PROMPTS)
+        assert shortformer is None and torch.equal(tokens, model.to_tokens(PROMPTS))
+        assert (mask is not None) == (side == "left")  # TransformerLens masks left padding only
+        assert torch.equal(residual, model.W_E[tokens])
+        resumed = model(residual, attention_mask=mask, start_at_layer=0)
+        real = model.tokenize(PROMPTS, padding_side=side)[1].bool()  # trailing right pads: not masked, not compared
+        assert torch.equal(resumed[real], model(PROMPTS)[real])
