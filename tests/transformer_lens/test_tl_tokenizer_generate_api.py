@@ -96,4 +96,4 @@ def test_input_to_embed_resumes_the_forward(model, side):
         assert torch.equal(residual, model.W_E[tokens])
         resumed = model(residual, attention_mask=mask, start_at_layer=0)
         real = model.tokenize(PROMPTS, padding_side=side)[1].bool()  # trailing right pads: not masked, not compared
-        assert torch.equal(resumed[real], model(PROMPTS)[real])
+        assert torch.allclose(resumed[real], model(PROMPTS)[real], atol=1e-5)  # masked vs unmasked kernels round apart
