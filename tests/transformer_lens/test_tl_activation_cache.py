@@ -17,10 +17,12 @@ layer, which has experts, not one hidden layer of neurons; and the ``pos_embed``
 ``get_full_resid_decomposition`` (RoPE, no learned positional embedding): the test checks
 ``embed`` and ``bias`` at their positions without it.
 
-Also changed, where the original encodes a TransformerLens quirk: ``stack_head_results(layer=0,
-incl_remainder=True)`` is compared with the residual stream entering layer 0 (TransformerLens'
-test compares it with the *final* ``resid_post``, because its remainder reads
-``resid_post`` of layer ``0 - 1``, which wraps around); ``test_decompose_resid_including_attention``
+Also changed, where the original encodes a TransformerLens convention or quirk:
+``stack_head_results(layer=0, incl_remainder=True)`` is compared with the residual stream entering
+layer 0 (TransformerLens' test compares it with the *final* ``resid_post``: its remainder reads
+``resid_post`` of layer ``0 - 1``, a convention TransformerLens 4.3 documents for
+``stack_neuron_results`` as "layer=0 is the whole model"; moelens reads ``layer=0`` as "nothing
+before layer 0"); ``test_decompose_resid_including_attention``
 stacks the attention outputs of the two layers that ``layer=1, mlp_input=True`` covers (the
 original writes ``n_layers``, which is 2 in ``solu-2l``); and the single-token ``logit_attrs`` checks
 use the tolerance of the test's first check (``atol=1e-6, rtol=1e-4``) instead of ``isclose``'s
@@ -391,8 +393,9 @@ def test_stack_head_results_including_remainder():
     assert labels[-1] == "remainder"
 
     # TransformerLens compares with cache["resid_post", -1], the *final* residual stream: its
-    # remainder at layer 0 reads resid_post of layer 0 - 1 = -1, which wraps around (a quirk). What
-    # precedes layer 0 is the embedding, resid_pre of layer 0: that is the remainder here.
+    # remainder at layer 0 reads resid_post of layer 0 - 1 = -1 (its "negative-index convention",
+    # documented in 4.3 for stack_neuron_results: layer=0 means the whole model). moelens reads
+    # layer=0 as "the heads before layer 0" (none), so the remainder is what enters layer 0.
     ref_resid_post = cache["resid_pre", 0][None, :, -1]
     per_head_residual, labels = cache.stack_head_results(
         layer=0, pos_slice=-1, incl_remainder=True, return_labels=True
