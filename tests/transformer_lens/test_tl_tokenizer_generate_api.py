@@ -97,3 +97,16 @@ def test_input_to_embed_resumes_the_forward(model, side):
         resumed = model(residual, attention_mask=mask, start_at_layer=0)
         real = model.tokenize(PROMPTS, padding_side=side)[1].bool()  # trailing right pads: not masked, not compared
         assert torch.allclose(resumed[real], model(PROMPTS)[real], atol=1e-5)  # masked vs unmasked kernels round apart
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "deepseek_v2_lite", "gpt_oss"])  # linear attention, MLA, sinks
+def test_generate_from_embeddings_equals_tokens_on_other_layer_kinds(arch):
+    from moelens.testing import tiny_hf_config
+
+    m = HookedMoETransformer.from_config(tiny_hf_config(arch).to_dict(), seed=0)
+    x = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(0))
+    for cache in (True, False):
+        kw = dict(max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False, use_past_kv_cache=cache)
+        from_tokens = m.generate(x, **kw)
+        from_embeds = m.generate(m.W_E[x].detach(), return_type="tokens", **kw)
+        assert torch.equal(from_embeds, from_tokens[:, x.shape[1]:]), (arch, cache)
