@@ -6,6 +6,8 @@ names: no ``hook_pos_embed`` (RoPE: ``attn.hook_rot_q/k`` instead), and each blo
 MoE layer whose hooks (router, chosen experts, their outputs, the combine) replace GPT-2's
 ``mlp.hook_pre/mid/post`` and ``mlp.ln``. The assertion is TransformerLens': the cache holds
 exactly these activations, in the order they are computed, ending with ``unembed.hook_in/out``.
+(The ``tl-weights`` branch has another port of the same test, ``test_tl_cache_hook_names.py``, that
+checks TransformerLens' list as an ordered subsequence; this one keeps TransformerLens' exact equality.)
 """
 
 PROMPT = "Hello World!"
