@@ -139,8 +139,8 @@ class TokenizerMethods:
         tok = self.tokenizer
         if tok is None or getattr(tok, "padding_side", "right") != "left" or tok.pad_token_id is None:
             return None
-        if tokens.ndim != 2 or not bool((tokens[:, 0] == tok.pad_token_id).any()):
-            return None
+        if tokens.ndim != 2 or tokens.device.type == "meta" or not bool((tokens[:, 0] == tok.pad_token_id).any()):
+            return None  # (a meta skeleton's tokens have no values to look at)
         from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
         bos = self.default_prepend_bos() if prepend_bos is None else prepend_bos
