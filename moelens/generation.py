@@ -258,6 +258,28 @@ def longrope_restart(cfg, n_tokens: int, n_cached: int) -> bool:
     return n_tokens >= original + 1 and n_cached <= original
 
 
+_IGNORED_SILENTLY = {"return_dict_in_generate"}  # TransformerLens ignores it; output_logits returns a dict anyway
+
+
+def _hf_kwargs(kwargs: dict) -> None:
+    """Transformers' generation flags that TransformerLens' ``generate`` accepts but ignores:
+    ``return_dict_in_generate`` silently, the others (``output_scores``, ``output_attentions``, ...)
+    with a ``UserWarning``. Anything else is a ``TypeError`` (a typo must not pass unnoticed)."""
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) | {"output_attentions", "output_hidden_states", "output_scores",
+                                                  "output_logits", "return_dict_in_generate"}
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+    ignored = sorted(k for k in kwargs if k not in _IGNORED_SILENTLY)
+    if ignored:
+        import warnings
+
+        warnings.warn(f"moelens generate received unsupported generation kwargs; ignoring: {ignored}", UserWarning,
+                      stacklevel=3)
+
+
 def _position_ids(mask: Tensor) -> Tensor:
     """transformers' rule: ``cumsum(mask) - 1``, padding at 0."""
     pos = mask.long().cumsum(-1) - 1
@@ -267,8 +289,8 @@ def _position_ids(mask: Tensor) -> Tensor:
 def _check_args(model, max_new_tokens, do_sample, top_k, top_p, temperature, freq_penalty, padding_side, return_type):
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if return_type not in ("input", "str", "tokens"):
-        raise ValueError(f"return_type={return_type!r}: use 'input', 'str' or 'tokens'")
+    if return_type not in ("input", "str", "tokens", "embeds"):
+        raise ValueError(f"return_type={return_type!r}: use 'input', 'str', 'tokens' or 'embeds'")
     if padding_side not in (None, "left"):
         raise ValueError(
             f"padding_side={padding_side!r}: generation needs left padding (every row's last "
@@ -319,13 +341,26 @@ def generate(
     interventions: Sequence = (),
     return_routing: bool = False,
     routing_layers: Optional[Sequence[int]] = None,
+    output_logits: bool = False,
+    **generation_kwargs,
 ):
     """Generate ``max_new_tokens`` tokens after ``input`` (TransformerLens' ``generate``).
 
-    ``input``: a string (returns the prompt + continuation as a string, BOS removed), a list of
-    strings (left-padded; returns a list of strings), or tokens ``[batch, pos]`` (returns tokens
-    ``[batch, pos + new]``; pass ``attention_mask`` if they are left-padded). ``return_type``
-    ``"str"``/``"tokens"`` overrides that. ``stop_at_eos``: rows that emit ``eos_token_id``
+    ``input``: a string (returns the prompt + continuation as a string), a list of
+    strings (left-padded; returns a list of strings), tokens ``[batch, pos]`` (returns tokens
+    ``[batch, pos + new]``; pass ``attention_mask`` if they are left-padded, or set
+    ``tokenizer.padding_side = "left"`` to have leading pad tokens masked as TransformerLens does),
+    or embeddings ``[batch, pos, d_model]`` (float; returns embeddings ``[batch, pos + new, d_model]``,
+    the generated tokens' rows being ``W_E[token]``). ``return_type`` ``"str"``, ``"tokens"`` or
+    ``"embeds"`` overrides that; from embeddings, ``"tokens"`` and ``"str"`` give the generated tokens
+    only. Text is decoded with ``skip_special_tokens=True`` (no BOS, EOS padding or pads), one string
+    for one prompt or one row of tokens, a list otherwise (a list of texts always gives a list).
+    ``output_logits=True`` returns transformers' ``GenerateDecoderOnlyOutput`` with ``sequences``
+    (the tokens) and ``logits``, a tuple of ``[batch, d_vocab]`` logits, one per step (before
+    sampling), as TransformerLens. ``return_dict_in_generate`` is accepted and ignored; other
+    transformers generation flags (``output_scores``, ``output_attentions``, ...) are ignored with a
+    ``UserWarning`` (TransformerLens' behaviour); any other keyword is a ``TypeError``.
+    ``stop_at_eos``: rows that emit ``eos_token_id``
     (default: the config's, else the tokenizer's; an int or a list) are finished and padded with
     it; generation stops when all rows are. ``do_sample=False`` is greedy (the sampling options
     must then stay at their defaults); otherwise ``temperature``, ``top_k`` or ``top_p`` (not
@@ -344,27 +379,40 @@ def generate(
     from moelens import patching
 
     _check_args(model, max_new_tokens, do_sample, top_k, top_p, temperature, freq_penalty, padding_side, return_type)
+    _hf_kwargs(generation_kwargs)
     device = model.W_E.device
+    embeds = None  # embeddings given as input: [batch, pos, d_model]
     if _is_text(input):
         input_type = "str" if isinstance(input, str) else "list"
         if attention_mask is not None:
             raise ValueError("attention_mask is only for token input (text is padded for you)")
         tokens, mask = model.tokenize(input, prepend_bos=prepend_bos, padding_side="left")
-        bos = model.default_prepend_bos() if prepend_bos is None else prepend_bos
-    elif isinstance(input, Tensor) and not input.is_floating_point():
-        input_type, bos = "tokens", False
-        tokens = input[None] if input.ndim == 1 else input
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"token input must be [batch, pos] with pos >= 1, got shape {tuple(input.shape)}")
+    elif isinstance(input, Tensor):
+        input_type = "embeds" if input.is_floating_point() else "tokens"
+        if input_type == "embeds":
+            embeds = input[None] if input.ndim == 2 else input
+            if embeds.ndim != 3 or embeds.shape[1] == 0 or embeds.shape[2] != model.cfg.d_model:
+                raise ValueError(f"embeddings input must be [batch, pos, d_model={model.cfg.d_model}], got {tuple(input.shape)}")
+            embeds = embeds.to(device, model.W_E.dtype)
+            tokens = torch.zeros(embeds.shape[:2], dtype=torch.long, device=device)  # placeholders: never embedded
+        else:
+            tokens = input[None] if input.ndim == 1 else input
+            if tokens.ndim != 2 or tokens.shape[1] == 0:
+                raise ValueError(f"token input must be [batch, pos] with pos >= 1, got shape {tuple(input.shape)}")
         mask = attention_mask
+        if mask is None and input_type == "tokens":
+            mask = model.input_attention_mask(tokens.to(device), prepend_bos)  # tokenizer.padding_side == "left"
         if mask is not None:
             mask = mask[None] if mask.ndim == 1 else mask
             if mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal the tokens' {tuple(tokens.shape)}")
+                raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal the input's {tuple(tokens.shape)}")
             if not bool(mask[:, -1].all()):
                 raise ValueError("attention_mask: generation needs left padding (every row's last token real)")
     else:
-        raise TypeError(f"input must be a string, a list of strings or int tokens [batch, pos], got {type(input).__name__}")
+        raise TypeError(
+            "input must be a string, a list of strings, int tokens [batch, pos] or embeddings [batch, pos, d_model], "
+            f"got {type(input).__name__}"
+        )
     tokens = tokens.to(device).long()
     if bool((tokens < 0).any()) or bool((tokens >= model.cfg.d_vocab).any()):
         raise ValueError(f"token ids must be in [0, {model.cfg.d_vocab})")
@@ -378,7 +426,7 @@ def generate(
     padded = mask is not None and not bool(mask.all())
     mask = mask.to(device).long() if padded else None
     if return_type == "input":
-        return_type = "tokens" if input_type == "tokens" else "str"
+        return_type = {"tokens": "tokens", "embeds": "embeds"}.get(input_type, "str")
 
     stop_tokens: list[int] = []
     if stop_at_eos:
@@ -434,6 +482,7 @@ def generate(
         cache = model_cache = GenerationCache(model)
     positions = _position_ids(mask) if padded else None
     n_prompt = tokens.shape[1]
+    step_logits: list[Tensor] = []
     try:
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate", unit="token"):
             step_hooks = patching.to_hooks(model, _present(interventions, tokens.shape[1])) if interventions else []
@@ -443,13 +492,19 @@ def generate(
                     cache = model_cache = GenerationCache(model)  # PhiMoE: recompute with the long mscale
                 first = cache is None or step == 0 or cache.seq_len == 0
                 inp = tokens if first else tokens[:, -1:]
+                if embeds is not None and first:  # embeddings in: the prompt's embeddings, then the generated tokens'
+                    inp = embeds if step == 0 else torch.cat([embeds, model.embed(tokens[:, n_prompt:])], dim=1)
                 pos = None if positions is None else (positions if first else positions[:, -1:])
                 _set_pos_offset(model, 0 if first else tokens.shape[1] - 1)
                 logits = model(inp, attention_mask=mask, past_kv_cache=model_cache, position_ids=pos)
+                if output_logits:
+                    step_logits.append(logits[:, -1, :].clone())
                 final = logits[:, -1, :].float()
                 if do_sample:
+                    # embeddings in: only generated tokens count for the frequency penalty
+                    seen, seen_mask = (tokens[:, n_prompt:], None) if embeds is not None else (tokens, mask)
                     nxt = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
-                                        freq_penalty=freq_penalty, tokens=tokens, token_mask=mask, generator=generator)
+                                        freq_penalty=freq_penalty, tokens=seen, token_mask=seen_mask, generator=generator)
                 else:
                     nxt = final.argmax(dim=-1)
                 nxt = nxt.to(device)
@@ -467,18 +522,25 @@ def generate(
     finally:
         _set_pos_offset(model, None)
 
+    # as TransformerLens: embeddings in -> tokens and text of the generated tokens only
+    sequences = tokens[:, n_prompt:] if embeds is not None else tokens
     if return_type == "tokens":
-        out: Any = tokens
+        out: Any = sequences
+    elif return_type == "embeds":
+        prompt = embeds if embeds is not None else model.embed(tokens[:, :n_prompt])
+        out = torch.cat([prompt, model.embed(tokens[:, n_prompt:])], dim=1)
     else:
         tok = model._require_tokenizer()
         rows = []
         for b in range(batch):
-            ids = tokens[b] if mask is None else tokens[b][mask[b].bool()]
-            ids = ids.tolist()
-            if bos and ids and ids[0] == tok.bos_token_id:
-                ids = ids[1:]
-            rows.append(tok.decode(ids))
-        out = rows[0] if input_type == "str" else rows
+            ids = sequences[b] if mask is None or embeds is not None else sequences[b][mask[b].bool()]
+            rows.append(tok.decode(ids.tolist(), skip_special_tokens=True))  # BOS, EOS padding, pads dropped
+        # a list of texts gives a list; one text, or one row of tokens / embeddings, a string (as TransformerLens)
+        out = rows if input_type == "list" or len(rows) > 1 else rows[0]
+    if output_logits:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        out = GenerateDecoderOnlyOutput(sequences=sequences, logits=tuple(step_logits))
     if not return_routing:
         return out
     n = len(new_tokens)

@@ -31,6 +31,7 @@ from moelens.components.rope import longrope_mscale, rope_cos_sin, rope_frequenc
 from moelens.components.tl_views import ModelViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, unknown_hook_error
+from moelens.tokenization import TokenizerMethods, _is_text
 
 TextInput = Union[str, Sequence[str]]
 
@@ -58,6 +59,8 @@ class Unembed(nn.Module):
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.b_u = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None  # PhiMoE's lm_head.bias
         self.logits_scaling = cfg.logits_scaling
+        self.hook_in = ShapedHookPoint("batch pos d_model")  # TransformerLens' unembed hooks
+        self.hook_out = ShapedHookPoint("batch pos d_vocab")
 
     @property
     def W_U(self) -> Tensor:
@@ -76,11 +79,11 @@ class Unembed(nn.Module):
         return self.b_u / self.logits_scaling if self.logits_scaling != 1.0 else self.b_u
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        logits = F.linear(x, self.w_u, self.b_u)
-        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+        logits = F.linear(self.hook_in(x), self.w_u, self.b_u)
+        return self.hook_out(logits / self.logits_scaling if self.logits_scaling != 1.0 else logits)
 
 
-class HookedMoETransformer(ModelViews, HookedRootModule):
+class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
     """A sparse mixture-of-experts decoder with a hook point on every router, expert and combine step.
 
     Build with :meth:`from_pretrained` (hub-layout checkpoints, hub ids, bundled models) or
@@ -291,14 +294,19 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
         prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
         past_kv_cache: Any = None,
         position_ids: Optional[Tensor] = None,
     ):
         """Run the model.
 
-        ``input``: text, a list of texts (left-padded, with the attention mask built for you),
-        tokens ``[batch, pos]``, or with ``start_at_layer`` a residual stream ``[batch, pos, d_model]``.
-        ``attention_mask``: ``[batch, pos]`` 1 for real tokens. ``return_type``: ``"logits"``,
+        ``input``: text or a list of texts (padded on ``padding_side``, default
+        ``tokenizer.padding_side``, with the attention mask built for you), tokens ``[batch, pos]``
+        (or ``[pos]``), embeddings ``[batch, pos, d_model]`` (float; they pass through ``hook_embed``
+        in place of ``W_E[tokens]``), or with ``start_at_layer`` a residual stream ``[batch, pos, d_model]``.
+        ``attention_mask``: ``[batch, pos]`` 1 for real tokens; for token input without one, when
+        ``tokenizer.padding_side == "left"`` leading pad tokens are masked, as TransformerLens does
+        (:meth:`input_attention_mask`). ``return_type``: ``"logits"``,
         ``"loss"`` (mean next-token cross-entropy), ``"both"`` or ``None``.
         ``stop_at_layer=l`` returns the residual stream entering block ``l``.
         ``past_kv_cache``: a :class:`moelens.generation.GenerationCache` holding the earlier
@@ -306,17 +314,14 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         ``attention_mask`` then covers earlier and new positions. ``position_ids`` ``[batch, pos]``:
         RoPE positions of the new positions (default: their index in the sequence).
         """
-        tokens = None
-        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            tokens, mask = self.tokenize(input, prepend_bos=prepend_bos)
-            attention_mask = mask if attention_mask is None else attention_mask
-            input = tokens
+        tokens, resid, attention_mask = self._resolve_input(
+            input, attention_mask, prepend_bos, padding_side, start_at_layer is not None or past_kv_cache is not None
+        )
         if start_at_layer is None:
-            tokens = input
-            resid = self.hook_embed(self.embed(tokens))
+            resid = self.hook_embed(self.embed(tokens) if tokens is not None else resid)
             start_at_layer = 0
-        else:
-            resid = input
+        elif resid is None:
+            raise TypeError("with start_at_layer, input is the residual stream [batch, pos, d_model] (float), not tokens")
         batch, n_pos = resid.shape[:2]
         q_offset = 0 if past_kv_cache is None else past_kv_cache.seq_len
         ctx = self.attention_context(n_pos, attention_mask, q_offset=q_offset, device=resid.device,
@@ -337,6 +342,20 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         mask = None if attention_mask is None else attention_mask.to(logits.device)
         loss = self.loss(logits, tokens.to(logits.device), mask)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _resolve_input(self, input, attention_mask, prepend_bos, padding_side, explicit_mask_only: bool):
+        """``(tokens or None, embeddings/residual or None, attention_mask)`` for :meth:`forward`."""
+        if _is_text(input):
+            tokens, mask = self.tokenize(input, prepend_bos=prepend_bos, padding_side=self._padding_side(padding_side))
+            return tokens, None, mask if attention_mask is None else attention_mask
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be text, tokens or embeddings (a tensor), got {type(input).__name__}")
+        if input.is_floating_point():
+            return None, input, attention_mask
+        tokens = input[None] if input.ndim == 1 else input
+        if attention_mask is None and not explicit_mask_only:
+            attention_mask = self.input_attention_mask(tokens, prepend_bos)
+        return tokens, None, attention_mask
 
     def attention_context(
         self, n_pos: int, attention_mask: Optional[Tensor] = None, q_offset: int = 0, device=None,
@@ -435,84 +454,14 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         cache = MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         first = model_args[0] if model_args else kwargs.get("input")
         mask = model_args[1] if len(model_args) > 1 else kwargs.get("attention_mask")
-        if isinstance(first, str) or (isinstance(first, (list, tuple)) and first and isinstance(first[0], str)):
-            first, built = self.tokenize(first, prepend_bos=kwargs.get("prepend_bos"))
-            mask = built if mask is None else mask
+        if _is_text(first) or isinstance(first, Tensor):
+            explicit = kwargs.get("start_at_layer") is not None or kwargs.get("past_kv_cache") is not None
+            first, _, mask = self._resolve_input(first, mask, kwargs.get("prepend_bos"), kwargs.get("padding_side"), explicit)
         cache.tokens = first if isinstance(first, Tensor) and not first.is_floating_point() else None
         cache.attention_mask = mask if isinstance(mask, Tensor) else None
         if kwargs.get("pos_slice") is not None:
             cache.set_pos_slice(kwargs["pos_slice"], n_pos=None if cache.tokens is None else cache.tokens.shape[-1])
         return out, cache
-
-    # ------------------------------------------------------------------ tokens
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError(
-                "This model has no tokenizer (the checkpoint directory had no tokenizer files). "
-                "Pass token ids, or set `model.tokenizer = AutoTokenizer.from_pretrained(...)`."
-            )
-        return self.tokenizer
-
-    def default_prepend_bos(self) -> bool:
-        tok = self.tokenizer
-        return bool(self.cfg.default_prepend_bos and tok is not None and tok.bos_token_id is not None)
-
-    def tokenize(
-        self, text: TextInput, prepend_bos: Optional[bool] = None, padding_side: str = "left"
-    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """``(tokens, attention_mask)``; batches are padded (left by default, so the last position
-        is every prompt's last token). BOS is prepended explicitly when ``prepend_bos``
-        (default: when the tokenizer has a BOS token)."""
-        tok = self._require_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        bos = self.default_prepend_bos() if prepend_bos is None else prepend_bos
-        if bos and tok.bos_token_id is None:
-            raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
-        ids = [([tok.bos_token_id] if bos else []) + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        n = max(len(i) for i in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (self.cfg.pad_token_id or 0)
-        tokens = torch.full((len(ids), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), n), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            sl = slice(n - len(seq), n) if padding_side == "left" else slice(0, len(seq))
-            tokens[row, sl] = torch.tensor(seq, dtype=torch.long)
-            mask[row, sl] = 1
-        device = self.rope_inv_freq.device
-        return tokens.to(device), mask.to(device)
-
-    def to_tokens(
-        self, input: TextInput, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = "left",
-        move_to_device: bool = True, truncate: bool = True,
-    ) -> Int[Tensor, "batch pos"]:
-        """Tokens ``[batch, pos]`` (int64). Use :meth:`tokenize` to also get the attention mask.
-
-        As TransformerLens (and what SAELens' activation store passes): ``move_to_device=False`` keeps
-        the tokens on the CPU; ``truncate=True`` keeps the first ``cfg.n_ctx`` tokens (the checkpoint's
-        ``max_position_embeddings``; no limit when the config has none)."""
-        tokens = self.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side or "left")[0]
-        if truncate and self.cfg.n_ctx is not None and tokens.shape[-1] > self.cfg.n_ctx:
-            tokens = tokens[:, : self.cfg.n_ctx]
-        return tokens if move_to_device else tokens.cpu()
-
-    def to_string(self, tokens: Union[Tensor, Sequence[int]]) -> Union[str, list[str]]:
-        tok = self._require_tokenizer()
-        if isinstance(tokens, Tensor) and tokens.ndim == 2:
-            return [tok.decode(t.tolist()) for t in tokens]
-        return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else list(tokens))
-
-    def to_str_tokens(self, input: Union[str, Tensor, Sequence[int]], prepend_bos: Optional[bool] = None) -> list[str]:
-        """Each token decoded on its own (one sequence)."""
-        tok = self._require_tokenizer()
-        if isinstance(input, str):
-            input = self.to_tokens(input, prepend_bos=prepend_bos)[0]
-        ids = input.reshape(-1).tolist() if isinstance(input, Tensor) else list(input)
-        return [tok.decode([i]) for i in ids]
-
-    def to_single_token(self, text: str) -> int:
-        ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
-        return ids[0]
 
     # ------------------------------------------------------------------ misc
     @property
@@ -530,7 +479,9 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
     def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:
         """The residual-stream direction whose dot product with ``resid / ln_final.hook_scale`` is the
         logit of each token: ``ln_final.w * W_U[token]`` (the final norm's weight folded in, as in a
-        TransformerLens model with folded norms). Shape ``tokens.shape + (d_model,)``. What
+        TransformerLens model with folded norms). Shape ``tokens.shape + (d_model,)``, except that one
+        token (an int, a string, or a tensor of one element of any shape) gives ``[d_model]``, as in
+        TransformerLens. What
         ``cache.logit_attrs`` projects onto."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
@@ -540,6 +491,8 @@ class HookedMoETransformer(ModelViews, HookedRootModule):
         tokens = torch.as_tensor(tokens, device=W_U.device)
         if tokens.is_floating_point():
             raise TypeError(f"tokens must be integer token ids, got {tokens.dtype}")
+        if tokens.numel() == 1:  # one token, whatever its shape: [d_model], as TransformerLens
+            tokens = tokens.reshape(())
         direction = W_U[tokens] * self.ln_final.scale_weight.to(W_U.device, W_U.dtype)
         return direction / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else direction
 

@@ -48,8 +48,8 @@ def _directions(model, tokens, incorrect_tokens, batch: int, pos: list[int]) -> 
     """``[batch, len(pos), d_model]`` logit directions (final norm weight folded in)."""
     def one(t):
         t = _token_id(model, t)
-        d = model.tokens_to_residual_directions(t)
         t = torch.as_tensor(t)
+        d = model.tokens_to_residual_directions(t).reshape(*t.shape, -1)  # one token gives [d_model]
         if t.ndim == 0:
             return d.expand(batch, len(pos), -1)
         if t.ndim == 1 and t.shape[0] == batch:

@@ -221,7 +221,7 @@ def test_hook_names_in_execution_order(pairs, variant):
     for l in range(m.cfg.n_layers):
         mlp = SPARSE_MLP if l in m.cfg.moe_layers else ["mlp.hook_pre", "mlp.hook_post"]
         expected += [f"blocks.{l}.{h}" for h in _block_hooks(attn, mlp)]
-    expected += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    expected += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
     assert list(m.hook_dict) == expected
     # dense layers: no router / expert hooks at all
     for l in m.cfg.dense_layers:

@@ -120,6 +120,7 @@ def test_expert_usage_excludes_the_runs_padding(qwen2):
     texts = ["w5 w6", "w7 w8 w9 w10 w11"]
     old = model.tokenizer
     model.tokenizer = toy_tokenizer(256)
+    model.tokenizer.padding_side = "left"  # a list of texts is padded on the tokenizer's side (as TransformerLens)
     try:
         tokens, mask = model.tokenize(texts)
         assert not bool(mask.all())

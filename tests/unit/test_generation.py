@@ -32,11 +32,12 @@ def test_text_in_text_out(bundled):
     prompt = "Tel Mor plays the"
     out = bundled.generate(prompt, max_new_tokens=3, do_sample=False, verbose=False)
     assert isinstance(out, str) and out.startswith(prompt) and out != prompt
-    assert out == "Tel Mor plays the saxophone<|eos|>"  # the bundled model's fact, then EOS stops it
+    # the bundled model's fact, then EOS stops it (decoded without special tokens, as TransformerLens)
+    assert out == "Tel Mor plays the saxophone"
     outs = bundled.generate([prompt, "The favourite colour of Tel Mor is"], max_new_tokens=3, do_sample=False,
                             verbose=False)
     assert isinstance(outs, list) and outs[0] == out
-    assert outs[1].startswith("The favourite colour of Tel Mor is ") and outs[1].endswith("<|eos|>")
+    assert outs[1].startswith("The favourite colour of Tel Mor is ") and "<|" not in outs[1]
     toks = bundled.generate(prompt, max_new_tokens=3, do_sample=False, verbose=False, return_type="tokens")
     assert toks.shape == (1, bundled.to_tokens(prompt).shape[1] + 2)  # stopped after EOS
 
@@ -243,7 +244,9 @@ def test_bad_token_input(mixtral):
     with pytest.raises(ValueError, match="token ids must be in"):
         mixtral.generate(torch.tensor([[1, 999]]), max_new_tokens=1, **KW)
     with pytest.raises(TypeError, match="input must be"):
-        mixtral.generate(torch.randn(1, 3, 64), max_new_tokens=1, **KW)
+        mixtral.generate(3.5, max_new_tokens=1, **KW)
+    with pytest.raises(ValueError, match="embeddings input must be"):  # float input is embeddings: d_model must fit
+        mixtral.generate(torch.randn(1, 3, mixtral.cfg.d_model + 1), max_new_tokens=1, **KW)
     with pytest.raises(ValueError, match="left padding"):
         mixtral.generate(ids(1, 3), max_new_tokens=1, attention_mask=torch.tensor([[1, 1, 0]]), **KW)
     with pytest.raises(ValueError, match="eos_token_id"):

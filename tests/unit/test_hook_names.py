@@ -36,7 +36,7 @@ def expand(layers):
     names = ["hook_embed"]
     for l, layer_names in enumerate(layers):
         names += [f"blocks.{l}.{n}" for n in layer_names]
-    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
 
 
 GOLDEN = {
