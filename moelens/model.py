@@ -119,6 +119,9 @@ class HookedMoETransformer(HookedRootModule):
         zero-centred norms), biases 0; Gated DeltaNet ``A_log`` 0 and ``dt_bias`` 1."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
+        for name, b in self.named_buffers():
+            if name.endswith("router.b_correction"):  # transformers initialises the correction bias to 0
+                b.zero_()
         for name, p in self.named_parameters():
             if name.endswith((".w", "norm_w")):
                 zero = self.cfg.norm_zero_centered and not name.endswith("attn.norm_w")  # the gated norm is 1-based
@@ -451,10 +454,8 @@ class HookedMoETransformer(HookedRootModule):
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
-            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
-                continue
             n = p.numel()
-            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
+            if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

@@ -62,7 +62,7 @@ def checkpoint_fingerprint(directory) -> str:
 
 
 def parameter_checksum(model, chunk: int = 1 << 24) -> str:
-    """A checksum of every parameter's values, computed where each parameter lives (no copy of the
+    """A checksum of every parameter's (and persistent buffer's) values, computed where each parameter lives (no copy of the
     model to the CPU): per parameter, in float64, the plain sum and a sum weighted by a fixed
     pseudo-random function of each element's index, printed to 9 significant digits (so the same
     weights give the same checksum on another device or in another reduction order) and hashed
@@ -72,9 +72,12 @@ def parameter_checksum(model, chunk: int = 1 << 24) -> str:
     memory)."""
     import torch
 
+    from moelens.loading import weight_tensors
+
     h = hashlib.sha256()
     with torch.no_grad():
-        for key, p in sorted(model.named_parameters()):
+        # parameters and persistent buffers (the V3 family's correction bias decides the routing)
+        for key, p in sorted(weight_tensors(model).items()):
             flat = p.detach().reshape(-1)
             s1 = s2 = 0.0
             for lo in range(0, flat.numel(), chunk):

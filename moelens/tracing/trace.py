@@ -158,8 +158,11 @@ class TraceSetup:
 
 def weights_state(model) -> int:
     """A cheap identity of the weights' current state: each parameter's storage and its in-place
-    version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included)."""
-    return hash(tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included), for
+    the parameters and the persistent buffers (an edited correction bias re-routes)."""
+    from moelens.loading import weight_tensors
+
+    return hash(tuple((p.data_ptr(), p._version) for p in weight_tensors(model).values()))
 
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
