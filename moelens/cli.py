@@ -78,16 +78,26 @@ def _trace(args) -> int:
     import os
     from pathlib import Path
 
+    from moelens.rundir import claim
+
+    if not Path(args.facts).exists() and (args.facts.endswith((".json", ".jsonl")) or os.sep in args.facts):
+        raise FileNotFoundError(f"--facts {args.facts}: no such file")
+    _parse_layers(args.layers)
+    _check_device(args.device)
+    with claim(args.out, "trace"):  # one run per directory, refused before the model is loaded
+        return _run_trace(args)
+
+
+def _run_trace(args) -> int:
+    import os
+
     import torch
 
     from moelens import HookedMoETransformer
     from moelens.tracing import load_facts
     from moelens.tracing.protocol import ProtocolConfig, run_protocol
 
-    if not Path(args.facts).exists() and (args.facts.endswith((".json", ".jsonl")) or os.sep in args.facts):
-        raise FileNotFoundError(f"--facts {args.facts}: no such file")
     layers = _parse_layers(args.layers)
-    _check_device(args.device)
     _init_distributed()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     device = args.device
@@ -126,6 +136,13 @@ def _trace(args) -> int:
 
 
 def _merge(args) -> int:
+    from moelens.rundir import claim
+
+    with claim(args.trace_dir, "merge", owner="trace", must_exist=True):
+        return _run_merge(args)
+
+
+def _run_merge(args) -> int:
     from moelens.tracing.fingerprint import ResumeError
     from moelens.tracing.protocol import ProtocolError, merge
     from moelens.tracing.report import write_trace_report

@@ -51,6 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from moelens.rundir import holds_run_dir
 from moelens.tracing.cases import FactCase
 from moelens.tracing.fingerprint import (
     ResumeError, case_fingerprint, facts_identity, model_fingerprint, settings_fingerprint,
@@ -343,6 +344,7 @@ def expert_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layer: i
     }
 
 
+@holds_run_dir("trace")  # one run per directory (moelens.rundir)
 def run_protocol(
     model,
     cases: Sequence[FactCase],
@@ -481,6 +483,7 @@ def _check_validation(kept, traced, keys, split, cfg) -> None:
         )
 
 
+@holds_run_dir("merge", owner="trace", must_exist=True)
 def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     """Summarise a protocol directory from its files (all ranks' results), e.g. after a multi-process
     run whose rank 0 died, or to recompute statistics."""
