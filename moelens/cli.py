@@ -274,7 +274,20 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line, ``moelens: warning: ...`` (no category, no source line)."""
+    print(f"moelens: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # restores the caller's warning display afterwards
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     if argv[:1] == ["audit"] or (argv[:1] == ["--debug"] and argv[1:2] == ["audit"]):
