@@ -88,6 +88,9 @@ def _try_lock(fd: int) -> bool:
         return True
     except (BlockingIOError, PermissionError):
         return False
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP: no locks here; refuse rather than run unprotected
+        raise RunDirError(f"the file system of this output directory does not support file locks ({exc}); "
+                          f"use a directory on a local disk for --out") from None
 
 
 def _unlock(fd: int) -> None:
