@@ -138,8 +138,8 @@ def results_of(directory) -> Optional[str]:
     """Which command's results ``directory`` holds (``"trace"``, ``"audit"``, ``"demo"``), or None
     (empty, missing, or none of moelens' files)."""
     d = Path(directory)
-    if not d.is_dir():
-        return None
+    if not d.is_dir() or all(p.name.startswith(".moelens") and p.name.endswith(".lock") for p in d.iterdir()):
+        return None  # nothing but lock files: a run that stopped before writing anything
     owner = _read(d / LOCK).get("owner")
     if owner in COMMANDS:
         return owner
@@ -231,8 +231,8 @@ def claim(out_dir, command: str, *, owner: Optional[str] = None, rank: Optional[
         info = {"owner": owner, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), "launch": launch, "rank": rank, "world_size": world_size}
         if rank == 0:
-            old = _read(path / LOCK).get("owner")
-            if old in COMMANDS and old != owner:  # written between the check above and the lock
+            old = results_of(path)
+            if old is not None and old != owner:  # written between the check above and the lock
                 raise RunDirError(f"{path} holds the results of `moelens {old}`; use another --out directory")
             _check_other_ranks(path, launch)
             for pattern in stale:

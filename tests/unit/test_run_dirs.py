@@ -180,3 +180,13 @@ def test_stale_barrier_markers_are_removed_by_rank0(tmp_path):
     (out / ".screen.rank1.done").write_text("done")  # left by an earlier multi-process run
     with claim(out, "trace", rank=0, world_size=2, launch="A"):
         assert not (out / ".screen.rank1.done").exists()
+
+
+def test_a_directory_with_nothing_but_a_lock_file_is_free_for_any_command(tmp_path):
+    out = tmp_path / "d"
+    with claim(out, "trace"):
+        pass  # e.g. the model failed to load: nothing written
+    assert results_of(out) is None
+    with claim(out, "demo"):
+        (out / "report.html").write_text("demo")
+    assert results_of(out) == "demo"
