@@ -20,7 +20,9 @@ layer) and step 3 screens every expert of the chosen layer the same way and re-s
 
 Normalised rescue = ``(patched - corrupted) / (clean - corrupted)``. Each case's results are
 appended to JSONL files as it finishes (``screen.jsonl``, ``experts.jsonl``); a rerun with the same
-``out_dir`` and settings skips finished cases.
+``out_dir`` and settings skips finished cases and prints what each phase has done. One run at a time
+holds ``out_dir`` (:mod:`moelens.rundir`): :func:`run_protocol` and :func:`merge` refuse a directory
+another run is writing into, or one holding another command's results.
 
 Resuming cannot mix runs (:mod:`moelens.tracing.fingerprint`): ``settings.json`` records every
 setting that changes a case's numbers, the facts source and the model's content fingerprint; each
