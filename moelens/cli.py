@@ -78,16 +78,26 @@ def _trace(args) -> int:
     import os
     from pathlib import Path
 
+    from moelens.rundir import claim
+
+    if not Path(args.facts).exists() and (args.facts.endswith((".json", ".jsonl")) or os.sep in args.facts):
+        raise FileNotFoundError(f"--facts {args.facts}: no such file")
+    _parse_layers(args.layers)
+    _check_device(args.device)
+    with claim(args.out, "trace"):  # one run per directory, refused before the model is loaded
+        return _run_trace(args)
+
+
+def _run_trace(args) -> int:
+    import os
+
     import torch
 
     from moelens import HookedMoETransformer
     from moelens.tracing import load_facts
     from moelens.tracing.protocol import ProtocolConfig, run_protocol
 
-    if not Path(args.facts).exists() and (args.facts.endswith((".json", ".jsonl")) or os.sep in args.facts):
-        raise FileNotFoundError(f"--facts {args.facts}: no such file")
     layers = _parse_layers(args.layers)
-    _check_device(args.device)
     _init_distributed()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     device = args.device
@@ -126,6 +136,13 @@ def _trace(args) -> int:
 
 
 def _merge(args) -> int:
+    from moelens.rundir import claim
+
+    with claim(args.trace_dir, "merge", owner="trace", must_exist=True):
+        return _run_merge(args)
+
+
+def _run_merge(args) -> int:
     from moelens.tracing.fingerprint import ResumeError
     from moelens.tracing.protocol import ProtocolError, merge
     from moelens.tracing.report import write_trace_report
@@ -257,7 +274,20 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line, ``moelens: warning: ...`` (no category, no source line)."""
+    print(f"moelens: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # restores the caller's warning display afterwards
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     if argv[:1] == ["audit"] or (argv[:1] == ["--debug"] and argv[1:2] == ["audit"]):

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelens.rundir import holds_run_dir
+
 BUNDLED = "moelens-tiny-facts"
 
 
@@ -53,6 +55,7 @@ def choose_facts(model, facts, n_facts: int, n_samples: int, seed: int):
                      f"drop >= {protocol.min_drop}) with seed {seed}; ask for fewer facts or another seed")
 
 
+@holds_run_dir("demo")  # one run per directory (moelens.rundir)
 def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progress: bool = True,
              image_format: str | None = None) -> dict:
     """Trace a handful of the bundled model's facts; write one HTML report ``out_dir/report.html``

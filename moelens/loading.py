@@ -203,10 +203,27 @@ class _Plan:
         return None
 
 
+def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint fills: the parameters (tied ones once) and the persistent buffers
+    (the DeepSeek-V3 family's ``router.b_correction``, a buffer as in transformers); not the
+    non-persistent buffers computed from the config (``rope_inv_freq``)."""
+    from moelens.quant.packed import PackedTensor
+
+    out = dict(model.named_parameters())
+    for module_name, module in model.named_modules():
+        if isinstance(module, PackedTensor):  # packed weights (keep_quantized=True): see packed_tensors
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[f"{module_name}.{name}" if module_name else name] = b
+    return out
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, directory: Path, arch: Architecture, tied: bool, progress: bool = False) -> None:
-    """Stream every tensor of the checkpoint into ``model``; raise on any mismatch."""
-    params = dict(model.named_parameters())
+    """Stream every tensor of the checkpoint into ``model`` (parameters, persistent buffers and
+    packed weights); raise on any mismatch."""
+    params = weight_tensors(model)
     packed = packed_tensors(model)
     cfg = getattr(model, "cfg", None)
     plan = _Plan(arch, params, tied, n_layers=getattr(cfg, "n_layers", None))

@@ -189,6 +189,9 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         zero-centred norms), biases 0; Gated DeltaNet ``A_log`` 0 and ``dt_bias`` 1."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0 if seed is None else seed)
+        for name, b in self.named_buffers():
+            if name.endswith("router.b_correction"):  # transformers initialises the correction bias to 0
+                b.zero_()
         for name, p in self.named_parameters():
             if name.endswith(".b"):  # LayerNorm bias
                 p.zero_()
@@ -537,8 +540,6 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         for name, p in weights:
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
-            if name.endswith("router.b_correction") and not self.cfg.correction_bias_counted:
-                continue  # a buffer in transformers (DeepSeek-V3, MiniMax-M2): not counted there
             n = p.numel()
             if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k

@@ -2,7 +2,8 @@
 """Train moelens' bundled default model: a tiny Qwen3-MoE that knows synthetic facts.
 
 The script is deterministic (fixed seeds, ``torch.use_deterministic_algorithms(True)``, a fixed
-number of torch threads): running it twice writes bit-identical files. It
+number of torch threads): running it twice on the same machine writes bit-identical files (on another
+CPU or with other library versions, float rounding and so the weights may differ). It
 
 1. builds a synthetic world: made-up multi-token subjects ("Varnok Teliss"), a few relations
    (home country, native language, profession, ...), several prompt templates per relation,
@@ -17,7 +18,8 @@ number of torch threads): running it twice writes bit-identical files. It
 4. writes a hub-layout checkpoint directory (``config.json``, ``model.safetensors`` with the
    per-expert hub keys, ``generation_config.json``, tokenizer files), ``facts.jsonl``
    (CounterFact/ROME record layout, one record per (fact, template)), ``world.json``
-   (world description + evaluation numbers) and a ``README.md``;
+   (world description + evaluation numbers), a ``README.md`` and ``training_environment.json``
+   (library versions, CPU, threads: a rerun reproduces the files bit for bit where these match);
 5. reloads the directory exactly like a user would (``AutoTokenizer`` /
    ``Qwen3MoeForCausalLM.from_pretrained``) and measures recall: top-1 next token after
    ``BOS + prompt`` == the true object token, over every record of ``facts.jsonl``.
@@ -178,6 +180,30 @@ TRAIN_KW = dict(
 )
 
 EVAL_BATCH_SIZE = 256
+
+
+ENVIRONMENT_FILE = "training_environment.json"
+
+
+def training_environment(threads: int) -> dict:
+    """What decides the trained bits besides the script and its arguments: the library versions,
+    the CPU (its model and the kernels torch picks for it) and the thread count. A rerun where all of
+    these are equal writes the same bytes; elsewhere float rounding may legitimately differ."""
+    import platform
+
+    import tokenizers
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "system": platform.system(), "machine": platform.machine(), "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": threads}
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -620,6 +646,9 @@ def main(argv=None) -> dict:
         json.dump(info, fh, indent=1)
         fh.write("\n")
     write_readme(out, info)
+    with open(out / ENVIRONMENT_FILE, "w") as fh:  # where these bytes were made (see training_environment)
+        json.dump(training_environment(args.threads), fh, indent=1)
+        fh.write("\n")
 
     print(f"recall: {ev['recall']:.4f} ({ev['n_correct']}/{ev['n_prompts']})")
     print("recall per relation:", {k: round(v, 4) for k, v in ev_rel.items()})
@@ -646,8 +675,14 @@ def write_readme(out: Path, info: dict) -> None:
     text = f"""# {info['name']}
 
 The default model bundled with `moelens`: a tiny `Qwen3MoeForCausalLM` trained on CPU on a synthetic
-world of facts about made-up people. It is produced, bit for bit, by `scripts/train_bundled_model.py`.
-Do not edit these files by hand; rerun the script instead.
+world of facts about made-up people, by `scripts/train_bundled_model.py`. Do not edit these files by
+hand; rerun the script instead.
+
+Reproducibility: a rerun on the same machine writes bit-identical files. `training_environment.json`
+records an environment in which the script writes exactly these files (torch, transformers,
+tokenizers, numpy and Python versions, the CPU model and torch's CPU capability, one torch thread);
+other CPUs or library versions may round floats differently and give other weights.
+`tests/slow/test_train_determinism.py` checks exactly this.
 
 * Architecture: Qwen3-MoE, {m['num_hidden_layers']} layers, d_model {m['hidden_size']}, {m['num_attention_heads']} heads
   / {m['num_key_value_heads']} kv heads, head_dim {m['head_dim']}, {m['num_experts']} experts top-{m['num_experts_per_tok']}

@@ -233,6 +233,34 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = debug or args.debug
+    from contextlib import ExitStack
+
+    from moelens.rundir import RunDirError, claim
+
+    if args.corpus is not None:  # a mistyped local file: refused before the model loads or the hub is asked
+        from moelens.audit.corpus import check_local_source
+
+        try:
+            check_local_source(args.corpus)
+        except FileNotFoundError as exc:
+            if debug:
+                raise
+            print(f"moelens audit: error: --{' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+    with ExitStack() as held:
+        if args.out is not None:  # one run per directory (moelens.rundir), refused before the model loads
+            try:
+                held.enter_context(claim(args.out, "audit"))
+            except RunDirError as exc:
+                if debug:
+                    raise
+                print(f"moelens audit: error: {' '.join(str(exc).split())} (--debug shows the traceback)",
+                      file=sys.stderr)
+                return 2
+        return _audit(args, debug)
+
+
+def _audit(args, debug: bool) -> int:
     import pandas as pd
 
     from moelens.audit.corpus import load_corpus

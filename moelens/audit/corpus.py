@@ -156,9 +156,30 @@ def load_corpus(
     raise TypeError(f"load_corpus: unsupported source of type {type(source).__name__}")
 
 
+LOCAL_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+
+
+def check_local_source(source) -> None:
+    """Refuse a corpus source that looks like a local path (``./x``, ``/x``, ``~/x``, ``../x`` or a
+    name ending in a file suffix such as ``.txt``/``.jsonl``) but does not exist, with a
+    ``FileNotFoundError``, before anything asks the Hugging Face hub for a dataset of that name.
+    Dataset names (``wikitext:wikitext-2-raw-v1``, ``ORG/NAME``) pass."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    s = str(source)
+    if s in ("sample", "facts") or s.startswith("facts:") or Path(s).expanduser().exists():
+        return
+    local = s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or Path(s).suffix.lower() in LOCAL_SUFFIXES
+    if local:
+        raise FileNotFoundError(f"corpus {s}: no such file or directory (a Hugging Face dataset is named "
+                                f"NAME[:CONFIG] or ORG/NAME, without a file suffix)")
+
+
 def load_dataset_source(source: str, split: str, what: str = "not a file"):
     """A Hugging Face dataset from a ``save_to_disk`` directory or a ``NAME[:CONFIG]`` name
-    (``datasets.load_dataset(..., split=split)``); a clear ``FileNotFoundError`` otherwise."""
+    (``datasets.load_dataset(..., split=split)``); a clear ``FileNotFoundError`` otherwise (at
+    once, without a hub lookup, for a missing local-looking path: :func:`check_local_source`)."""
+    check_local_source(source)
     datasets = _import_datasets(source)
     path = Path(source).expanduser()
     try:

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from moelens.errors import MoelensUserError
+from moelens.rundir import holds_run_dir
 
 EXPERIMENTS = ("progressive", "redistribution")
 EXPERIMENTS_VERSION = 1
@@ -196,6 +197,7 @@ def _redistribution_layer(model, plan: Plan, layer: int) -> dict:
     return {"layer": layer, "experts": _frame_records(frame), "correlations": corr}
 
 
+@holds_run_dir("audit")
 def run_planned(plans: Sequence[Plan], model, out_dir=None, progress: bool = True) -> dict:
     """Run (or load, layer by layer) each planned experiment; write its tables into ``out_dir``.
 

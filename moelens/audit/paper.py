@@ -60,6 +60,7 @@ from scipy import stats as st
 from torch import Tensor
 
 from moelens.audit.ablation import removal_hooks
+from moelens.rundir import holds_run_dir
 
 FLAVOURS = {"OlmoeForCausalLM": "olmoe", "DeepseekV2ForCausalLM": "deepseek", "Qwen2MoeForCausalLM": "qwen"}
 PAPER_METRICS = ("utilization_rate", "activation_norm", "mean_routing_weight_when_active", "activation_std")
@@ -449,6 +450,7 @@ def _frame_records(df: pd.DataFrame) -> list[dict]:
     return json.loads(df.to_json(orient="records")) if len(df) else []
 
 
+@holds_run_dir("audit")
 def run_paper_protocol(model, texts: Sequence[str], *, layers: Optional[Sequence[int]] = None,
                        flavour: Optional[str] = None, n_tests: int = 200, seed: int = 42, filter_texts: bool = True,
                        control: bool = True, max_batch: int = 32, progress: bool = True, out_dir=None,

@@ -31,6 +31,7 @@ from moelens.audit.corpus import (
 from moelens.audit.effects import _sequence_effects, sample_positions
 from moelens.audit.report import AuditResult, summarize
 from moelens.audit.statistics import expert_statistics
+from moelens.rundir import holds_run_dir
 
 
 class AuditSettingsError(ValueError):
@@ -164,6 +165,7 @@ def _default_corpus(model) -> CorpusLike:
     return load_corpus(None)
 
 
+@holds_run_dir("audit")  # one run per directory (moelens.rundir)
 def run_audit(
     model,
     corpus: CorpusLike = None,

@@ -53,8 +53,9 @@ sigmoid score; the correction bias plays no part), divided by ``sum_{forced} s +
 ``norm_topk_prob``, times ``routed_scaling_factor``. Editing ``hook_router_selection_scores``
 changes the choice (group step included) but not the weights; editing ``hook_router_scores``
 changes both (the selection scores are computed from the edited scores). Weight edits:
-``router.W_router`` (fp32) and ``router.b_correction`` (fp32) are ordinary parameters; an edited
-bias moves selection only.
+``router.W_router`` (fp32) is an ordinary parameter and ``router.b_correction`` (fp32) a buffer, as
+transformers holds it (in ``state_dict()``, not in ``parameters()``); either can be edited in place
+under ``torch.no_grad()``, and an edited bias moves selection only.
 """
 
 from __future__ import annotations
@@ -75,17 +76,29 @@ class Router(nn.Module):
         self.cfg = cfg
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.b_router = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
-        if cfg.router_correction_bias:
-            self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts))
+        if cfg.router_correction_bias and cfg.correction_bias_counted:
+            # ERNIE-4.5: an fp32 nn.Parameter in transformers (``moe_statics.e_score_correction_bias``)
+            self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts, dtype=torch.float32))
+        elif cfg.router_correction_bias:
+            # a (persistent) buffer, as transformers' ``e_score_correction_bias``: loaded and saved with
+            # the weights, not in ``parameters()`` (an optimiser does not train it), always fp32
+            self.register_buffer("b_correction", torch.zeros(cfg.n_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
-        (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family)."""
+        (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family); the correction bias stays fp32
+        in every model, as transformers creates and keeps it."""
         super()._apply(fn, recurse)
         if self.cfg.router_fp32_params:
             for p in self.parameters(recurse=False):
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
+        b = self._buffers.get("b_correction")
+        if b is not None and b.dtype != torch.float32:
+            self._buffers["b_correction"] = b.float()
+        p = self._parameters.get("b_correction")
+        if p is not None and p.dtype != torch.float32:
+            p.data = p.data.float()
         return self
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:

@@ -62,7 +62,7 @@ def checkpoint_fingerprint(directory) -> str:
 
 
 def parameter_checksum(model, chunk: int = 1 << 24) -> str:
-    """A checksum of every parameter's values, computed where each parameter lives (no copy of the
+    """A checksum of every parameter's (and persistent buffer's) values, computed where each parameter lives (no copy of the
     model to the CPU): per parameter, in float64, the plain sum and a sum weighted by a fixed
     pseudo-random function of each element's index, printed to 9 significant digits (so the same
     weights give the same checksum on another device or in another reduction order) and hashed
@@ -72,11 +72,15 @@ def parameter_checksum(model, chunk: int = 1 << 24) -> str:
     memory)."""
     import torch
 
+    from moelens.loading import weight_tensors
+
     h = hashlib.sha256()
     with torch.no_grad():
         from moelens.quant.packed import packed_tensors
 
-        weights = list(model.named_parameters()) + [  # packed weights (keep_quantized=True): their bytes
+        # parameters and persistent buffers (the V3 family's correction bias decides the routing), and
+        # packed weights (keep_quantized=True): their bytes
+        weights = list(weight_tensors(model).items()) + [
             (f"{name}.{b}", t) for name, m in packed_tensors(model).items() for b, t in m._buffers.items()]
         for key, p in sorted(weights, key=lambda kv: kv[0]):
             flat = p.detach().reshape(-1)

@@ -20,7 +20,9 @@ layer) and step 3 screens every expert of the chosen layer the same way and re-s
 
 Normalised rescue = ``(patched - corrupted) / (clean - corrupted)``. Each case's results are
 appended to JSONL files as it finishes (``screen.jsonl``, ``experts.jsonl``); a rerun with the same
-``out_dir`` and settings skips finished cases.
+``out_dir`` and settings skips finished cases and prints what each phase has done. One run at a time
+holds ``out_dir`` (:mod:`moelens.rundir`): :func:`run_protocol` and :func:`merge` refuse a directory
+another run is writing into, or one holding another command's results.
 
 Resuming cannot mix runs (:mod:`moelens.tracing.fingerprint`): ``settings.json`` records every
 setting that changes a case's numbers, the facts source and the model's content fingerprint; each
@@ -51,6 +53,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from moelens.rundir import holds_run_dir
 from moelens.tracing.cases import FactCase
 from moelens.tracing.fingerprint import (
     ResumeError, case_fingerprint, facts_identity, model_fingerprint, settings_fingerprint,
@@ -84,7 +87,8 @@ class ProtocolConfig:
 
 
 FORMAT = 2  # results carry case and settings fingerprints
-SUMMARY_ONLY = ("model", "n_cases", "n_bootstrap", "n_permutations", "recurrence")  # do not change a case's numbers
+# do not change a case's numbers (skipped_records: malformed records of the facts file, kept for merge's counts)
+SUMMARY_ONLY = ("model", "n_cases", "n_bootstrap", "n_permutations", "recurrence", "skipped_records")
 
 
 class ProtocolError(ValueError):
@@ -343,6 +347,7 @@ def expert_case_attribution(model, case: FactCase, cfg: ProtocolConfig, layer: i
     }
 
 
+@holds_run_dir("trace")  # one run per directory (moelens.rundir)
 def run_protocol(
     model,
     cases: Sequence[FactCase],
@@ -380,6 +385,7 @@ def run_protocol(
     display, fingerprint = model_fingerprint(model, model_name or None)
     settings = {"format": FORMAT, "model": display, "model_fingerprint": fingerprint,
                 "facts": facts_identity(facts_source), "n_cases": len(cases),
+                "skipped_records": len(getattr(cases, "skipped", []) or []),
                 **{k: v for k, v in asdict(cfg).items()}}
     settings["layers"] = layers
     if cfg.screen == "exact":  # the exhaustive protocol's fingerprint stays what it was
@@ -402,9 +408,13 @@ def run_protocol(
     traced = store.read("experts.jsonl")
     _check_cases(out_dir, screened, keys, cases, hashes)
     _check_cases(out_dir, traced, keys, cases, hashes)
-    done = sum(k in screened and (not screened[k].get("kept") or k in traced) for k in keys)
-    if done and rank == 0 and progress:
-        print(f"resuming: {done}/{len(keys)} cases done")
+    if rank == 0 and progress and any(k in screened for k in keys):  # what each phase has done so far
+        n_screened = sum(k in screened for k in keys)
+        kept_keys = [k for k in keys if k in screened and screened[k].get("kept")]
+        at = sorted({traced[k]["layer"] for k in kept_keys if k in traced})
+        print(f"resuming: screening {n_screened}/{len(keys)} cases done ({len(kept_keys)} kept); expert tracing "
+              f"{sum(k in traced for k in kept_keys)}/{len(kept_keys)} kept cases done"
+              + (f" (at layer {', '.join(map(str, at))})" if at else ""))
     todo = [(k, c) for k, c in zip(keys, cases) if k not in screened and k in mine]
     for key, case in tqdm(todo, desc="screening cases", disable=not progress):
         rec = {"key": key, "index": keys.index(key), "case_id": case.case_id, "split": split[key],
@@ -436,6 +446,10 @@ def run_protocol(
     by_key = dict(zip(keys, cases))
     # new cases, and cases traced at another layer before more cases changed the choice
     todo = [r for r in kept if (r["key"] not in traced or traced[r["key"]]["layer"] != best_layer) and r["key"] in mine]
+    n_done = sum(traced.get(r["key"], {}).get("layer") == best_layer for r in kept)
+    if n_done and rank == 0 and progress:
+        print(f"expert tracing at layer {best_layer}: {n_done}/{len(kept)} kept cases done before, "
+              f"{len(kept) - n_done} to trace")
     for r in tqdm(todo, desc=f"expert tracing at layer {best_layer}", disable=not progress):
         rec = {"key": r["key"], "case_id": r["case_id"], "split": r["split"], "case_hash": hashes[r["key"]],
                "run": store.run}
@@ -481,6 +495,7 @@ def _check_validation(kept, traced, keys, split, cfg) -> None:
         )
 
 
+@holds_run_dir("merge", owner="trace", must_exist=True)
 def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     """Summarise a protocol directory from its files (all ranks' results), e.g. after a multi-process
     run whose rank 0 died, or to recompute statistics."""
@@ -526,6 +541,14 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     kept = [screened[k] for k in keys if screened[k].get("kept")]
     _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, n_experts)
+    skipped = settings.get("skipped_records")
+    if skipped is None:  # a directory written before settings.json kept the count: the last summary's
+        try:
+            skipped = json.loads((out_dir / "summary.json").read_text())["counts"]["skipped_records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped = None
+    if skipped is not None:
+        summary.counts["skipped_records"] = skipped
     summary.write(out_dir)
     return summary
 

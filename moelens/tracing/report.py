@@ -101,6 +101,9 @@ def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
         from moelens.tracing.protocol import _case_key
 
         labels = {_case_key(c, i): f"{c.prompt} -> {c.target_true}" for i, c in enumerate(cases)}
+    else:  # e.g. `moelens merge`: each screened record holds its case
+        labels = {k: f"{r['case']['prompt']} -> {r['case']['target_true']}" for k, r in screened.items()
+                  if isinstance(r.get("case"), dict) and "prompt" in r["case"]}
     layers = [int(l) for l in summary.layer_means]
     c = summary.counts
     rep = Report(f"moelens trace: {settings.get('model') or 'model'}",

@@ -158,11 +158,13 @@ class TraceSetup:
 
 def weights_state(model) -> int:
     """A cheap identity of the weights' current state: each parameter's storage and its in-place
-    version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included)."""
+    version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included), for
+    the parameters, the persistent buffers (an edited correction bias re-routes) and packed weights."""
+    from moelens.loading import weight_tensors
     from moelens.quant.packed import packed_tensors
 
     packed = [t for m in packed_tensors(model).values() for t in m._buffers.values()]  # keep_quantized=True
-    return hash(tuple((p.data_ptr(), p._version) for p in list(model.parameters()) + packed))
+    return hash(tuple((p.data_ptr(), p._version) for p in list(weight_tensors(model).values()) + packed))
 
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -389,3 +389,43 @@ def test_unsupported_values_raise_naming_the_field(arch, field, value):
     cfg = {"architectures": [arch], field: value}
     with pytest.raises(UnsupportedConfigError, match=field):
         translate_config(cfg)
+
+
+# -------------------------------------------------------------------- the correction bias is a buffer
+@pytest.mark.parametrize("variant", ["v3", "glm", "glm_lite"])
+def test_correction_bias_is_a_buffer_as_in_transformers(pairs, variant):
+    """``parameters()`` counts what transformers' does (an optimiser would not train the bias), the
+    bias is in ``state_dict()`` / ``named_buffers()`` with transformers' values, fp32 after a cast."""
+    p = pairs(variant)
+    m = p.model
+    assert sum(x.numel() for x in m.parameters()) == sum(x.numel() for x in p.hf.parameters())
+    assert m.n_params() == sum(x.numel() for x in p.hf.parameters())
+    names = {n for n, _ in m.named_parameters()}
+    buffers = dict(m.named_buffers())
+    state = m.state_dict()
+    for l in m.cfg.moe_layers:
+        key = f"blocks.{l}.mlp.router.b_correction"
+        assert key not in names and key in buffers and key in state
+        assert torch.equal(buffers[key], p.hf.model.layers[l].mlp.gate.e_score_correction_bias)
+    half = HookedMoETransformer.from_pretrained(p.dir).to(torch.bfloat16)
+    assert all(half.blocks[l].mlp.router.b_correction.dtype == torch.float32 for l in half.cfg.moe_layers)
+
+
+def test_correction_bias_in_meta_counts_fingerprints_and_edits(pairs):
+    from moelens.tracing.fingerprint import parameter_checksum
+    from moelens.tracing.trace import weights_state
+
+    p = pairs("v3")
+    meta = HookedMoETransformer.from_pretrained(p.dir, device="meta")
+    assert sum(x.numel() for x in meta.parameters()) == sum(x.numel() for x in p.hf.parameters())
+    assert all(b.is_meta for b in meta.buffers())
+    fresh = HookedMoETransformer.from_config(p.model.cfg)
+    assert all(torch.equal(fresh.blocks[l].mlp.router.b_correction, torch.zeros(fresh.cfg.n_experts))
+               for l in fresh.cfg.moe_layers)
+    m = HookedMoETransformer.from_pretrained(p.dir)
+    before, state = parameter_checksum(m), weights_state(m)
+    l = m.cfg.moe_layers[0]
+    with torch.no_grad():
+        m.blocks[l].mlp.router.b_correction[3] += 1.0  # an edit far above any rounding
+    assert parameter_checksum(m) != before, "the fingerprint must see the correction bias"
+    assert weights_state(m) != state, "an in-place edit of the bias must mark the weights as edited"

@@ -409,7 +409,7 @@ def test_cli_paper_verify_against_transformers(olmoe_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--layers", "9"], "not sparse"),
-    (["--corpus", "/nonexistent/rows.txt"], "could not load corpus"),
+    (["--corpus", "/nonexistent/rows.txt"], "--corpus /nonexistent/rows.txt: no such file"),
     (["--min-chars", "10000"], "no row longer"),
 ])
 def test_cli_paper_bad_input(olmoe_dir, tmp_path, capsys, extra, message):

@@ -161,7 +161,8 @@ def test_complex_rope_is_transformers_deepseek_v2_rope_bit_for_bit():
 
 def test_l2norm_is_independent_of_the_memory_layout():
     """A strided last axis (a slice of the transposed conv output, as in the mixer) gives the same
-    bits as a contiguous copy, which is what transformers normalises; the plain strided sum differs."""
+    bits as a contiguous copy, which is what transformers normalises. (Whether a plain sum over the
+    strided slice gives other bits depends on the CPU's kernels, so that is not asserted.)"""
     from moelens.components.gated_deltanet import l2norm
 
     mixed = torch.randn(8, 96, 64, generator=torch.Generator().manual_seed(0)).transpose(1, 2)  # [b, pos, ch]
@@ -170,5 +171,3 @@ def test_l2norm_is_independent_of_the_memory_layout():
     contiguous = q.contiguous()
     assert torch.equal(l2norm(q), l2norm(contiguous))
     assert torch.equal(l2norm(contiguous), contiguous * torch.rsqrt((contiguous * contiguous).sum(-1, keepdim=True) + 1e-6))
-    strided_sum = (q * q).sum(-1)
-    assert not torch.equal(strided_sum, (contiguous * contiguous).sum(-1))  # why the copy is needed

@@ -192,6 +192,7 @@ def test_moelens_total_equals_transformers_and_published(name):
     total = model.n_params()
     info = presets.PRESET_INFO[name]
     assert total == sum(p.numel() for p in hf_meta(name).parameters())
+    assert sum(p.numel() for p in model.parameters()) == total  # buffers (a correction bias) are not parameters
     assert total == info["exact_params"]
     assert abs(total - info["published_params"]) / info["published_params"] < _tol(name)
 

@@ -103,13 +103,14 @@ def test_larger_limit_extends_and_summary_options_resummarise(tmp_path, capsys):
     assert trace(facts, tmp_path / "o", "--limit", "5") == 0
     capsys.readouterr()
     assert trace(facts, tmp_path / "o") == 0
-    assert "resuming: 5/8 cases done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming: screening 5/8 cases done (5 kept); expert tracing 5/5 kept cases done (at layer " in out
     assert n_lines(tmp_path / "o" / "screen.jsonl") == 8  # only the 3 new cases were screened
     assert (tmp_path / "o" / "summary.csv").read_text() == fresh
     # summary-only options: nothing recomputed, the summary redone with them
     screen, experts = (tmp_path / "o" / "screen.jsonl").read_text(), (tmp_path / "o" / "experts.jsonl").read_text()
     assert trace(facts, tmp_path / "o", "--bootstrap", "80", "--permutations", "70") == 0
-    assert "resuming: 8/8 cases done" in capsys.readouterr().out
+    assert "resuming: screening 8/8 cases done (8 kept); expert tracing 8/8 kept cases done" in capsys.readouterr().out
     assert (tmp_path / "o" / "screen.jsonl").read_text() == screen
     assert (tmp_path / "o" / "experts.jsonl").read_text() == experts
     settings = json.loads((tmp_path / "o" / "settings.json").read_text())
@@ -122,7 +123,7 @@ def test_larger_limit_extends_and_summary_options_resummarise(tmp_path, capsys):
     # the same model by its bundled name and by its path is the same model
     capsys.readouterr()
     assert trace(facts, tmp_path / "o", model=bundled_models()["moelens-tiny-facts"]) == 0
-    assert "resuming: 8/8 cases done" in capsys.readouterr().out
+    assert "resuming: screening 8/8 cases done (8 kept); expert tracing 8/8 kept cases done" in capsys.readouterr().out
     assert (tmp_path / "o" / "screen.jsonl").read_text() == screen
     # another checkpoint (one weight's lowest mantissa bit flipped) is another model
     other = tmp_path / "other-model"
@@ -155,7 +156,7 @@ def test_killed_and_resumed_through_the_cli(tmp_path, capsys, monkeypatch):
         f.write('{"key": "3", "case_id": 3, "spl')  # the line being written when the process died
     capsys.readouterr()
     assert trace(facts, tmp_path / "b") == 0
-    assert "resuming: 2/6 cases done" in capsys.readouterr().out
+    assert "resuming: screening 6/6 cases done (6 kept); expert tracing 2/6 kept cases done" in capsys.readouterr().out
     for name in ("screen.jsonl", "experts.jsonl"):
         df = pd.read_json(tmp_path / "b" / name, lines=True)  # no torn line left behind
         assert len(df) == 6 and df["key"].is_unique
