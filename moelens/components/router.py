@@ -81,24 +81,22 @@ class Router(nn.Module):
             self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts, dtype=torch.float32))
         elif cfg.router_correction_bias:
             # a (persistent) buffer, as transformers' ``e_score_correction_bias``: loaded and saved with
-            # the weights, not in ``parameters()`` (an optimiser does not train it), always fp32
+            # the weights, not in ``parameters()`` (an optimiser does not train it); fp32 where the
+            # router is kept fp32 (see _apply)
             self.register_buffer("b_correction", torch.zeros(cfg.n_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
-        (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family); the correction bias stays fp32
-        in every model, as transformers creates and keeps it."""
+        (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family and ERNIE-4.5), the correction bias
+        with it; elsewhere (MiniMax-M2) the bias follows the model's dtype, as in transformers."""
         super()._apply(fn, recurse)
-        if self.cfg.router_fp32_params:
+        if self.cfg.router_fp32_params:  # the router weight and the correction bias (buffer or parameter)
             for p in self.parameters(recurse=False):
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
-        b = self._buffers.get("b_correction")
-        if b is not None and b.dtype != torch.float32:
-            self._buffers["b_correction"] = b.float()
-        p = self._parameters.get("b_correction")
-        if p is not None and p.dtype != torch.float32:
-            p.data = p.data.float()
+            b = self._buffers.get("b_correction")
+            if b is not None and b.dtype != torch.float32:
+                self._buffers["b_correction"] = b.float()
         return self
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:

@@ -48,7 +48,7 @@ class Fp8BlockFormat:
     @classmethod
     def from_config(cls, qc: dict) -> "Fp8BlockFormat":
         fmt = qc.get("fmt", "e4m3")
-        if fmt not in ("e4m3", None):
+        if fmt not in ("e4m3", "float8_e4m3fn", None):  # MiniMax-M2 spells it out
             raise QuantFormatError(f"quantization_config.fmt={fmt!r}: only e4m3 FP8 weights are supported")
         scheme = qc.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", None):
