@@ -31,6 +31,9 @@ from typing import Literal, Optional
 import torch
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Everything that determines the computation of a :class:`HookedMoETransformer`.
@@ -57,7 +60,9 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     # attention
     attention: Literal["gqa", "mla"] = "gqa"
-    qk_norm: Literal["none", "per_head", "full"] = "none"
+    # "per_head"/"full": RMSNorm with a weight before RoPE, per head or over the whole projection;
+    # "l2" (Llama 4): weightless RMSNorm of each head *after* RoPE, on the RoPE layers only
+    qk_norm: Literal["none", "per_head", "full", "l2"] = "none"
     qkv_bias: bool = False
     clip_qkv: Optional[float] = None
     rope_theta: float = 10000.0
@@ -66,7 +71,17 @@ class MoEConfig:
     attn_o_bias: bool = False  # gpt-oss: bias on the output projection w_o
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
     sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
-    layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
+    # per layer "full_attention" / "sliding_attention" / "chunked_attention" (None: all full)
+    layer_types: Optional[tuple[str, ...]] = None
+    # Llama 4: the "chunked_attention" layers see the keys of their own chunk only (chunks of this many
+    # positions counted from each sequence's first real token)
+    attention_chunk_size: Optional[int] = None
+    # Llama 4: layers without RoPE ("NoPE"; q and k pass through unrotated)
+    nope_layers: tuple[int, ...] = ()
+    # Llama 4 attention temperature tuning on the NoPE layers: q *= 1 + attn_temperature_scale *
+    # log1p(floor((pos + 1) / attn_temperature_floor)), pos the absolute position (0: off)
+    attn_temperature_floor: int = 0
+    attn_temperature_scale: float = 0.1
     # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
     # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
     rotary_dim: Optional[int] = None
@@ -96,10 +111,15 @@ class MoEConfig:
     router_bias: bool = False  # gpt-oss: the router linear has a bias
     # "softmax_topk": fp32 softmax over all experts, top-k of it (Mixtral, Qwen, DeepSeek-V2);
     # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
-    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # "topk_sigmoid": top-k of the logits, sigmoid of the k chosen logits (fp32, cast to the logits' dtype;
+    # Llama 4)
+    router_order: Literal["softmax_topk", "topk_softmax", "topk_sigmoid"] = "softmax_topk"
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
     expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    # Llama 4: each slot's combine weight multiplies the expert's *input* (E_e(w x)), not its output;
+    # the combine is then the plain sum of the slots' outputs (see moelens/components/moe.py)
+    expert_input_scaled: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
@@ -108,6 +128,13 @@ class MoEConfig:
     router_correction_bias: bool = False
     router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
     router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
+    # block layout: which RMSNorms surround each branch. "pre" norms read the residual stream
+    # (ln1 / ln2); "post" norms normalise the branch's output before it is added (OLMo-2 / FlexOlmo:
+    # post only; Gemma: both, "sandwich")
+    attn_pre_norm: bool = True
+    attn_post_norm: bool = False
+    mlp_pre_norm: bool = True
+    mlp_post_norm: bool = False
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
@@ -146,11 +173,17 @@ class MoEConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
-            bad_types = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            bad_types = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if bad_types:
-                raise ValueError(f"layer_types {bad_types} not supported (full_attention, sliding_attention)")
+                raise ValueError(f"layer_types {bad_types} not supported ({', '.join(LAYER_TYPES)})")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+            if "chunked_attention" in self.layer_types and not self.attention_chunk_size:
+                raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is not set")
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(int(l) for l in self.nope_layers))))
+        bad = [l for l in self.nope_layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise ValueError(f"nope_layers {bad} out of range for n_layers={self.n_layers}")
         bad = [l for l in self.linear_attn_layers if not 0 <= l < self.n_layers]
         if bad:
             raise ValueError(f"linear_attn_layers {bad} out of range for n_layers={self.n_layers}")
@@ -194,6 +227,15 @@ class MoEConfig:
         if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def attention_chunk(self, layer: int) -> Optional[int]:
+        """The chunk size of a ``chunked_attention`` layer (keys of the query's own chunk), or None."""
+        if self.layer_types is None or self.layer_types[layer] != "chunked_attention":
+            return None
+        return self.attention_chunk_size
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
 
     @property
     def linear_d_conv(self) -> int:

@@ -92,9 +92,12 @@ def router_attribution(
     ln2 = model.blocks[layer].ln2
     router = model.blocks[layer].mlp.router
     W = router.W_router
-    scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
     dev = W.device
-    normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
+    if ln2 is None:  # post-norm blocks (FlexOlmo): the router reads the residual stream itself
+        normed = comps.float().to(dev)
+    else:
+        scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
+        normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
     b_router = next((getattr(router, n) for n in ("b_router", "b_gate", "bias") if getattr(router, n, None) is not None), None)
     if b_router is not None:

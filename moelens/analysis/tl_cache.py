@@ -156,7 +156,9 @@ class TLAnalysisMixin:
     def _expert_stack(self, layer: int, pos_slice: Slice) -> Tensor:
         """``[n_experts, *batch_pos, d_model]``: each expert's weighted update (0 where not routed)."""
         idx = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_indices"], dim=-2)
-        w = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_weights"], dim=-2)
+        from moelens.components.moe import combine_weights
+
+        w = combine_weights(self.model.cfg, pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_weights"], dim=-2))
         out = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_out"], dim=-3)
         weighted = (out * w.unsqueeze(-1)).to(out.dtype)
         n_exp = self.model.cfg.n_experts

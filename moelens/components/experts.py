@@ -10,10 +10,14 @@ Two implementations with identical results:
   through ``torch._grouped_mm``, one kernel per projection for all experts (what transformers uses
   by default; meant for GPUs with many experts; tested equal on CPU, not measured on a GPU here).
 
-Both return the *unweighted* output of each slot's expert, ``[batch, pos, top_k, d_model]``.
+All return the output of each slot's expert, ``[batch, pos, top_k, d_model]``: unweighted, or with
+``slot_scale [batch, pos, top_k]`` (Llama 4's input-scaled experts) the expert applied to its
+slot's scaled input ``slot_scale * x``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,29 +71,38 @@ class Experts(nn.Module):
         return out + self.b_down[e] if self.b_down is not None else out
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"]
+        self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"],
+        slot_scale: Optional[Float[Tensor, "batch pos top_k"]] = None,
     ) -> Float[Tensor, "batch pos top_k d_model"]:
         if self.impl == "loop":
-            return self.forward_loop(x, indices)
+            return self.forward_loop(x, indices, slot_scale)
         if self.impl == "grouped_mm":
-            return self.forward_grouped(x, indices)
-        return self.forward_sorted(x, indices)
+            return self.forward_grouped(x, indices, slot_scale)
+        return self.forward_sorted(x, indices, slot_scale)
 
-    def forward_loop(self, x: Tensor, indices: Tensor) -> Tensor:
+    def forward_loop(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
         out = x.new_zeros(*indices.shape, x.shape[-1])
         for e in range(self.n_experts):
             b, p, s = (indices == e).nonzero(as_tuple=True)
             if b.numel():
-                out[b, p, s] = self.ffn(e, x[b, p])
+                rows = x[b, p] if slot_scale is None else (x[b, p] * slot_scale[b, p, s, None]).to(x.dtype)
+                out[b, p, s] = self.ffn(e, rows)
         return out
 
-    def forward_sorted(self, x: Tensor, indices: Tensor) -> Tensor:
+    def _sorted_rows(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor]):
+        """(flat expert ids, sort order, the rows in that order (scaled per slot when asked))."""
         k = indices.shape[-1]
         x_flat = x.reshape(-1, x.shape[-1])
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         rows = x_flat[order // k]
+        if slot_scale is not None:
+            rows = (rows * slot_scale.reshape(-1)[order, None]).to(x.dtype)
+        return flat, order, rows
+
+    def forward_sorted(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
+        flat, order, rows = self._sorted_rows(x, indices, slot_scale)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         pieces, start = [], 0
         for e, n in enumerate(counts):
             if n:
@@ -99,15 +112,11 @@ class Experts(nn.Module):
         out[order] = torch.cat(pieces) if pieces else rows
         return out.view(*indices.shape, x.shape[-1])
 
-    def forward_grouped(self, x: Tensor, indices: Tensor) -> Tensor:
+    def forward_grouped(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
         if not hasattr(torch, "_grouped_mm"):
             raise RuntimeError("expert_impl='grouped_mm' needs torch._grouped_mm (PyTorch >= 2.8)")
-        k = indices.shape[-1]
-        x_flat = x.reshape(-1, x.shape[-1])
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        flat, order, rows = self._sorted_rows(x, indices, slot_scale)
         offsets = torch.cumsum(torch.bincount(flat, minlength=self.n_experts), 0).to(torch.int32)
-        rows = x_flat[order // k]
         gate = torch._grouped_mm(rows, self.w_gate.transpose(1, 2), offs=offsets)
         up = torch._grouped_mm(rows, self.w_up.transpose(1, 2), offs=offsets)
         if self.b_gate is not None:

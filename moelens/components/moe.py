@@ -14,6 +14,15 @@ Hook points (all ``[batch, pos, ...]``):
 ``hook_shared_out``     shared-expert output after its gate ``[batch, pos, d_model]``
 
 The block's output is ``routed + shared``; the enclosing block hooks it as ``hook_mlp_out``.
+
+Input-scaled experts (``cfg.expert_input_scaled``, Llama 4): the slot weight multiplies the
+expert's *input*, ``E_e(w x)``, not its output. There ``hook_expert_weights`` holds ``w`` (the
+sigmoid router score, editing it changes the expert's input scale; 0 removes the slot, since the
+experts have no biases), ``hook_expert_out`` holds ``E_e(w x)`` (the slot's whole update, already
+weighted) and ``hook_routed_out`` is the plain sum of the slots' ``hook_expert_out``. What expert
+``e`` adds to the residual stream (``cache.expert_contribution``) is then its ``hook_expert_out``;
+:func:`combine_weights` gives the factor of each slot's output in the combine (``w``, or 1 here),
+which every contribution computation uses.
 Combine numerics follow transformers' default (grouped_mm) backend: per-slot products in
 ``promote(model dtype, weight dtype)``, summed over slots, cast once to the model dtype.
 """
@@ -30,6 +39,12 @@ from moelens.components.mlp import GatedMLP
 from moelens.components.router import Router
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
+
+
+def combine_weights(cfg: MoEConfig, weights: Tensor) -> Tensor:
+    """The factor each slot's ``hook_expert_out`` is multiplied by in the combine: the slot weight,
+    or 1 where the weight already scaled the expert's input (``cfg.expert_input_scaled``)."""
+    return torch.ones_like(weights) if cfg.expert_input_scaled else weights
 
 
 class MoE(nn.Module):
@@ -60,7 +75,7 @@ class MoE(nn.Module):
         logits = self.hook_router_logits(self.router.logits(x))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
-        if self.cfg.router_order == "topk_softmax" and has_hooks(self.hook_router_scores):
+        if self.cfg.router_order in ("topk_softmax", "topk_sigmoid") and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
         if self.cfg.router_correction_bias:
@@ -69,8 +84,12 @@ class MoE(nn.Module):
         if has_hooks(self.hook_expert_indices):  # only an edit can make them invalid (saves GPU syncs)
             self._check_indices(indices)
         weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype, logits=logits))
-        expert_out = self.hook_expert_out(self.experts(x, indices))
-        routed = self.hook_routed_out((expert_out * weights.unsqueeze(-1)).sum(dim=-2).to(x.dtype))
+        if self.cfg.expert_input_scaled:  # Llama 4: E_e(w x), summed
+            expert_out = self.hook_expert_out(self.experts(x, indices, slot_scale=weights))
+            routed = self.hook_routed_out(expert_out.sum(dim=-2).to(x.dtype))
+        else:
+            expert_out = self.hook_expert_out(self.experts(x, indices))
+            routed = self.hook_routed_out((expert_out * weights.unsqueeze(-1)).sum(dim=-2).to(x.dtype))
         if not self.cfg.has_shared_experts:
             return routed
         shared = self.shared_experts(x)

@@ -12,6 +12,9 @@ DeepSeek-V2        fp32          softmax32   greedy or        never           fp
                                              unsorted
 gpt-oss            model (+bias) softmax32   top-k of the     softmax over    model
                                  (hook only) logits, sorted   the k logits
+Llama 4            model         sigmoid32   top-k of the     sigmoid of      model (scales
+                                 (hook only) logits, sorted   each chosen     the expert's
+                                                              logit           input)
 DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
 Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
                                              unsorted
@@ -27,6 +30,11 @@ DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
 
 The bias ``router.b_correction`` (hub ``e_score_correction_bias``, fp32 even in a bf16 model) only
 decides *which* experts are chosen; it never enters a combine weight.
+
+Llama 4 (``router_order="topk_sigmoid"``, ``router_score_func="sigmoid"``): top-k (k = 1) of the
+logits (model dtype, sorted), weight = ``sigmoid(logit)`` of each chosen expert in fp32 cast to the
+model dtype; ``hook_router_scores`` is the fp32 sigmoid of all logits. The weight scales the
+expert's *input* (``cfg.expert_input_scaled``; see :mod:`moelens.components.moe`).
 
 gpt-oss (``router_order="topk_softmax"``, ``router_bias``): transformers takes ``topk`` of the
 biased logits and a softmax over the k selected logits in the logits' dtype. ``hook_router_scores``
@@ -100,9 +108,9 @@ class Router(nn.Module):
         self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
-        if cfg.router_order == "topk_softmax":
+        if cfg.router_order in ("topk_softmax", "topk_sigmoid"):
             if logits is None:
-                raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
+                raise ValueError(f"router_order={cfg.router_order!r} selects on the logits: pass logits=")
             return torch.topk(logits, cfg.top_k, dim=-1, sorted=True).indices
         if cfg.topk_method == "noaux_tc":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
@@ -130,6 +138,12 @@ class Router(nn.Module):
                 raise ValueError("router_order='topk_softmax' weights the logits: pass logits=")
             chosen = logits.gather(-1, indices)
             return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
+        if cfg.router_order == "topk_sigmoid":
+            # Llama 4: sigmoid of each chosen (or forced) logit, in fp32, cast to the logits' dtype
+            if logits is None:
+                raise ValueError("router_order='topk_sigmoid' weights the logits: pass logits=")
+            chosen = logits.gather(-1, indices)
+            return torch.sigmoid(chosen.float()).to(chosen.dtype)
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             denominator = w.sum(dim=-1, keepdim=True)

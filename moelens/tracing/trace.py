@@ -164,8 +164,11 @@ def weights_state(model) -> int:
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(indices, weights, expert_out) of ``layer`` at ``positions`` (for :func:`_contribution`)."""
+    from moelens.components.moe import combine_weights
+
     name = f"blocks.{layer}.mlp."
-    return tuple(cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+    idx, w, out = (cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+    return idx, combine_weights(cache.model.cfg, w), out
 
 
 def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
