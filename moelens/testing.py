@@ -102,6 +102,17 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )),
+    # Llama 4: dense/MoE interleave, top-1 sigmoid router scaling the expert input, shared expert, chunked
+    # attention (chunk 4) on the RoPE layers, NoPE layers with temperature tuning (floor 2: active from
+    # position 1), L2 QK-norm, llama3 RoPE scaling, attention biases
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2,
+        attn_scale=0.5, attention_bias=True, eos_token_id=None,  # (Llama4TextConfig's default eos 2 is a tiny-vocab token)
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    )),
 }
 
 
@@ -126,7 +137,8 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
     for name, p in model.named_parameters():
         if p.ndim >= 2:
             std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight",
+                              "feed_forward.router.weight")):
                 std *= router_scale
             if name.endswith("mlp.experts.gate_up_proj") and p.ndim == 3 and "gpt_oss" in type(model).__module__:
                 # gpt-oss: transposed [E, d_model, 2I] bank; x3 so that |gate|, |up| > swiglu_limit=7 happens

@@ -35,6 +35,9 @@ def _register_optional() -> None:
     from moelens.architectures import gpt_oss
 
     ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
+    from moelens.architectures import llama4
+
+    ARCHITECTURES[llama4.ARCH.name] = llama4.ARCH
 
 
 _register_optional()

@@ -29,11 +29,14 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tuple[Tensor, float]:
-    """Inverse frequencies ``[dim/2]`` and the cos/sin ``attention_factor`` (1.0 without YaRN)."""
+    """Inverse frequencies ``[dim/2]`` and the cos/sin ``attention_factor`` (1.0 without YaRN).
+    ``yarn``: the scaling parameters, YaRN unless ``rope_type`` is ``"llama3"`` (Llama 3 / 4)."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (theta**exponents)
     if not yarn:
         return inv_freq, 1.0
+    if yarn.get("rope_type") == "llama3":
+        return llama3_frequencies(inv_freq, yarn), 1.0
     factor = float(yarn["factor"])
     orig = float(yarn["original_max_position_embeddings"])
     beta_fast = float(yarn.get("beta_fast") or 32)
@@ -60,6 +63,20 @@ def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tup
     inv_interp = 1.0 / (factor * theta**exponents)
     inv_freq = inv_interp * (1 - keep) + inv_freq * keep
     return inv_freq, attention_factor
+
+
+def llama3_frequencies(inv_freq: Tensor, params: dict) -> Tensor:
+    """transformers' ``_compute_llama3_parameters``: long wavelengths divided by ``factor``, short ones
+    kept, the band between smoothly interpolated."""
+    factor, low, high = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_context = float(params["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def yarn_softmax_scale(yarn: Optional[dict]) -> float:
