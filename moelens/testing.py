@@ -113,6 +113,12 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     )),
+    # FlexOlmo: OLMo-2 post-norm blocks, QK-norm over the whole projections, softmax top-k (renormalised)
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True, eos_token_id=None,
+        pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )),
 }
 
 

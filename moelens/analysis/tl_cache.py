@@ -106,7 +106,14 @@ class TLAnalysisMixin:
         elif getattr(attn, "W_G", None) is not None:
             return None
         W = w_o.to(z.device, z.dtype).view(cfg.d_model, cfg.n_heads, -1)
-        self.cache_dict[key] = torch.einsum("...hd,mhd->...hm", z, W)
+        result = torch.einsum("...hd,mhd->...hm", z, W)
+        post = self.model.blocks[layer].ln1_post
+        if post is not None:  # post-norm (FlexOlmo): each head through the norm at the run's scale
+            scale = self.cache_dict.get(f"blocks.{layer}.ln1_post.hook_scale")
+            if scale is None or getattr(attn, "b_O", None) is not None:
+                return None
+            result = (result.float() / scale.float().unsqueeze(-2) * post.scale_weight.float()).to(result.dtype)
+        self.cache_dict[key] = result
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:
@@ -164,7 +171,17 @@ class TLAnalysisMixin:
         n_exp = self.model.cfg.n_experts
         dense = torch.zeros(*idx.shape[:-1], n_exp, out.shape[-1], dtype=out.dtype, device=out.device)
         dense.scatter_add_(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]), weighted)
-        return dense.movedim(-2, 0)
+        return self._through_post_norm(layer, dense, pos_slice, -2).movedim(-2, 0)
+
+    def _through_post_norm(self, layer: int, x: Tensor, pos_slice: Slice, axis: int) -> Tensor:
+        """A part of block ``layer``'s FFN output carried through its post-norm at the run's scale
+        (what it adds to the residual stream); unchanged without a post-norm. ``axis``: where the
+        component axis of ``x`` sits (the scale has none)."""
+        block = self.model.blocks[layer]
+        if block.ln2_post is None:
+            return x
+        scale = pos_slice.apply(self[f"blocks.{layer}.ln2_post.hook_scale"], dim=-2).unsqueeze(axis)
+        return block.post_mlp_linear(x, scale)
 
     def _mlp_pieces(self, layer: int, pos_slice: Slice, expert_level: bool):
         """(stack ``[n, *batch_pos, d_model]``, labels) for block ``layer``'s MLP output."""
@@ -174,7 +191,8 @@ class TLAnalysisMixin:
         stack = self._expert_stack(layer, pos_slice)
         labels = [f"L{layer}E{e}" for e in range(cfg.n_experts)]
         if cfg.has_shared_experts:
-            shared = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_shared_out"], dim=-2)[None]
+            shared = self._through_post_norm(
+                layer, pos_slice.apply(self[f"blocks.{layer}.mlp.hook_shared_out"], dim=-2), pos_slice, 0)[None]
             stack = torch.cat([stack, shared.to(stack.device, stack.dtype)])
             labels.append(f"L{layer}_shared")
         return stack, labels
@@ -328,6 +346,9 @@ class TLAnalysisMixin:
             key = "ln_final.hook_scale"
         else:
             key = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+            if getattr(self.model.blocks[layer], "ln2" if mlp_input else "ln1") is None:
+                # a post-norm block (FlexOlmo) reads the residual stream unnormalised: scale 1
+                return torch.ones(1, device=self["hook_embed"].device)
         if key not in self.cache_dict:
             raise KeyError(
                 f"{key} is not in this cache: apply_ln_to_stack / logit_attrs / apply_ln=True divide by the "

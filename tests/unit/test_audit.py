@@ -103,6 +103,13 @@ def test_effects_equal_direct_hooks(model, renormalize):
     assert eff["delta_next"].abs().max() > 1e-3  # the ablations do something
 
 
+def test_effects_equal_direct_hooks_on_input_scaled_experts(tiny_dirs):
+    """Llama 4: a slot's weight scales the expert's input; weight 0 still removes the expert (E(0) = 0)."""
+    directory, _ = tiny_dirs("llama4")
+    llama4 = HookedMoETransformer.from_pretrained(directory)
+    test_effects_equal_direct_hooks(llama4, renormalize=False)
+
+
 def test_renormalize_changes_effects(model):
     tokens = _random_corpus(1, 10, 11, seed=4)[0]
     a = expert_effects(model, tokens, layers=[1], positions=[2, 5])

@@ -59,9 +59,10 @@ def test_accumulated_resid_apply_ln_gives_logits(runs, arch):
         acc, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
         assert labels[-1] == "final_post" and len(labels) == model.cfg.n_layers + 1
         torch.testing.assert_close(acc[-1] @ model.W_U.T, logits, **TOL)
-        # intermediate layer: divided by that layer's ln1 scale
+        # intermediate layer: divided by that layer's ln1 scale (post-norm blocks have none: unnormalised)
         acc1 = cache.accumulated_resid(layer=1, apply_ln=True)
-        torch.testing.assert_close(acc1[-1], cache["resid_pre", 1] / cache["blocks.1.ln1.hook_scale"], **TOL)
+        scale = cache["blocks.1.ln1.hook_scale"] if model.blocks[1].ln1 is not None else 1.0
+        torch.testing.assert_close(acc1[-1], cache["resid_pre", 1] / scale, **TOL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -97,19 +98,27 @@ def test_expert_components_equal_expert_contribution(runs, arch):
     cfg = model.cfg
     stack, labels = cache.decompose_resid(expert_level=True, return_labels=True)
     index = {lab: i for i, lab in enumerate(labels)}
+
+    def to_resid(l, x):  # through the FFN post-norm at the run's scale, where the block has one (FlexOlmo)
+        block = model.blocks[l]
+        return x if block.ln2_post is None else block.post_mlp_linear(x, cache[f"blocks.{l}.ln2_post.hook_scale"])
+
     for l in range(cfg.n_layers):
         if l in cfg.moe_layers:
             assert f"{l}_mlp_out" not in index
             for e in range(cfg.n_experts):
-                torch.testing.assert_close(stack[index[f"L{l}E{e}"]], cache.expert_contribution(l, e), atol=0, rtol=0)
+                torch.testing.assert_close(stack[index[f"L{l}E{e}"]], to_resid(l, cache.expert_contribution(l, e)),
+                                           atol=0, rtol=0)
             assert (f"L{l}_shared" in index) == cfg.has_shared_experts
             if cfg.has_shared_experts:
-                torch.testing.assert_close(stack[index[f"L{l}_shared"]], cache["shared_out", l], atol=0, rtol=0)
+                torch.testing.assert_close(stack[index[f"L{l}_shared"]], to_resid(l, cache["shared_out", l]),
+                                           atol=0, rtol=0)
         else:
             torch.testing.assert_close(stack[index[f"{l}_mlp_out"]], cache["mlp_out", l], atol=0, rtol=0)
     full, flabels = cache.get_full_resid_decomposition(return_labels=True)
     l = cfg.moe_layers[0]
-    torch.testing.assert_close(full[flabels.index(f"L{l}E1")], cache.expert_contribution(l, 1), atol=0, rtol=0)
+    torch.testing.assert_close(full[flabels.index(f"L{l}E1")], to_resid(l, cache.expert_contribution(l, 1)),
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
