@@ -63,7 +63,7 @@ def hf_active(model, cfg: dict) -> int:
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
+        if re.search(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -210,7 +210,8 @@ def test_active_params(name):
         doc_with, doc_without = DOC_ACTIVE[name]
         assert abs(active - doc_with) / doc_with < 0.005
         assert abs(active_no_emb - doc_without) / doc_without < 0.005
-    assert active < model.n_params() / 3
+    # sparse models activate a small share; FlexOlmo routes to 5 of its 7 experts
+    assert active < model.n_params() * (1 / 3 if model.cfg.top_k / model.cfg.n_experts <= 0.25 else 1)
 
 
 def test_headline_active_counts():
