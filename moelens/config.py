@@ -82,6 +82,16 @@ class MoEConfig:
     # log1p(floor((pos + 1) / attn_temperature_floor)), pos the absolute position (0: off)
     attn_temperature_floor: int = 0
     attn_temperature_scale: float = 0.1
+    # Gemma 4: the full-attention layers have their own head width and kv-head count, share the key
+    # projection as the value (K = V: no w_v), and their own RoPE base with "proportional" RoPE (the
+    # leading rope_proportion_full of the frequencies rotate, computed over the whole head; the rest 0)
+    full_attn_d_head: Optional[int] = None
+    full_attn_n_kv_heads: Optional[int] = None
+    full_attn_k_eq_v: bool = False
+    rope_theta_full: Optional[float] = None
+    rope_proportion_full: float = 1.0
+    attn_softmax_scale: Optional[float] = None  # None: d_head ** -0.5 (Gemma 4: 1.0)
+    v_norm: bool = False  # Gemma 4: weightless RMSNorm of each value head
     # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
     # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
     rotary_dim: Optional[int] = None
@@ -135,6 +145,17 @@ class MoEConfig:
     attn_post_norm: bool = False
     mlp_pre_norm: bool = True
     mlp_post_norm: bool = False
+    # Gemma 4: in MoE layers a dense MLP (d_mlp wide) runs in parallel with the MoE, each branch with
+    # its own pre- and post-norm, their sum post-normed (see moelens/components/block.py)
+    parallel_dense_mlp: bool = False
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # gate activation of the dense MLPs and experts
+    # Gemma 4 router: logits = W (rms(x) * w_in * d_model**-0.5) on the residual stream (not the MoE input);
+    # the renormalised top-k weights are multiplied by a learned per-expert scale
+    router_input_norm: bool = False
+    router_per_expert_scale: bool = False
+    layer_scalar: bool = False  # Gemma 4: a learned scalar multiplies the residual stream leaving each block
+    embed_scale: Optional[float] = None  # Gemma: embeddings multiplied by this (cast to the model dtype)
+    final_logit_softcap: Optional[float] = None  # Gemma: logits = cap * tanh(logits / cap)
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
@@ -236,6 +257,23 @@ class MoEConfig:
 
     def uses_rope(self, layer: int) -> bool:
         return layer not in self.nope_layers
+
+    def _is_full(self, layer: int) -> bool:
+        return self.layer_types is None or self.layer_types[layer] == "full_attention"
+
+    def layer_d_head(self, layer: int) -> int:
+        """Head width of ``layer`` (Gemma 4's full-attention layers differ)."""
+        return self.full_attn_d_head if self.full_attn_d_head and self._is_full(layer) else self.d_head
+
+    def layer_n_kv_heads(self, layer: int) -> int:
+        return self.full_attn_n_kv_heads if self.full_attn_n_kv_heads and self._is_full(layer) else self.n_kv_heads
+
+    def layer_k_eq_v(self, layer: int) -> bool:
+        return self.full_attn_k_eq_v and self._is_full(layer)
+
+    def rope_group(self, layer: int) -> str:
+        """``"full"`` where the full-attention layers have their own RoPE (Gemma 4), else ``"default"``."""
+        return "full" if self.rope_theta_full is not None and self._is_full(layer) else "default"
 
     @property
     def linear_d_conv(self) -> int:

@@ -35,12 +35,19 @@ TextInput = Union[str, Sequence[str]]
 
 
 class Embed(nn.Module):
+    """``W_E[tokens]``, times ``cfg.embed_scale`` (cast to the model dtype) where the architecture
+    scales its embeddings (Gemma: ``sqrt(d_model)``); ``W_E`` itself is the checkpoint's matrix."""
+
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.scale = cfg.embed_scale
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        x = F.embedding(tokens, self.W_E)
+        if self.scale is not None:
+            x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        return x
 
 
 class Unembed(nn.Module):
@@ -49,9 +56,16 @@ class Unembed(nn.Module):
     def __init__(self, cfg: MoEConfig, tied_to: Optional[nn.Parameter] = None):
         super().__init__()
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.softcap = cfg.final_logit_softcap
+
+    def cap(self, logits: Tensor) -> Tensor:
+        """Gemma's final logit soft-cap ``c * tanh(logits / c)`` (identity without one)."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.w_u)
+        return self.cap(F.linear(x, self.w_u))
 
 
 class HookedMoETransformer(HookedRootModule):
@@ -73,6 +87,8 @@ class HookedMoETransformer(HookedRootModule):
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        if cfg.rope_theta_full is not None:  # Gemma 4's full-attention layers: their own (proportional) RoPE
+            self.register_buffer("rope_inv_freq_full", self._full_rope_frequencies(), persistent=False)
         self.setup()
 
     # ------------------------------------------------------------------ construction
@@ -111,7 +127,15 @@ class HookedMoETransformer(HookedRootModule):
             self.unembed.w_u = self.embed.W_E
         # RoPE frequencies stay fp32 whatever the model dtype (as in transformers)
         self._buffers["rope_inv_freq"] = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0].to(device)
+        if self.cfg.rope_theta_full is not None:
+            self._buffers["rope_inv_freq_full"] = self._full_rope_frequencies().to(device)
         return self
+
+    def _full_rope_frequencies(self) -> Tensor:
+        from moelens.components.rope import proportional_frequencies
+
+        cfg = self.cfg
+        return proportional_frequencies(cfg.full_attn_d_head or cfg.d_head, cfg.rope_theta_full, cfg.rope_proportion_full)
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
@@ -123,6 +147,8 @@ class HookedMoETransformer(HookedRootModule):
             if name.endswith((".w", "norm_w")):
                 zero = self.cfg.norm_zero_centered and not name.endswith("attn.norm_w")  # the gated norm is 1-based
                 p.fill_(0.0 if zero else 1.0)
+            elif name.endswith(("per_expert_scale", "layer_scalar")):
+                p.fill_(1.0)
             elif name.endswith(".A_log"):
                 p.zero_()
             elif name.endswith(".dt_bias"):
@@ -267,6 +293,12 @@ class HookedMoETransformer(HookedRootModule):
             inv_freq = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0]
             self._buffers["rope_inv_freq"] = inv_freq = inv_freq.to(device)
         cos, sin = rope_cos_sin(positions, inv_freq.to(device), self._rope_factor, self.cfg.rope_arith)
+        tables = {}
+        if self.cfg.rope_theta_full is not None:
+            full = self._buffers["rope_inv_freq_full"]
+            if full.dtype != torch.float32:
+                self._buffers["rope_inv_freq_full"] = full = self._full_rope_frequencies().to(device)
+            tables["full"] = rope_cos_sin(positions, full.to(device), 1.0, self.cfg.rope_arith)
         key_mask = None
         if attention_mask is not None:
             if attention_mask.shape[-1] != q_offset + n_pos:
@@ -275,7 +307,7 @@ class HookedMoETransformer(HookedRootModule):
                 )
             if not bool(attention_mask.all()):
                 key_mask = attention_mask.to(device).bool()
-        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset)
+        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset, rope_tables=tables)
 
     @staticmethod
     def loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -451,7 +483,7 @@ class HookedMoETransformer(HookedRootModule):
         for name, p in self.named_parameters():
             if not include_embeddings and name in ("embed.W_E", "unembed.w_u"):
                 continue
-            if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
+            if name.endswith(("router.b_correction", "layer_scalar")):  # buffers in transformers: not counted there
                 continue
             n = p.numel()
             if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases

@@ -119,6 +119,18 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         intermediate_size=32, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True, eos_token_id=None,
         pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     )),
+    # Gemma 4 text MoE: sliding (window 4, head 16, 2 kv heads) / full (head 32, 1 kv head, K = V,
+    # proportional RoPE) layers, parallel dense MLP + MoE with sandwich norms, logit soft-cap
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8,
+        top_k_experts=2, moe_intermediate_size=32, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                            "rope_theta": 1000000.0}},
+    )),
 }
 
 
@@ -144,7 +156,7 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
         if p.ndim >= 2:
             std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight",
-                              "feed_forward.router.weight")):
+                              "feed_forward.router.weight", "router.proj.weight")):
                 std *= router_scale
             if name.endswith("mlp.experts.gate_up_proj") and p.ndim == 3 and "gpt_oss" in type(model).__module__:
                 # gpt-oss: transposed [E, d_model, 2I] bank; x3 so that |gate|, |up| > swiglu_limit=7 happens
@@ -152,6 +164,10 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         elif name.endswith("self_attn.sinks"):
             p.copy_(1.0 + torch.randn(p.shape, generator=gen))  # sinks that take a real share of attention
+        elif name.endswith("router.per_expert_scale"):  # Gemma 4: per-expert combine scales
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif name.endswith("router.scale"):  # Gemma 4: the router's input-norm weight (x4: decisive routing)
+            p.copy_(torch.empty(p.shape).uniform_(3.0, 5.0, generator=gen))
         elif name.endswith("A_log"):  # Gated DeltaNet: slow decays (0.8..0.98 per token) so the state matters
             p.copy_(torch.empty(p.shape).uniform_(0.02, 0.2, generator=gen).log())
         elif name in zero_centered:
@@ -163,6 +179,8 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 family: a selection-only bias (buffer)
             b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+        elif name.endswith("layer_scalar"):  # Gemma 4: a per-layer output scale (a saved buffer)
+            b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
     return model
 
 

@@ -41,6 +41,9 @@ def _register_optional() -> None:
     from moelens.architectures import flex_olmo
 
     ARCHITECTURES[flex_olmo.ARCH.name] = flex_olmo.ARCH
+    from moelens.architectures import gemma4
+
+    ARCHITECTURES[gemma4.ARCH.name] = gemma4.ARCH
 
 
 _register_optional()

@@ -17,7 +17,7 @@ transformers' eager path). Both paths are tested equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -44,6 +44,8 @@ class AttentionContext:
     sin: Tensor
     key_mask: Optional[Bool[Tensor, "batch key_pos"]]
     q_offset: int = 0
+    # other RoPE tables by group (cfg.rope_group: Gemma 4's full-attention layers use "full")
+    rope_tables: dict = field(default_factory=dict)
 
     def additive_mask(
         self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False, window: Optional[int] = None,
@@ -163,10 +165,14 @@ class Attention(nn.Module):
         self.l2_qk_norm = cfg.qk_norm == "l2" and self.use_rope
         # Llama 4: attention temperature tuning on the NoPE layers
         self.temperature_floor = cfg.attn_temperature_floor if not self.use_rope else 0
-        h, kv, d, dm = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
+        # per-layer shapes (Gemma 4's full-attention layers have their own head width and kv heads)
+        self.d_head, self.n_kv_heads = cfg.layer_d_head(layer), cfg.layer_n_kv_heads(layer)
+        self.k_eq_v = cfg.layer_k_eq_v(layer)  # Gemma 4: the value is the (raw) key projection
+        self.rope_group = cfg.rope_group(layer)
+        h, kv, d, dm = cfg.n_heads, self.n_kv_heads, self.d_head, cfg.d_model
         self.w_q = nn.Parameter(torch.empty(h * d, dm))
         self.w_k = nn.Parameter(torch.empty(kv * d, dm))
-        self.w_v = nn.Parameter(torch.empty(kv * d, dm))
+        self.w_v = None if self.k_eq_v else nn.Parameter(torch.empty(kv * d, dm))
         self.w_o = nn.Parameter(torch.empty(dm, h * d))
         if cfg.qkv_bias:
             self.b_q = nn.Parameter(torch.zeros(h * d))
@@ -184,17 +190,19 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None
         if cfg.attn_output_gate:  # Qwen3.5 / Qwen3-Next: o = w_o (z * sigmoid(W_G x)), per head
             self.W_G = nn.Parameter(torch.empty(h * d, dm))
-        self.scale = d**-0.5
-        self.hook_q = ShapedHookPoint("batch pos head d_head")
-        self.hook_k = ShapedHookPoint("batch pos kv_head d_head")
-        self.hook_v = ShapedHookPoint("batch pos kv_head d_head")
-        self.hook_rot_q = ShapedHookPoint("batch pos head d_head")
-        self.hook_rot_k = ShapedHookPoint("batch pos kv_head d_head")
+        self.scale = d**-0.5 if cfg.attn_softmax_scale is None else cfg.attn_softmax_scale
+        own = d != cfg.d_head or kv != cfg.n_kv_heads  # axis names of a layer with its own shapes
+        dh, kvh = ("d_head_full", "kv_head_full") if own else ("d_head", "kv_head")
+        self.hook_q = ShapedHookPoint(f"batch pos head {dh}")
+        self.hook_k = ShapedHookPoint(f"batch pos {kvh} {dh}")
+        self.hook_v = ShapedHookPoint(f"batch pos {kvh} {dh}")
+        self.hook_rot_q = ShapedHookPoint(f"batch pos head {dh}")
+        self.hook_rot_k = ShapedHookPoint(f"batch pos {kvh} {dh}")
         self.hook_attn_scores = ShapedHookPoint("batch head query_pos key_pos")
         if cfg.attn_sinks:
             self.hook_sink_weight = ShapedHookPoint("batch head query_pos")
         self.hook_pattern = ShapedHookPoint("batch head query_pos key_pos")
-        self.hook_z = ShapedHookPoint("batch pos head d_head")
+        self.hook_z = ShapedHookPoint(f"batch pos head {dh}")
         if cfg.attn_output_gate:
             self.hook_attn_gate = ShapedHookPoint("batch pos head d_head")  # sigmoid(W_G x), multiplies z
 
@@ -208,23 +216,26 @@ class Attention(nn.Module):
         b, p, _ = x.shape
         q = F.linear(x, self.w_q, self.b_q)
         k = F.linear(x, self.w_k, self.b_k)
-        v = F.linear(x, self.w_v, self.b_v)
+        v = k if self.k_eq_v else F.linear(x, self.w_v, self.b_v)
         if cfg.qk_norm == "full":
             full_norm = rms_norm_weight_fp32 if cfg.norm_weight_fp32 else rms_norm
             q, k = full_norm(q, self.q_norm_w, cfg.rms_norm_eps), full_norm(k, self.k_norm_w, cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(b, p, cfg.n_heads, cfg.d_head)
-        k = k.view(b, p, cfg.n_kv_heads, cfg.d_head)
-        v = v.view(b, p, cfg.n_kv_heads, cfg.d_head)
+        q = q.view(b, p, cfg.n_heads, self.d_head)
+        k = k.view(b, p, self.n_kv_heads, self.d_head)
+        v = v.view(b, p, self.n_kv_heads, self.d_head)
         if cfg.qk_norm == "per_head":
-            qk_norm = norm_fn(cfg.norm_zero_centered)
+            qk_norm = rms_norm_weight_fp32 if cfg.norm_weight_fp32 else norm_fn(cfg.norm_zero_centered)
             q, k = qk_norm(q, self.q_norm_w, cfg.rms_norm_eps), qk_norm(k, self.k_norm_w, cfg.rms_norm_eps)
+        if cfg.v_norm:  # Gemma 4: weightless RMSNorm of each value head
+            v = l2_norm(v, cfg.rms_norm_eps)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.use_rope:
             rope = rope_fn(cfg)
+            cos, sin = ctx.rope_tables.get(self.rope_group, (ctx.cos, ctx.sin))
             # partial RoPE (cfg.rotary_dim): only the leading rotary_dim dims of each head rotate
-            q, k = apply_rope_partial(q, ctx.cos, ctx.sin, rope), apply_rope_partial(k, ctx.cos, ctx.sin, rope)
+            q, k = apply_rope_partial(q, cos, sin, rope), apply_rope_partial(k, cos, sin, rope)
         if self.l2_qk_norm:
             q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
         if self.temperature_floor:
@@ -236,7 +247,7 @@ class Attention(nn.Module):
             k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
         z = self.hook_z(attend(self, q, k, v, ctx, self.scale, window=self.window, sinks=self.sinks, chunk=self.chunk))
         if cfg.attn_output_gate:
-            z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, cfg.d_head)))
+            z = z * self.hook_attn_gate(torch.sigmoid(F.linear(x, self.W_G).view(b, p, cfg.n_heads, self.d_head)))
         return F.linear(z.reshape(b, p, -1), self.w_o, self.b_O)
 
     def temperature(self, ctx: AttentionContext, n_pos: int, device) -> Float[Tensor, "1 pos 1 1"]:

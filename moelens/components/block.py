@@ -65,9 +65,21 @@ class TransformerBlock(nn.Module):
         self.hook_attn_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_mid = ShapedHookPoint("batch pos d_model")
         self.ln2 = make_norm(cfg, cfg.mlp_pre_norm)
-        self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
+        self.parallel = self.is_moe and cfg.parallel_dense_mlp
+        if self.parallel:  # Gemma 4: dense MLP and MoE side by side, each with its own norms
+            self.dense_mlp = GatedMLP(cfg.d_model, cfg.d_mlp, act=cfg.mlp_act)
+            self.ln2_post_dense = make_norm(cfg)
+            self.hook_dense_out = ShapedHookPoint("batch pos d_model")
+            self.ln2_moe = make_norm(cfg)
+            self.mlp = MoE(cfg)
+            self.ln2_post_moe = make_norm(cfg)
+            self.hook_moe_out = ShapedHookPoint("batch pos d_model")
+        else:
+            self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp, act=cfg.mlp_act)
         self.ln2_post = make_norm(cfg, cfg.mlp_post_norm)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
+        # Gemma 4: a learned scalar multiplies the residual stream leaving the block
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
         self.hook_resid_post = ShapedHookPoint("batch pos d_model")
 
     @property
@@ -80,8 +92,22 @@ class TransformerBlock(nn.Module):
         return _apply(self.ln1_post, self.attn(_apply(self.ln1, resid), ctx, kv_prefix))
 
     def mlp_branch(self, resid_mid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """What the FFN (MoE or dense) adds to the residual stream (before ``hook_mlp_out``)."""
-        return _apply(self.ln2_post, self.mlp(_apply(self.ln2, resid_mid)))
+        """What the FFN (MoE or dense) adds to the residual stream (before ``hook_mlp_out``).
+
+        Parallel (Gemma 4): ``ln2_post(hook_dense_out + hook_moe_out)`` with
+        ``hook_dense_out = ln2_post_dense(dense_mlp(ln2(h)))`` and
+        ``hook_moe_out = ln2_post_moe(mlp(ln2_moe(h)))``, the router reading ``h`` itself."""
+        if not self.parallel:
+            return _apply(self.ln2_post, self.mlp(_apply(self.ln2, resid_mid)))
+        dense = self.hook_dense_out(self.ln2_post_dense(self.dense_mlp(_apply(self.ln2, resid_mid))))
+        moe = self.hook_moe_out(self.ln2_post_moe(self.mlp(self.ln2_moe(resid_mid), router_input=resid_mid)))
+        return _apply(self.ln2_post, dense + moe)
+
+    def add_mlp(self, resid_mid: Tensor, mlp_out: Tensor) -> Tensor:
+        """The residual stream leaving the block: ``resid_mid + mlp_out``, times the layer scalar
+        where the architecture has one (Gemma 4)."""
+        out = resid_mid + mlp_out
+        return out if self.layer_scalar is None else out * self.layer_scalar
 
     def post_mlp_linear(self, x: Tensor, scale: Optional[Tensor]) -> Tensor:
         """The FFN post-norm as the linear map it is once its scale is fixed: ``w * x / scale``
@@ -102,4 +128,4 @@ class TransformerBlock(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn_branch(resid, ctx, kv_prefix)))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp_branch(resid)))
+        return self.hook_resid_post(self.add_mlp(resid, self.hook_mlp_out(self.mlp_branch(resid))))

@@ -33,6 +33,13 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def gate_activation(act: str):
+    """The gate nonlinearity of a gated FFN: ``silu`` or ``gelu_tanh`` (GELU, tanh approximation: Gemma)."""
+    if act == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.silu
+
+
 class Experts(nn.Module):
     """``n_experts`` gated FFNs. ``act="silu"``: ``w_down (silu(w_gate x) * w_up x)``;
     ``act="clamped_swiglu"`` (gpt-oss): :func:`clamped_swiglu`. With ``bias`` (gpt-oss) every
@@ -45,8 +52,8 @@ class Experts(nn.Module):
         self.n_experts = n_experts
         self.impl = impl
         self.act, self.alpha, self.limit = act, alpha, limit
-        if act not in ("silu", "clamped_swiglu"):
-            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu)")
+        if act not in ("silu", "clamped_swiglu", "gelu_tanh"):
+            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu, gelu_tanh)")
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
@@ -60,7 +67,7 @@ class Experts(nn.Module):
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.act == "clamped_swiglu":
             return clamped_swiglu(gate, up, self.alpha, self.limit)
-        return F.silu(gate) * up
+        return gate_activation(self.act)(gate) * up
 
     def ffn(self, e: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
         """Expert ``e`` applied to rows ``x``."""

@@ -29,6 +29,8 @@ Combine numerics follow transformers' default (grouped_mm) backend: per-slot pro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -54,7 +56,7 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(
             cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl, bias=cfg.expert_bias,
-            act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+            act=cfg.mlp_act if cfg.expert_act == "silu" else cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
         )
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
@@ -65,14 +67,16 @@ class MoE(nn.Module):
         self.hook_expert_out = ShapedHookPoint("batch pos top_k d_model")
         self.hook_routed_out = ShapedHookPoint("batch pos d_model")
         if cfg.has_shared_experts:
-            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared")
+            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared", act=cfg.mlp_act)
             if cfg.shared_gate:
                 self.W_shared_gate = nn.Parameter(torch.empty(1, cfg.d_model))
                 self.hook_shared_gate = ShapedHookPoint("batch pos 1")
             self.hook_shared_out = ShapedHookPoint("batch pos d_model")
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        logits = self.hook_router_logits(self.router.logits(x))
+    def forward(self, x: Float[Tensor, "batch pos d_model"], router_input: Optional[Tensor] = None
+                ) -> Float[Tensor, "batch pos d_model"]:
+        """``router_input``: what the router reads when it is not ``x`` (Gemma 4: the residual stream)."""
+        logits = self.hook_router_logits(self.router.logits(x if router_input is None else router_input))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
         if self.cfg.router_order in ("topk_softmax", "topk_sigmoid") and has_hooks(self.hook_router_scores):

@@ -79,6 +79,16 @@ def llama3_frequencies(inv_freq: Tensor, params: dict) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def proportional_frequencies(head_dim: int, theta: float, proportion: float) -> Tensor:
+    """transformers' "proportional" RoPE (Gemma 4's full-attention layers): ``head_dim / 2``
+    frequencies, the leading ``int(proportion * head_dim // 2)`` being ``theta ** (-2i / head_dim)``
+    (exponents over the whole head) and the rest 0 (those pairs do not rotate); used with the
+    half-split rotation over the whole head."""
+    n_rot = int(proportion * head_dim // 2)
+    rotated = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim))
+    return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
+
+
 def yarn_softmax_scale(yarn: Optional[dict]) -> float:
     """DeepSeek's extra softmax-scale multiplier ``mscale(factor, mscale_all_dim)**2`` (1.0 if none)."""
     if not yarn or not yarn.get("mscale_all_dim"):

@@ -28,6 +28,10 @@ DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
     (unsorted), the other groups' c set to -inf; idx = topk(c, top_k, sorted=False)
     w = s[idx];  w /= (sum w + 1e-20) if norm_topk_prob;  w *= routed_scaling_factor (fp32)
 
+Gemma 4 (``router_input_norm``, ``router_per_expert_scale``): the router reads the residual stream
+(not the MoE input), ``logits = W (rms(x) * in_norm_w * d_model**-0.5)``; fp32 softmax, top-k,
+always renormalised, then each weight times ``per_expert_scale[expert]`` (fp32 combine weights).
+
 The bias ``router.b_correction`` (hub ``e_score_correction_bias``, fp32 even in a bf16 model) only
 decides *which* experts are chosen; it never enters a combine weight.
 
@@ -76,6 +80,10 @@ class Router(nn.Module):
         self.b_router = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
         if cfg.router_correction_bias:
             self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts))
+        if cfg.router_input_norm:  # Gemma 4: logits = W (rms(x) * in_norm_w * d_model**-0.5)
+            self.in_norm_w = nn.Parameter(torch.ones(cfg.d_model))
+        if cfg.router_per_expert_scale:  # Gemma 4: a learned scale per expert on the combine weights
+            self.per_expert_scale = nn.Parameter(torch.ones(cfg.n_experts))
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
@@ -89,6 +97,10 @@ class Router(nn.Module):
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:
         b = self.b_router
+        if self.cfg.router_input_norm:
+            x32 = x.float()
+            normed = (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps, -0.5)).to(x.dtype)
+            x = normed * self.in_norm_w * self.cfg.d_model ** -0.5
         if self.cfg.router_dtype == "float32":
             return F.linear(x.float(), self.W_router.float(), None if b is None else b.float())
         return F.linear(x, self.W_router, b)
@@ -150,4 +162,6 @@ class Router(nn.Module):
             w = w / (denominator + cfg.router_renorm_eps if cfg.router_renorm_eps else denominator)
         if cfg.routed_scaling_factor != 1.0:
             w = w * cfg.routed_scaling_factor
+        if cfg.router_per_expert_scale:  # Gemma 4: after the renormalisation, per chosen expert
+            w = w * self.per_expert_scale[indices]
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w

@@ -124,7 +124,7 @@ class SuffixEngine:
         mlp = block.mlp_branch(mid)
         if edit is not None:
             mlp = edit("mlp_out", mlp)
-        out = mid + mlp
+        out = block.add_mlp(mid, mlp)
         if edit is not None:
             out = edit("resid_post", out)
         self.token_layers += state.shape[0] * n
@@ -139,7 +139,8 @@ class SuffixEngine:
         ids = getattr(self.metric, "token_ids", None)
         if ids is not None and getattr(self.metric, "position", None) == -1:
             # the metric declares the few logits it reads: unembed only those rows of W_U
-            return self.metric.from_token_logits(torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids]))
+            return self.metric.from_token_logits(
+                self.model.unembed.cap(torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids])))
         return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- gradients on a suffix
