@@ -81,7 +81,7 @@ def router_attribution(
     )
     if heads:
         keep = [i for i, lab in enumerate(labels) if not lab.endswith("_attn_out")]
-        head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
+        head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True, _target=layer)
         comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
         labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
     # attention output biases: inside each "{l}_attn_out" already; per-head results exclude them
@@ -97,7 +97,11 @@ def router_attribution(
         normed = comps.float().to(dev)
     else:
         scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
-        normed = comps.float().to(dev) / scale.to(dev) * ln2.scale_weight.float().to(dev)
+        # the norm the router reads through: ln2, or (Gemma 4) its own input norm of the same residual
+        # stream (same statistic as ln2's scale), weight in_norm_w * d_model**-0.5
+        in_w = getattr(router, "in_norm_w", None)
+        weight = ln2.scale_weight.float() if in_w is None else in_w.float() * model.cfg.d_model ** -0.5
+        normed = comps.float().to(dev) / scale.to(dev) * weight.to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
     b_router = next((getattr(router, n) for n in ("b_router", "b_gate", "bias") if getattr(router, n, None) is not None), None)
     if b_router is not None:

@@ -135,12 +135,13 @@ class TraceSetup:
 
     def restore_scores_at(self, model, items: Sequence[tuple[int, Tensor]], positions: list[int],
                           max_rows: int = 512) -> Tensor:
-        """Mean metric for each ``(layer, delta)``: the resid_post delta ``[n_samples, T-p0, d]`` added
-        after ``layer``. Items of different layers share one engine pass."""
+        """Mean metric for each ``(layer, delta)``: the ``hook_mlp_out`` delta ``[n_samples, T-p0, d]``
+        of ``layer`` (what it adds to resid_post: the same, times the block's layer scalar where it has
+        one, Gemma 4). Items of different layers share one engine pass."""
         n = self.n_samples
         if not items:
             return torch.empty(0)
-        stacked = torch.cat([d for _, d in items])
+        stacked = torch.cat([_mlp_out_to_resid_post(model, int(l), d) for l, d in items])
         layers = torch.tensor([int(l) for l, _ in items]).repeat_interleave(n)
         samples = torch.arange(n).repeat(len(items))
         vals = torch.empty(len(samples))
@@ -154,6 +155,12 @@ class TraceSetup:
                 vals[rows] = eng.run_from_resid_posts(layers[rows], min(positions), stacked[rows.to(stacked.device)],
                                                       samples[rows])
         return vals.reshape(len(items), n).mean(-1)
+
+
+def _mlp_out_to_resid_post(model, layer: int, delta: Tensor) -> Tensor:
+    """A change of ``hook_mlp_out`` as the change of ``hook_resid_post`` it causes."""
+    scalar = getattr(model.blocks[layer], "layer_scalar", None)
+    return delta if scalar is None else delta * scalar.detach().float().to(delta.device)
 
 
 def weights_state(model) -> int:
@@ -713,7 +720,7 @@ def trace_expert_grid(
             if known is not None:
                 vals[l, col] = known  # the rows not run are the corrupted runs
             if len(rows):
-                pending.append((l, col, rows, delta[rows.to(delta.device)]))
+                pending.append((l, col, rows, _mlp_out_to_resid_post(model, l, delta[rows.to(delta.device)])))
                 count += len(rows)
             if count >= max_rows:
                 flush()
