@@ -1,6 +1,7 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b,
-gpt-oss-120b, the Qwen3.5/3.6/Next hybrids, Llama-4 Scout and Maverick (text models) and FlexOlmo-7x7B-1T.
+gpt-oss-120b, the Qwen3.5/3.6/Next hybrids, Llama-4 Scout and Maverick, Gemma-4-26B-A4B (text models) and
+FlexOlmo-7x7B-1T.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -964,6 +965,67 @@ PRESET_INFO.update({
         ),
     },
 })
+
+# ---------------------------------------------------------------- Gemma 4 (MOE_ARCHITECTURES_2026.md §6)
+PRESETS["google/gemma-4-26B-A4B"] = {
+    "architectures": ["Gemma4ForCausalLM"],
+    "model_type": "gemma4_text",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attention_k_eq_v": True,
+    "bos_token_id": 2,
+    "dtype": "bfloat16",
+    "enable_moe_block": True,
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "global_head_dim": 512,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2816,
+    "hidden_size_per_layer_input": 0,
+    "initializer_range": 0.02,
+    "intermediate_size": 2112,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    "max_position_embeddings": 262144,
+    "moe_intermediate_size": 704,
+    "num_attention_heads": 16,
+    "num_experts": 128,
+    "num_global_key_value_heads": 2,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 8,
+    "num_kv_shared_layers": 0,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+    "sliding_window": 1024,
+    "tie_word_embeddings": True,
+    "top_k_experts": 8,
+    "use_bidirectional_attention": "vision",
+    "vocab_size": 262144,
+}
+ALIASES["gemma-4-26b-a4b"] = "google/gemma-4-26B-A4B"
+PRESET_INFO["google/gemma-4-26B-A4B"] = {
+    "alias": "gemma-4-26b-a4b",
+    "published_params": 26_000_000_000,  # the name's "26B" (vision tower included)
+    "published_tolerance": 0.035,
+    "exact_params": 25_233_141_760,  # text model (Gemma4ForCausalLM), meta-device count, = transformers
+    "doc_active_params": 4_000_000_000,  # the name's "A4B" (moelens: 3.82 B incl. the tied embedding)
+    "notes": (
+        "the hub config.json is the multimodal Gemma4ForConditionalGeneration; this preset is its text_config as "
+        "Gemma4ForCausalLM. Shapes (30 layers, 2816 wide, 16 heads, 8 kv heads of 256 on sliding layers, 2 kv "
+        "heads of 512 with K = V on the 5 full-attention layers, dense MLP 2112, 128 experts of 704 top-8, vocab "
+        "262144, window 1024, soft-cap 30, proportional RoPE 0.25 / θ 1e6, sliding θ 1e4, max_position 262144, "
+        "tokens bos 2 / eos 1 / pad 0): the text_config of a public copy of the DiffusionGemma-26B-A4B config "
+        "(built on this model: a Rust MLX port's REAL_CONFIG_SNIPPET test fixture), agreeing with a public "
+        "Python port's GEMMA4_26B_A4B table (mlp_dim 2112, 2 global kv heads) and the Ollama GGUF metadata "
+        "quoted in MOE_ARCHITECTURES_2026.md §6 (dense FF 2112, window 1024); one Rust loader test gives "
+        "intermediate 9216 / 4 global kv heads instead. attention_k_eq_v and enable_moe_block are written "
+        "explicitly (that copy omits them; the weights require both). Not confirmed by a published exact count"
+    ),
+}
 
 def resolve_name(name: str) -> str:
     """The hub id of a preset given its hub id or alias (case-insensitive); KeyError otherwise."""

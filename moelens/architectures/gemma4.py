@@ -36,7 +36,8 @@ DEFAULTS = {
 REQUIRED = {
     "hidden_activation": ("gelu_pytorch_tanh",), "enable_moe_block": (True,), "attention_bias": (False, None),
     "hidden_size_per_layer_input": (0, None), "num_kv_shared_layers": (0, None),
-    "use_bidirectional_attention": (None,), "use_double_wide_mlp": (False, None),
+    # "vision": vision tokens attend bidirectionally; text-only inputs are causal (inert here)
+    "use_bidirectional_attention": (None, "vision"), "use_double_wide_mlp": (False, None),
 }
 IGNORED = frozenset({"vocab_size_per_layer_input"})  # only read with per-layer input embeddings (refused)
 

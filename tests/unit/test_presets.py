@@ -59,11 +59,11 @@ def moelens_meta(name):
 def hf_active(model, cfg: dict) -> int:
     """Active parameters per token of a transformers model: routed expert banks
     (``mlp.experts.gate_up_proj`` / ``down_proj`` and gpt-oss's ``*_bias``, shape ``[E, ...]``) count ``k/E``."""
-    k = cfg["num_experts_per_tok"]
+    k = cfg.get("num_experts_per_tok", cfg.get("top_k_experts"))  # Gemma 4: top_k_experts
     total = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if re.search(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
+        if re.search(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$", name):
             n = n // p.shape[0] * k
         total += n
     return total
@@ -118,9 +118,11 @@ def test_preset_looks_like_a_hub_config(name):
     cfg = presets.get_preset(name)
     info = presets.PRESET_INFO[name]
     assert isinstance(cfg["architectures"], list) and len(cfg["architectures"]) == 1
-    assert cfg["model_type"] and cfg["tie_word_embeddings"] is False
-    if "rope_parameters" in cfg:  # transformers-5-era hub files (Qwen3.5) nest it
-        assert "rope_theta" in cfg["rope_parameters"] and "rope_theta" not in cfg
+    assert cfg["model_type"] and cfg["tie_word_embeddings"] is (cfg["model_type"] == "gemma4_text")  # Gemma: tied
+    if "rope_parameters" in cfg:  # transformers-5-era hub files (Qwen3.5) nest it (Gemma 4: per layer type)
+        rope = cfg["rope_parameters"]
+        per_type = rope.values() if "sliding_attention" in rope else [rope]
+        assert all("rope_theta" in r for r in per_type) and "rope_theta" not in cfg
     else:  # older hub files use the legacy top-level rope_theta
         assert "rope_theta" in cfg
     assert info["alias"] in presets.ALIASES and presets.ALIASES[info["alias"]] == name
@@ -204,8 +206,9 @@ def test_active_params(name):
     active_no_emb = model.n_params(active=True, include_embeddings=False)
     # exactly what the transformers model gives when only k of E routed experts count
     assert active == hf_active(hf_meta(name), cfg)
-    # embeddings + unembedding (untied) are what separates the two numbers
-    assert active - active_no_emb == 2 * cfg["vocab_size"] * cfg["hidden_size"]
+    # embeddings + unembedding (one matrix where tied) are what separates the two numbers
+    n_emb = 1 if cfg["tie_word_embeddings"] else 2
+    assert active - active_no_emb == n_emb * cfg["vocab_size"] * cfg["hidden_size"]
     if name in DOC_ACTIVE:
         doc_with, doc_without = DOC_ACTIVE[name]
         assert abs(active - doc_with) / doc_with < 0.005
