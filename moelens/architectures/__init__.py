@@ -38,6 +38,7 @@ def _register_optional() -> None:
     from moelens.architectures import llama4
 
     ARCHITECTURES[llama4.ARCH.name] = llama4.ARCH
+    ARCHITECTURES[llama4.MULTIMODAL_ARCH.name] = llama4.MULTIMODAL_ARCH
     from moelens.architectures import flex_olmo
 
     ARCHITECTURES[flex_olmo.ARCH.name] = flex_olmo.ARCH

@@ -11,9 +11,14 @@ meta-llama/Llama-4-Scout-17B-16E and Llama-4-Maverick-17B-128E), as transformers
   chunked attention (``attention_chunk_size``) and, with ``use_qk_norm``, a weightless L2 (RMS)
   norm of q and k after RoPE. RoPE is interleaved (pairs ``2i, 2i+1``) as an fp32 complex product,
   with ``llama3`` frequency scaling where configured (Scout).
+* The hub checkpoints are the multimodal ``Llama4ForConditionalGeneration``: fields in
+  ``text_config``, weights under ``language_model.`` (stripped), the vision tower skipped
+  (:data:`MULTIMODAL_ARCH`).
 * Checkpoint: fused expert banks ``feed_forward.experts.gate_up_proj [E, d_model, 2I]`` (gate | up
   halves, transposed) and ``down_proj [E, I, d_model]``.
 """
+
+from dataclasses import replace
 
 from moelens.architectures.base import (
     COMMON_RULES, GQA_RULES, Architecture, KeyRule, UnsupportedConfigError, rope_settings,
@@ -99,4 +104,18 @@ ARCH = Architecture(
     key_rules=COMMON_RULES + GQA_RULES + LLAMA4_RULES,
     hf_config_class="Llama4TextConfig",
     hf_model_class=NAME,
+)
+
+# the multimodal hub checkpoints (meta-llama/Llama-4-Scout-17B-16E, ...-Maverick-17B-128E), read as their
+# text model: fields in text_config, weights under language_model.*, vision tower and projector skipped
+MULTIMODAL_ARCH = replace(
+    ARCH,
+    name="Llama4ForConditionalGeneration",
+    model_type="llama4",
+    sub_config="text_config",
+    key_prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+    skip_keys=(r"vision_model\..*", r"multi_modal_projector\..*"),
+    skip_note="the vision tower and its projector",
+    hf_config_class="Llama4Config",
+    hf_model_class="Llama4ForConditionalGeneration",
 )

@@ -200,3 +200,26 @@ def test_decompose_resid_expert_level_sums_to_the_residual(tiny):
     comps, labels = cache.decompose_resid(expert_level=True, return_labels=True)
     assert "L1E0" in labels and "L1_shared" in labels and "0_mlp_out" in labels
     torch.testing.assert_close(comps.sum(0), cache["blocks.3.hook_resid_post"], atol=1e-4, rtol=0)
+
+
+def test_multimodal_hub_checkpoint_loads_as_its_text_model(tmp_path):
+    """The hub's Llama4ForConditionalGeneration layout (language_model.* keys, text_config, a vision
+    tower that is skipped) gives the same logits as transformers' multimodal model on text."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from moelens.testing import TINY_CONFIGS, sharpen
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "vision_output_dim": 32, "projector_input_dim": 32,
+              "projector_output_dim": 32}
+    torch.manual_seed(0)
+    hf = sharpen(Llama4ForConditionalGeneration(Llama4Config(text_config=dict(TINY_CONFIGS["llama4"][2]),
+                                                             vision_config=vision))).eval()
+    hf.save_pretrained(tmp_path)
+    model = HookedMoETransformer.from_pretrained(tmp_path)
+    assert model.cfg.architecture == "Llama4ForConditionalGeneration" and model.cfg.moe_layers == [1, 3]
+    ids = ids_of(2, 13)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = model(ids)
+    assert (got - want).abs().max() < TOL and want.abs().max() > 1.0
