@@ -45,6 +45,7 @@ def _register_optional() -> None:
     from moelens.architectures import gemma4
 
     ARCHITECTURES[gemma4.ARCH.name] = gemma4.ARCH
+    ARCHITECTURES[gemma4.MULTIMODAL_ARCH.name] = gemma4.MULTIMODAL_ARCH
 
 
 _register_optional()

@@ -15,10 +15,16 @@ google/gemma-4-26B-A4B), as transformers 5.25 computes it.
   head width and kv heads (``per_layer_config``), K = V (``attention_k_eq_v``: no ``v_proj``) and
   "proportional" RoPE (``partial_rotary_factor`` of the frequencies, θ of ``rope_parameters``).
 
+The hub checkpoints are the multimodal ``Gemma4ForConditionalGeneration`` (:data:`MULTIMODAL_ARCH`):
+fields in ``text_config``, weights under ``model.language_model.`` (stripped), the vision and audio
+towers skipped.
+
 Not supported (refused at load): per-layer input embeddings (``hidden_size_per_layer_input``, the
 small dense Gemma 4 models), KV sharing across layers, bidirectional attention, dense Gemma 4
 (``enable_moe_block`` false).
 """
+
+from dataclasses import replace
 
 from moelens.architectures.base import GQA_RULES, Architecture, KeyRule, UnsupportedConfigError
 
@@ -134,4 +140,18 @@ ARCH = Architecture(
     key_rules=GEMMA4_RULES + GQA_RULES,
     hf_config_class="Gemma4TextConfig",
     hf_model_class=NAME,
+)
+
+# the multimodal hub checkpoint (google/gemma-4-26B-A4B, -it), read as its text model: fields in text_config,
+# weights under model.language_model.*, the vision (and audio) towers and their embedders skipped
+MULTIMODAL_ARCH = replace(
+    ARCH,
+    name="Gemma4ForConditionalGeneration",
+    model_type="gemma4",
+    sub_config="text_config",
+    key_prefixes=(("model.language_model.", "model."),),
+    skip_keys=(r"model\.(vision_tower|embed_vision|audio_tower|embed_audio)\..*",),
+    skip_note="the vision and audio towers and their embedders",
+    hf_config_class="Gemma4Config",
+    hf_model_class="Gemma4ForConditionalGeneration",
 )

@@ -182,3 +182,29 @@ def test_parallel_branch_hooks_and_window(tiny):
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
     assert cache["blocks.1.attn.hook_q"].shape[-1] == 32 and cache["blocks.0.attn.hook_q"].shape[-1] == 16
     assert math.isclose(model.cfg.embed_scale, 8.0)
+
+
+def test_multimodal_hub_checkpoint_loads_as_its_text_model(tmp_path):
+    """The hub's Gemma4ForConditionalGeneration layout (model.language_model.* keys, text_config, a
+    vision tower that is skipped) gives the same logits as transformers' multimodal model on text."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from moelens.testing import TINY_CONFIGS, sharpen
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16}
+    torch.manual_seed(0)
+    text = {**TINY_CONFIGS["gemma4"][2], "pad_token_id": 0}  # the wrapper replaces media tokens by the pad id
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    hf = sharpen(Gemma4ForConditionalGeneration(cfg)).eval()
+    for name, b in hf.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.fill_(0.8)
+    hf.save_pretrained(tmp_path)
+    model = HookedMoETransformer.from_pretrained(tmp_path)
+    assert model.cfg.architecture == "Gemma4ForConditionalGeneration" and model.cfg.tie_word_embeddings
+    ids = ids_of(2, 13)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = model(ids)
+    assert (got - want).abs().max() < TOL and want.abs().max() > 1.0
