@@ -186,8 +186,17 @@ def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
 
 
 def embedding_std(model) -> float:
-    """Standard deviation of every entry of the embedding matrix (the default noise reference)."""
-    return float(model.W_E.detach().float().std())
+    """Standard deviation of every entry of the embedding matrix (the default noise reference), as
+    the embeddings enter the residual stream: times ``cfg.embed_scale`` where the architecture scales
+    them (Gemma: ``sqrt(d_model)``, the noise being added to ``hook_embed``, after the scale)."""
+    return float(model.W_E.detach().float().std()) * _embed_scale(model)
+
+
+def _embed_scale(model) -> float:
+    scale = getattr(model.cfg, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    return float(torch.tensor(scale, dtype=model.W_E.dtype).float())  # as the model applies it (dtype-rounded)
 
 
 def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = "moelens") -> float:
@@ -214,7 +223,7 @@ def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = 
                                    add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("no subject tokens")
-    return float(model.W_E.detach()[torch.tensor(ids, device=model.W_E.device)].float().std())
+    return float(model.W_E.detach()[torch.tensor(ids, device=model.W_E.device)].float().std()) * _embed_scale(model)
 
 
 def prepare(

@@ -208,3 +208,15 @@ def test_multimodal_hub_checkpoint_loads_as_its_text_model(tmp_path):
         want = hf(input_ids=ids).logits
         got = model(ids)
     assert (got - want).abs().max() < TOL and want.abs().max() > 1.0
+
+
+def test_noise_reference_is_the_scaled_embedding(tiny):
+    """The tracing noise is added at hook_embed, after Gemma's sqrt(d_model): its reference std too."""
+    from moelens.tracing.trace import embedding_std
+
+    _, _, model = tiny
+    raw = float(model.W_E.detach().float().std())
+    assert embedding_std(model) == pytest.approx(8.0 * raw, rel=1e-6)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids_of(1, 5), names_filter="hook_embed")
+    assert float(cache["hook_embed"].std()) == pytest.approx(embedding_std(model), rel=0.3)
