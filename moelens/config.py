@@ -103,6 +103,8 @@ class MoEConfig:
     # library's cosf/sinf, which differ from torch.cos/sin in the last fp32 bit) and the interleaved
     # rotation (rope_interleaved) as an fp32 complex multiply in [batch, head, pos] layout
     rope_arith: Literal["real", "complex"] = "real"
+    # OLMo-2 / FlexOlmo: the half-split rotation computed in fp32 (fp32 cos/sin) and cast after
+    rope_fp32: bool = False
     # MLA (DeepSeek-V2)
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0

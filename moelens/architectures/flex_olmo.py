@@ -3,7 +3,8 @@
 OLMo-2 blocks: **post-norm only** (``h += RMSNorm(Attn(h)); h += RMSNorm(MoE(h))``, no pre-norms:
 ``attn_post_norm``/``mlp_post_norm``), RMSNorms that multiply the weight in fp32 before the cast
 (``norm_weight_fp32``), QK-norm over the whole q and k projections (before the head split), RoPE on
-all head dims. Every layer is a MoE of separately trained experts: fp32 softmax router, top-k,
+all head dims in fp32 (``rope_fp32``: transformers keeps FlexOlmo's cos/sin fp32 and casts after the
+rotation). Every layer is a MoE of separately trained experts: fp32 softmax router, top-k,
 ``norm_topk_prob`` (False in the released checkpoints), weights cast to the model dtype.
 """
 
@@ -31,7 +32,7 @@ def translate(hf: dict) -> dict:
         n_layers=n, d_model=d, d_vocab=hf["vocab_size"], n_heads=h, n_kv_heads=hf["num_key_value_heads"] or h,
         d_head=d // h, n_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["intermediate_size"],
         moe_layers=tuple(range(n)), rms_norm_eps=hf["rms_norm_eps"], rope_theta=rope["rope_theta"] or DEFAULT_THETA,
-        qk_norm="full",
+        qk_norm="full", rope_fp32=True,
         norm_topk_prob=bool(hf["norm_topk_prob"]), router_weights_dtype="model", norm_weight_fp32=True,
         attn_pre_norm=False, attn_post_norm=True, mlp_pre_norm=False, mlp_post_norm=True,
     )

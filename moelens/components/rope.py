@@ -122,6 +122,16 @@ def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def apply_rope_half_fp32(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`apply_rope_half` with fp32 cos/sin (``x`` promoted), cast back to ``x``'s dtype after the
+    rotation (OLMo-2 / FlexOlmo: transformers keeps their cos/sin in fp32)."""
+    cos = torch.cat([cos, cos], -1)[:, :, None, :]
+    sin = torch.cat([sin, sin], -1)[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Interleaved rotation (pairs ``2i, 2i+1``) of ``x [batch, pos, head, d]`` in fp32."""
     xf = x.float().unflatten(-1, (-1, 2))
@@ -164,7 +174,7 @@ def rope_fn(cfg):
         return apply_rope_deinterleave
     if cfg.rope_interleaved:
         return apply_rope_complex if cfg.rope_arith == "complex" else apply_rope_interleaved
-    return apply_rope_half
+    return apply_rope_half_fp32 if getattr(cfg, "rope_fp32", False) else apply_rope_half
 
 
 def apply_rope_partial(x: Tensor, cos: Tensor, sin: Tensor, rope) -> Tensor:

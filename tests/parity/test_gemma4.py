@@ -106,7 +106,10 @@ def test_bf16_checkpoint_follows_transformers(tmp_path):
         same = (cache[f"blocks.{layer}.mlp.hook_expert_indices"].sort(-1).values
                 == out.router_logits[layer].view(2, 14, -1).topk(2).indices.sort(-1).values).all(-1)
         assert same.float().mean() >= 0.9
-    assert (logits.float() - out.logits.float()).abs().max() < 0.1 * out.logits.float().abs().max()
+    # bit for bit, both on their default (SDPA) path: moelens' run_with_cache above caches the attention
+    # pattern, so it takes the explicit softmax (fp32) path, a few bf16 ulps away
+    with torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)  # bit for bit
 
 
 def test_expert_paths_equal_the_loop(tiny):
