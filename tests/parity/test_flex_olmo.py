@@ -119,3 +119,13 @@ def test_negative_controls(tiny, drop):
     ids = ids_of(p=16)
     with torch.no_grad():
         assert (wrong(ids) - hf_run(hf, ids).logits).abs().max() > 1e-2
+
+
+def test_fused_transformers5_layout_loads(tiny_dirs):
+    """transformers 5's in-memory layout (save_original_format=False: fused gate_up_proj / down_proj)."""
+    d, hf = tiny_dirs("flex_olmo", fused=True)
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    assert_parity(HookedMoETransformer.from_pretrained(d), hf, ids_of(p=13))
