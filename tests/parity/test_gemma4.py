@@ -223,3 +223,16 @@ def test_noise_reference_is_the_scaled_embedding(tiny):
     with torch.no_grad():
         _, cache = model.run_with_cache(ids_of(1, 5), names_filter="hook_embed")
     assert float(cache["hook_embed"].std()) == pytest.approx(embedding_std(model), rel=0.3)
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
+                                         ("use_bidirectional_attention", "all"), ("enable_moe_block", False)])
+def test_unsupported_variants_are_refused(tiny_copy, field, value):
+    """The small dense Gemma 4 models' features (per-layer inputs, KV sharing, ...) fail loudly."""
+    from moelens.architectures import UnsupportedConfigError
+    from moelens.testing import edit_config
+
+    d = tiny_copy("gemma4")
+    edit_config(d, **{field: value})
+    with pytest.raises(UnsupportedConfigError, match=field):
+        HookedMoETransformer.from_pretrained(d, device="meta")

@@ -225,3 +225,13 @@ def test_multimodal_hub_checkpoint_loads_as_its_text_model(tmp_path):
         want = hf(input_ids=ids).logits
         got = model(ids)
     assert (got - want).abs().max() < TOL and want.abs().max() > 1.0
+
+
+def test_unsupported_rope_scaling_is_refused(tiny_copy):
+    from moelens.architectures import UnsupportedConfigError
+    from moelens.testing import edit_config
+
+    d = tiny_copy("llama4")
+    edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5})
+    with pytest.raises(UnsupportedConfigError, match="dynamic"):
+        HookedMoETransformer.from_pretrained(d, device="meta")
