@@ -49,6 +49,7 @@ def hf_routing(model, tokens):
     router module's output tuple: its last int64 matrix)."""
     found: dict[int, torch.Tensor] = {}
     handles = []
+    k = getattr(model.config, "num_experts_per_tok", None)
     for i, layer in enumerate(_layers(model)):
         for mod in layer.modules():
             def hook(m, inputs, out, i=i):
@@ -56,6 +57,9 @@ def hf_routing(model, tokens):
                     ints = [t for t in out if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.ndim == 2]
                     if ints:
                         found[i] = ints[-1]
+                    elif type(m).__name__.endswith("Router") and k:
+                        # Llama 4's router returns (scores, logits): its experts are the top-k of the logits
+                        found[i] = out[-1].topk(k, dim=-1).indices
             handles.append(mod.register_forward_hook(hook))
     try:
         logits = model(tokens).logits

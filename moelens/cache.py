@@ -16,6 +16,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from moelens.analysis.tl_cache import TLAnalysisMixin
+from moelens.components.moe import combine_weights
 
 
 class MoEActivationCache(TLAnalysisMixin, ActivationCache):
@@ -73,10 +74,13 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
     # ------------------------------------------------------------------ contributions
     def expert_contribution(self, layer: int, expert: int) -> Float[Tensor, "batch pos d_model"]:
         """Expert ``expert``'s weighted update ``w_e * E_e(x)`` at every position (zero where it was
-        not routed). Summed over all experts it equals ``blocks.{layer}.mlp.hook_routed_out``."""
+        not routed; ``E_e(w_e x)`` where the weight scales the expert's input, Llama 4). Summed over
+        all experts it equals ``blocks.{layer}.mlp.hook_routed_out``. Where the block normalises its
+        FFN output (FlexOlmo's post-norm) this is the update *before* that norm; ``decompose_resid``
+        carries it through the norm at the run's scale."""
         expert = self._check_expert(expert)
         idx = self._hook(layer, "hook_expert_indices")
-        w = self._hook(layer, "hook_expert_weights")
+        w = combine_weights(self.model.cfg, self._hook(layer, "hook_expert_weights"))
         out = self._hook(layer, "hook_expert_out")
         slot_w = torch.where(idx == expert, w, torch.zeros_like(w))
         return (out * slot_w.unsqueeze(-1)).sum(-2).to(out.dtype)
@@ -85,7 +89,7 @@ class MoEActivationCache(TLAnalysisMixin, ActivationCache):
         """All experts' contributions at once, dense. Memory-heavy: ``batch*pos*n_experts*d_model``
         elements (e.g. 128 experts x 2048 wide is 1 MB per position in fp32)."""
         idx = self._hook(layer, "hook_expert_indices")
-        w = self._hook(layer, "hook_expert_weights")
+        w = combine_weights(self.model.cfg, self._hook(layer, "hook_expert_weights"))
         out = self._hook(layer, "hook_expert_out")
         weighted = (out * w.unsqueeze(-1)).to(out.dtype)
         d = out.shape[-1]  # leading dims [batch, pos], or [pos] in a cache made with remove_batch_dim=True

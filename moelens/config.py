@@ -31,6 +31,9 @@ from typing import Literal, Optional
 import torch
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Everything that determines the computation of a :class:`HookedMoETransformer`.
@@ -59,7 +62,9 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     # attention
     attention: Literal["gqa", "mla"] = "gqa"
-    qk_norm: Literal["none", "per_head", "full"] = "none"
+    # "per_head"/"full": RMSNorm with a weight before RoPE, per head or over the whole projection;
+    # "l2" (Llama 4): weightless RMSNorm of each head *after* RoPE, on the RoPE layers only
+    qk_norm: Literal["none", "per_head", "full", "l2"] = "none"
     qkv_bias: bool = False
     clip_qkv: Optional[float] = None
     rope_theta: float = 10000.0
@@ -68,7 +73,27 @@ class MoEConfig:
     attn_o_bias: bool = False  # gpt-oss: bias on the output projection w_o
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head (extra softmax column, dropped)
     sliding_window: Optional[int] = None  # window of the layers whose layer_types entry is "sliding_attention"
-    layer_types: Optional[tuple[str, ...]] = None  # per layer "full_attention" / "sliding_attention" (None: all full)
+    # per layer "full_attention" / "sliding_attention" / "chunked_attention" (None: all full)
+    layer_types: Optional[tuple[str, ...]] = None
+    # Llama 4: the "chunked_attention" layers see the keys of their own chunk only (chunks of this many
+    # positions counted from each sequence's first real token)
+    attention_chunk_size: Optional[int] = None
+    # Llama 4: layers without RoPE ("NoPE"; q and k pass through unrotated)
+    nope_layers: tuple[int, ...] = ()
+    # Llama 4 attention temperature tuning on the NoPE layers: q *= 1 + attn_temperature_scale *
+    # log1p(floor((pos + 1) / attn_temperature_floor)), pos the absolute position (0: off)
+    attn_temperature_floor: int = 0
+    attn_temperature_scale: float = 0.1
+    # Gemma 4: the full-attention layers have their own head width and kv-head count, share the key
+    # projection as the value (K = V: no w_v), and their own RoPE base with "proportional" RoPE (the
+    # leading rope_proportion_full of the frequencies rotate, computed over the whole head; the rest 0)
+    full_attn_d_head: Optional[int] = None
+    full_attn_n_kv_heads: Optional[int] = None
+    full_attn_k_eq_v: bool = False
+    rope_theta_full: Optional[float] = None
+    rope_proportion_full: float = 1.0
+    attn_softmax_scale: Optional[float] = None  # None: d_head ** -0.5 (Gemma 4: 1.0; Granite: attention_multiplier)
+    v_norm: bool = False  # Gemma 4: weightless RMSNorm of each value head
     # partial RoPE: the number of leading dims of each q/k head that get RoPE (None = all of them;
     # MLA: all qk_rope_head_dim dims); the other dims pass through unchanged (GLM-4.x, Qwen3-Next)
     rotary_dim: Optional[int] = None
@@ -80,6 +105,8 @@ class MoEConfig:
     # library's cosf/sinf, which differ from torch.cos/sin in the last fp32 bit) and the interleaved
     # rotation (rope_interleaved) as an fp32 complex multiply in [batch, head, pos] layout
     rope_arith: Literal["real", "complex"] = "real"
+    # OLMo-2 / FlexOlmo: the half-split rotation computed in fp32 (fp32 cos/sin) and cast after
+    rope_fp32: bool = False
     # MLA (DeepSeek-V2)
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0
@@ -102,11 +129,16 @@ class MoEConfig:
     # "topk_softmax": top-k of the logits, softmax over the k in the logits' dtype (gpt-oss)
     # "sparsemixer" (PhiMoE, eval path): top-k of the logits; slot j's weight is a softmax over the logits
     # within relative distance 2 * router_jitter_eps of the chosen logit (earlier slots' experts excluded)
-    router_order: Literal["softmax_topk", "topk_softmax", "sparsemixer"] = "softmax_topk"
+    # "topk_sigmoid": top-k of the logits, sigmoid of the k chosen logits (fp32, cast to the logits' dtype;
+    # Llama 4)
+    router_order: Literal["softmax_topk", "topk_softmax", "sparsemixer", "topk_sigmoid"] = "softmax_topk"
     router_jitter_eps: float = 0.0
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
     expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    # Llama 4: each slot's combine weight multiplies the expert's *input* (E_e(w x)), not its output;
+    # the combine is then the plain sum of the slots' outputs (see moelens/components/moe.py)
+    expert_input_scaled: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
@@ -118,6 +150,24 @@ class MoEConfig:
     # ERNIE-4.5: transformers holds the correction bias as a (frozen) parameter, so parameter counts include it
     correction_bias_counted: bool = False
     router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
+    # block layout: which RMSNorms surround each branch. "pre" norms read the residual stream
+    # (ln1 / ln2); "post" norms normalise the branch's output before it is added (OLMo-2 / FlexOlmo:
+    # post only; Gemma: both, "sandwich")
+    attn_pre_norm: bool = True
+    attn_post_norm: bool = False
+    mlp_pre_norm: bool = True
+    mlp_post_norm: bool = False
+    # Gemma 4: in MoE layers a dense MLP (d_mlp wide) runs in parallel with the MoE, each branch with
+    # its own pre- and post-norm, their sum post-normed (see moelens/components/block.py)
+    parallel_dense_mlp: bool = False
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # gate activation of the dense MLPs and experts
+    # Gemma 4 router: logits = W (rms(x) * w_in * d_model**-0.5) on the residual stream (not the MoE input);
+    # the renormalised top-k weights are multiplied by a learned per-expert scale
+    router_input_norm: bool = False
+    router_per_expert_scale: bool = False
+    layer_scalar: bool = False  # Gemma 4: a learned scalar multiplies the residual stream leaving each block
+    embed_scale: Optional[float] = None  # Gemma: embeddings multiplied by this (cast to the model dtype)
+    final_logit_softcap: Optional[float] = None  # Gemma: logits = cap * tanh(logits / cap)
     # shared experts
     d_shared: int = 0  # width of the shared-expert SwiGLU (0: none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert
@@ -126,7 +176,6 @@ class MoEConfig:
     # (hook_expert_weights) and its shared-expert output (hook_shared_out), so that hook_attn_out and
     # hook_mlp_out stay what is added to the residual stream and the experts' contributions still sum to it
     embedding_multiplier: float = 1.0  # hook_embed = W_E[tokens] * embedding_multiplier
-    attn_scale: Optional[float] = None  # attention softmax scale (None: d_head ** -0.5)
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0  # logits = unembed(ln_final(resid)) / logits_scaling
     # tokens
@@ -165,11 +214,17 @@ class MoEConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
-            bad_types = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            bad_types = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if bad_types:
-                raise ValueError(f"layer_types {bad_types} not supported (full_attention, sliding_attention)")
+                raise ValueError(f"layer_types {bad_types} not supported ({', '.join(LAYER_TYPES)})")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+            if "chunked_attention" in self.layer_types and not self.attention_chunk_size:
+                raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is not set")
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(int(l) for l in self.nope_layers))))
+        bad = [l for l in self.nope_layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise ValueError(f"nope_layers {bad} out of range for n_layers={self.n_layers}")
         bad = [l for l in self.linear_attn_layers if not 0 <= l < self.n_layers]
         if bad:
             raise ValueError(f"linear_attn_layers {bad} out of range for n_layers={self.n_layers}")
@@ -218,6 +273,32 @@ class MoEConfig:
         if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def attention_chunk(self, layer: int) -> Optional[int]:
+        """The chunk size of a ``chunked_attention`` layer (keys of the query's own chunk), or None."""
+        if self.layer_types is None or self.layer_types[layer] != "chunked_attention":
+            return None
+        return self.attention_chunk_size
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
+
+    def _is_full(self, layer: int) -> bool:
+        return self.layer_types is None or self.layer_types[layer] == "full_attention"
+
+    def layer_d_head(self, layer: int) -> int:
+        """Head width of ``layer`` (Gemma 4's full-attention layers differ)."""
+        return self.full_attn_d_head if self.full_attn_d_head and self._is_full(layer) else self.d_head
+
+    def layer_n_kv_heads(self, layer: int) -> int:
+        return self.full_attn_n_kv_heads if self.full_attn_n_kv_heads and self._is_full(layer) else self.n_kv_heads
+
+    def layer_k_eq_v(self, layer: int) -> bool:
+        return self.full_attn_k_eq_v and self._is_full(layer)
+
+    def rope_group(self, layer: int) -> str:
+        """``"full"`` where the full-attention layers have their own RoPE (Gemma 4), else ``"default"``."""
+        return "full" if self.rope_theta_full is not None and self._is_full(layer) else "default"
 
     @property
     def linear_d_conv(self) -> int:

@@ -160,6 +160,8 @@ def check_shapes(model):
         "head": cfg.n_heads,
         "kv_head": cfg.n_kv_heads if cfg.attention == "gqa" else cfg.n_heads,
         "d_head": cfg.d_head_qk,
+        "d_head_full": getattr(cfg, "full_attn_d_head", None) or cfg.d_head_qk,
+        "kv_head_full": getattr(cfg, "full_attn_n_kv_heads", None) or cfg.n_kv_heads,
         "d_head_v": cfg.d_head_v,
         "n_experts": cfg.n_experts,
         "top_k": cfg.top_k,

@@ -196,6 +196,8 @@ class _Plan:
                 return [(fmt(rule.dst[0]), None, (0, 2)), (fmt(rule.dst[1]), None, (1, 2))]
             if rule.op in ("interleaved", "interleaved_t"):  # gpt-oss: gate = even columns, up = odd
                 return [(fmt(rule.dst[0]), None, (rule.op, 0)), (fmt(rule.dst[1]), None, (rule.op, 1))]
+            if rule.op == "split_t":  # Llama 4: [E, d_model, 2I] bank, gate | up halves -> [E, I, d_model]
+                return [(fmt(rule.dst[0]), None, ("split_t", 0)), (fmt(rule.dst[1]), None, ("split_t", 1))]
             if rule.op == "transpose":  # gpt-oss: [E, in, out] bank -> moelens' [E, out, in]
                 return [(fmt(rule.dst), None, ("transpose", 0))]
             if rule.op == "convert":
@@ -355,18 +357,18 @@ class _AsSlice:
 
 
 def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> None:
-    """gpt-oss layouts, expert by expert (one expert's matrix in memory at a time)."""
+    """Transposed expert banks (gpt-oss, Llama 4), expert by expert (one expert's matrix in memory at a time)."""
     op, half = split
     shape = tuple(tensor_slice.get_shape())
     e = param.shape[0]
-    if op == "interleaved_t":  # [E, d_model, 2 I] -> w_gate / w_up [E, I, d_model]
+    if op in ("interleaved_t", "split_t"):  # [E, d_model, 2 I] -> w_gate / w_up [E, I, d_model]
         want = (e, param.shape[2], 2 * param.shape[1])
     elif op == "interleaved":  # [E, 2 I] -> b_gate / b_up [E, I]
         want = (e, 2 * param.shape[1])
     else:  # transpose: [E, I, d_model] -> w_down [E, d_model, I]
         want = (e, param.shape[2], param.shape[1])
     if shape != want:
-        errors.append(f"{key}: checkpoint shape {shape}, expected {want} (for {name}, gpt-oss layout)")
+        errors.append(f"{key}: checkpoint shape {shape}, expected {want} (for {name}, transposed {op} layout)")
         return
     if "all" in plan.filled[name]:
         raise CheckpointError(f"{key}: {name} is filled twice by the checkpoint")
@@ -375,7 +377,13 @@ def _copy_expert_ops(param, tensor_slice, key, name, split, errors, plan) -> Non
     else:
         for i in range(e):
             src = tensor_slice[i]
-            src = src[:, half::2].T if op == "interleaved_t" else src.T
+            if op == "interleaved_t":
+                src = src[:, half::2].T
+            elif op == "split_t":
+                n = param.shape[1]
+                src = src[:, half * n:(half + 1) * n].T
+            else:
+                src = src.T
             param[i].copy_(src.to(device=param.device, dtype=param.dtype))
     plan.filled[name].add("all")
 def packed_specs(directory: Path, arch: Architecture, model: nn.Module, hf_config: dict) -> dict[str, PackSpec]:

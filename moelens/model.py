@@ -37,16 +37,23 @@ TextInput = Union[str, Sequence[str]]
 
 
 class Embed(nn.Module):
-    """``W_E[tokens]``, times ``cfg.embedding_multiplier`` where the architecture has one (Granite)."""
+    """``W_E[tokens]``, times ``cfg.embedding_multiplier`` where the architecture has one (Granite, a
+    Python float), or ``cfg.embed_scale`` cast to the model dtype where it scales its embeddings
+    (Gemma: ``sqrt(d_model)``); ``W_E`` itself is the checkpoint's matrix."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.multiplier = cfg.embedding_multiplier
+        self.scale = cfg.embed_scale
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         x = F.embedding(tokens, self.W_E)
-        return x * self.multiplier if self.multiplier != 1.0 else x
+        if self.multiplier != 1.0:
+            x = x * self.multiplier
+        if self.scale is not None:
+            x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        return x
 
 
 class Unembed(nn.Module):
@@ -59,6 +66,7 @@ class Unembed(nn.Module):
         self.w_u = tied_to if tied_to is not None else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.b_u = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None  # PhiMoE's lm_head.bias
         self.logits_scaling = cfg.logits_scaling
+        self.softcap = cfg.final_logit_softcap
         self.hook_in = ShapedHookPoint("batch pos d_model")  # TransformerLens' unembed hooks
         self.hook_out = ShapedHookPoint("batch pos d_vocab")
 
@@ -78,9 +86,16 @@ class Unembed(nn.Module):
             return torch.zeros(self.w_u.shape[0], dtype=self.w_u.dtype, device=self.w_u.device)
         return self.b_u / self.logits_scaling if self.logits_scaling != 1.0 else self.b_u
 
+    def cap(self, logits: Tensor) -> Tensor:
+        """Gemma's final logit soft-cap ``c * tanh(logits / c)`` (identity without one)."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         logits = F.linear(self.hook_in(x), self.w_u, self.b_u)
-        return self.hook_out(logits / self.logits_scaling if self.logits_scaling != 1.0 else logits)
+        logits = logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+        return self.hook_out(self.cap(logits))
 
 
 class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
@@ -102,6 +117,8 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        if cfg.rope_theta_full is not None:  # Gemma 4's full-attention layers: their own (proportional) RoPE
+            self.register_buffer("rope_inv_freq_full", self._full_rope_frequencies(), persistent=False)
         self.setup()
         self._sync_cfg_device()
 
@@ -181,7 +198,15 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
             self.unembed.w_u = self.embed.W_E
         # RoPE frequencies stay fp32 whatever the model dtype (as in transformers)
         self._buffers["rope_inv_freq"] = rope_frequencies(self.cfg.rope_dim, self.cfg.rope_theta, self.cfg.yarn)[0].to(device)
+        if self.cfg.rope_theta_full is not None:
+            self._buffers["rope_inv_freq_full"] = self._full_rope_frequencies().to(device)
         return self
+
+    def _full_rope_frequencies(self) -> Tensor:
+        from moelens.components.rope import proportional_frequencies
+
+        cfg = self.cfg
+        return proportional_frequencies(cfg.full_attn_d_head or cfg.d_head, cfg.rope_theta_full, cfg.rope_proportion_full)
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
@@ -192,12 +217,16 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         for name, b in self.named_buffers():
             if name.endswith("router.b_correction"):  # transformers initialises the correction bias to 0
                 b.zero_()
+            elif name.endswith("layer_scalar"):
+                b.fill_(1.0)
         for name, p in self.named_parameters():
             if name.endswith(".b"):  # LayerNorm bias
                 p.zero_()
             elif name.endswith((".w", "norm_w")):
                 zero = self.cfg.norm_zero_centered and not name.endswith("attn.norm_w")  # the gated norm is 1-based
                 p.fill_(0.0 if zero else 1.0)
+            elif name.endswith("per_expert_scale"):
+                p.fill_(1.0)
             elif name.endswith(".A_log"):
                 p.zero_()
             elif name.endswith(".dt_bias"):
@@ -377,6 +406,12 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
             self._buffers["rope_inv_freq"] = inv_freq = inv_freq.to(device)
         factor = longrope_mscale(self.cfg.yarn, positions, self._rope_factor)  # PhiMoE: short / long mscale
         cos, sin = rope_cos_sin(positions, inv_freq.to(device), factor, self.cfg.rope_arith)
+        tables = {}
+        if self.cfg.rope_theta_full is not None:
+            full = self._buffers["rope_inv_freq_full"]
+            if full.dtype != torch.float32:
+                self._buffers["rope_inv_freq_full"] = full = self._full_rope_frequencies().to(device)
+            tables["full"] = rope_cos_sin(positions, full.to(device), 1.0, self.cfg.rope_arith)
         key_mask = None
         if attention_mask is not None:
             if attention_mask.shape[-1] != q_offset + n_pos:
@@ -385,7 +420,7 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
                 )
             if not bool(attention_mask.all()):
                 key_mask = attention_mask.to(device).bool()
-        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset)
+        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset, rope_tables=tables)
 
     @staticmethod
     def loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moelens.components.moe import combine_weights
 from moelens.hooks import unknown_hook_error
 
 SHORT_NAMES = {
@@ -472,7 +473,7 @@ class AblateExpert(Intervention):
             pos = _positions(self.positions, act.shape[1])
             act = act.clone()
             for e, m in mean.items():
-                slot_w = torch.where(idx[rows] == e, w[rows], torch.zeros_like(w[rows]))
+                slot_w = torch.where(idx[rows] == e, combine_weights(model.cfg, w[rows]), torch.zeros_like(w[rows]))
                 current = (out[rows] * slot_w.unsqueeze(-1)).sum(-2)
                 routed = (idx[rows] == e).any(-1, keepdim=True)
                 change = torch.where(routed, m.to(act.dtype) - current, torch.zeros_like(current))

@@ -340,6 +340,8 @@ def materialize(
 
         # always fp32 (as transformers): a bf16 copy of the frequencies would shift the angles
         model._buffers["rope_inv_freq"] = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)[0].to(first)
+        if "rope_inv_freq_full" in model._buffers:  # Gemma 4's full-attention layers
+            model._buffers["rope_inv_freq_full"] = model._full_rope_frequencies().to(first)
     model.device_map = dict(plan)
     return model
 

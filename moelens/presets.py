@@ -1,7 +1,8 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
 gpt-oss-120b, the Qwen3.5/3.6 and Qwen3-Next hybrids, Granite-3.1 MoE (1B-A400M, 3B-A800M), MiniMax-M2,
-Phi-3.5-MoE (structure only: its LongRoPE factors are left out) and ERNIE-4.5 (21B-A3B, 300B-A47B).
+Phi-3.5-MoE (structure only: its LongRoPE factors are left out), ERNIE-4.5 (21B-A3B, 300B-A47B), Llama-4
+Scout and Maverick, Gemma-4-26B-A4B (text models) and FlexOlmo-7x7B-1T.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -1081,6 +1082,198 @@ PRESET_INFO.update({
     },
 })
 
+
+# ---------------------------------------------------------------- Llama 4, FlexOlmo (MOE_ARCHITECTURES_2026.md §7.1)
+def _llama4_text(**changes: Any) -> dict[str, Any]:
+    """The ``text_config`` of a Llama 4 hub config.json (a multimodal ``Llama4ForConditionalGeneration``
+    file), as the text model ``Llama4ForCausalLM``. Scout and Maverick share every field below but the
+    expert count, the MoE interleave, the QK-norm, RoPE scaling and context length."""
+    cfg = {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        "attention_bias": False,
+        "attention_chunk_size": 8192,
+        "attention_dropout": 0.0,
+        "attn_scale": 0.1,
+        "attn_temperature_tuning": True,  # the hub files write 4 (truthy); transformers 5's strict config wants a bool
+        "bos_token_id": 200000,
+        "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192,
+        "for_llm_compressor": False,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "initializer_range": 0.02,
+        "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 10485760,
+        "num_attention_heads": 40,
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "output_router_logits": False,
+        "pad_token_id": 200018,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_qk_norm": True,
+        "vocab_size": 202048,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+PRESETS.update({
+    "meta-llama/Llama-4-Scout-17B-16E": _llama4_text(),
+    "meta-llama/Llama-4-Maverick-17B-128E": _llama4_text(
+        num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None,
+        max_position_embeddings=1048576,
+    ),
+    "allenai/FlexOlmo-7x7B-1T": {
+        "architectures": ["FlexOlmoForCausalLM"],
+        "model_type": "flex_olmo",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "eos_token_id": 100257,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 4096,
+        "norm_topk_prob": False,
+        "num_attention_heads": 32,
+        "num_experts": 7,
+        "num_experts_per_tok": 5,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "pad_token_id": 100277,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": 100352,
+    },
+})
+ALIASES.update({
+    "llama-4-scout": "meta-llama/Llama-4-Scout-17B-16E",
+    "llama-4-maverick": "meta-llama/Llama-4-Maverick-17B-128E",
+    "flexolmo-7x7b": "allenai/FlexOlmo-7x7B-1T",
+})
+PRESET_INFO.update({
+    "meta-llama/Llama-4-Scout-17B-16E": {
+        "alias": "llama-4-scout",
+        "published_params": 109_000_000_000,  # "109B total, 17B active" (model card), vision encoder included
+        "published_tolerance": 0.015,
+        "exact_params": 107_769_861_120,  # text model (Llama4ForCausalLM), meta-device count, = transformers
+        "doc_active_params": 17_000_000_000,  # model card "17B active" (moelens: 17.17 B incl. embeddings)
+        "notes": (
+            "the hub config.json is the multimodal Llama4ForConditionalGeneration; this preset is its text_config "
+            "as the text model Llama4ForCausalLM. 48 layers, 5120 wide, 40/8 heads of 128, 16 experts top-1 in "
+            "every layer (interleave 1), expert 8192 / dense 16384 wide, vocab 202048: the transformers class "
+            "defaults whose docstring names this checkpoint, confirmed by the meta-device count (the published "
+            "109B includes the vision tower). max_position 10485760, rope_theta 5e5 with llama3 scaling (factor 16, "
+            "low/high 1/1, original 8192), use_qk_norm true, bos/eos/pad 200000/[200001, 200007, 200008]/200018 as "
+            "quoted in public copies of the text_config (a vLLM issue report quoted in a public repository, "
+            "aws-neuron neuronx-distributed-inference's Scout mock config, a Rust loader's Scout rope fixture); "
+            "attn_temperature_tuning is 4 in the hub file (truthy), written True here"
+        ),
+    },
+    "meta-llama/Llama-4-Maverick-17B-128E": {
+        "alias": "llama-4-maverick",
+        "published_params": 400_000_000_000,  # "400B total, 17B active" (model card)
+        "exact_params": 400_711_848_960,  # text model, meta-device count, = transformers
+        "doc_active_params": 17_000_000_000,  # model card "17B active" (moelens: 17.18 B incl. embeddings)
+        "notes": (
+            "text_config of the multimodal hub file, as Llama4ForCausalLM: 128 experts top-1 on every other layer "
+            "(interleave_moe_layer_step 2: layers 1, 3, ...), use_qk_norm false, rope_scaling null, max_position "
+            "1048576, otherwise as Scout. Source: NVIDIA TensorRT-LLM's Llama 4 modeling test "
+            "(LLAMA_4_MAVERICK_TWO_LAYER_CONFIG, the Maverick file with num_hidden_layers 48 -> 2 and an added "
+            "no_rope_layer_interval, both marked there); 48 layers per that comment, confirmed by the count"
+        ),
+    },
+    "allenai/FlexOlmo-7x7B-1T": {
+        "alias": "flexolmo-7x7b",
+        "published_params": 33_270_665_216,  # no published total found: the meta-device count (see notes)
+        "exact_params": 33_270_665_216,  # meta-device count, = transformers
+        "doc_active_params": 24_613_621_760,  # top-5 of 7 (moelens' count incl. embeddings; no published figure)
+        "notes": (
+            "transformers' FlexOlmoConfig class defaults (its docstring names allenai/FlexOlmo-7x7B-1T): OLMo-2 7B "
+            "blocks (32 layers, 4096 wide, 32 heads, vocab 100352, rope_theta 5e5, eps 1e-6) with 7 experts of "
+            "11008, top-5, no renormalisation. No public copy of the hub config.json was found, so top-k, eps and "
+            "token ids are unconfirmed and published_params is the count itself (7 x OLMo-2-7B FFNs + one shared "
+            "attention stack: 33.27 B)"
+        ),
+    },
+})
+
+# ---------------------------------------------------------------- Gemma 4 (MOE_ARCHITECTURES_2026.md §6)
+PRESETS["google/gemma-4-26B-A4B"] = {
+    "architectures": ["Gemma4ForCausalLM"],
+    "model_type": "gemma4_text",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attention_k_eq_v": True,
+    "bos_token_id": 2,
+    "dtype": "bfloat16",
+    "enable_moe_block": True,
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "global_head_dim": 512,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2816,
+    "hidden_size_per_layer_input": 0,
+    "initializer_range": 0.02,
+    "intermediate_size": 2112,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    "max_position_embeddings": 262144,
+    "moe_intermediate_size": 704,
+    "num_attention_heads": 16,
+    "num_experts": 128,
+    "num_global_key_value_heads": 2,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 8,
+    "num_kv_shared_layers": 0,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+    "sliding_window": 1024,
+    "tie_word_embeddings": True,
+    "top_k_experts": 8,
+    "use_bidirectional_attention": "vision",
+    "vocab_size": 262144,
+}
+ALIASES["gemma-4-26b-a4b"] = "google/gemma-4-26B-A4B"
+PRESET_INFO["google/gemma-4-26B-A4B"] = {
+    "alias": "gemma-4-26b-a4b",
+    "published_params": 26_000_000_000,  # the name's "26B" (vision tower included)
+    "published_tolerance": 0.035,
+    "exact_params": 25_233_141_760,  # text model (Gemma4ForCausalLM), meta-device count, = transformers
+    "doc_active_params": 4_000_000_000,  # the name's "A4B" (moelens: 3.82 B incl. the tied embedding)
+    "notes": (
+        "the hub config.json is the multimodal Gemma4ForConditionalGeneration; this preset is its text_config as "
+        "Gemma4ForCausalLM. Shapes (30 layers, 2816 wide, 16 heads, 8 kv heads of 256 on sliding layers, 2 kv "
+        "heads of 512 with K = V on the 5 full-attention layers, dense MLP 2112, 128 experts of 704 top-8, vocab "
+        "262144, window 1024, soft-cap 30, proportional RoPE 0.25 / θ 1e6, sliding θ 1e4, max_position 262144, "
+        "tokens bos 2 / eos 1 / pad 0): the text_config of a public copy of the DiffusionGemma-26B-A4B config "
+        "(built on this model: a Rust MLX port's REAL_CONFIG_SNIPPET test fixture), agreeing with a public "
+        "Python port's GEMMA4_26B_A4B table (mlp_dim 2112, 2 global kv heads) and the Ollama GGUF metadata "
+        "quoted in MOE_ARCHITECTURES_2026.md §6 (dense FF 2112, window 1024); one Rust loader test gives "
+        "intermediate 9216 / 4 global kv heads instead. attention_k_eq_v and enable_moe_block are written "
+        "explicitly (that copy omits them; the weights require both). Not confirmed by a published exact count"
+    ),
+}
 
 def resolve_name(name: str) -> str:
     """The hub id of a preset given its hub id or alias (case-insensitive); KeyError otherwise."""

@@ -139,6 +139,35 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
                          "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
                          "short_mscale": 1.1, "long_mscale": 1.3},
     )),
+    # Llama 4: dense/MoE interleave, top-1 sigmoid router scaling the expert input, shared expert, chunked
+    # attention (chunk 4) on the RoPE layers, NoPE layers with temperature tuning (floor 2: active from
+    # position 1), L2 QK-norm, llama3 RoPE scaling, attention biases
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2,
+        attn_scale=0.5, attention_bias=True, eos_token_id=None,  # (Llama4TextConfig's default eos 2 is a tiny-vocab token)
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    )),
+    # FlexOlmo: OLMo-2 post-norm blocks, QK-norm over the whole projections, softmax top-k (renormalised)
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True, eos_token_id=None,
+        pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )),
+    # Gemma 4 text MoE: sliding (window 4, head 16, 2 kv heads) / full (head 32, 1 kv head, K = V,
+    # proportional RoPE) layers, parallel dense MLP + MoE with sandwich norms, logit soft-cap
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8,
+        top_k_experts=2, moe_intermediate_size=32, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                            "rope_theta": 1000000.0}},
+    )),
 }
 
 
@@ -164,7 +193,7 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
         if p.ndim >= 2:
             std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight",
-                              "block_sparse_moe.router.weight")):
+                              "block_sparse_moe.router.weight", "feed_forward.router.weight", "router.proj.weight")):
                 std *= router_scale
             if name.endswith("mlp.experts.gate_up_proj") and p.ndim == 3 and "gpt_oss" in type(model).__module__:
                 # gpt-oss: transposed [E, d_model, 2I] bank; x3 so that |gate|, |up| > swiglu_limit=7 happens
@@ -172,6 +201,10 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         elif name.endswith("self_attn.sinks"):
             p.copy_(1.0 + torch.randn(p.shape, generator=gen))  # sinks that take a real share of attention
+        elif name.endswith("router.per_expert_scale"):  # Gemma 4: per-expert combine scales
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+        elif name.endswith("router.scale"):  # Gemma 4: the router's input-norm weight (x4: decisive routing)
+            p.copy_(torch.empty(p.shape).uniform_(3.0, 5.0, generator=gen))
         elif name.endswith("A_log"):  # Gated DeltaNet: slow decays (0.8..0.98 per token) so the state matters
             p.copy_(torch.empty(p.shape).uniform_(0.02, 0.2, generator=gen).log())
         elif name in zero_centered:
@@ -183,6 +216,8 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 family: a selection-only bias (buffer)
             b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+        elif name.endswith("layer_scalar"):  # Gemma 4: a per-layer output scale (a saved buffer)
+            b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
     return model
 
 

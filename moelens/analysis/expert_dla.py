@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from moelens.components.moe import combine_weights
+
 TokenLike = Union[str, int, Tensor, Sequence[int]]
 
 
@@ -112,7 +114,7 @@ def expert_dla(
         w = cache[f"blocks.{l}.mlp.hook_expert_weights"][:, pos].float()
         out = cache[f"blocks.{l}.mlp.hook_expert_out"][:, pos].float()  # [b, P, k, d]
         dev = out.device
-        slot = w * (out * dirs.to(dev)[:, :, None, :]).sum(-1) / scale.to(dev)  # [b, P, k]
+        slot = combine_weights(cfg, w) * (out * dirs.to(dev)[:, :, None, :]).sum(-1) / scale.to(dev)  # [b, P, k]
         attr = torch.zeros(batch, len(pos), cfg.n_experts, device=dev).scatter_add_(-1, idx, slot)
         wmap = torch.zeros(batch, len(pos), cfg.n_experts, device=dev).scatter_add_(-1, idx, w)
         routed = torch.zeros(batch, len(pos), cfg.n_experts, dtype=torch.bool, device=dev).scatter_(-1, idx, True)

@@ -82,7 +82,7 @@ def router_attribution(
     )
     if heads:
         keep = [i for i, lab in enumerate(labels) if not lab.endswith("_attn_out")]
-        head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True)
+        head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True, _target=layer)
         comps = torch.cat([comps[keep[:1]], head_stack.to(comps.device, comps.dtype), comps[keep[1:]]])
         labels = [labels[keep[0]], *head_labels, *[labels[i] for i in keep[1:]]]
     # attention output biases: inside each "{l}_attn_out" already; per-head results exclude them
@@ -93,13 +93,20 @@ def router_attribution(
     ln2 = model.blocks[layer].ln2
     router = model.blocks[layer].mlp.router
     W = router.W_router
-    scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
     dev = W.device
     c = comps.float().to(dev)
     ln_bias = getattr(ln2, "b", None)
     if ln_bias is not None:  # LayerNorm (PhiMoE): each component centred; its bias is one more component
         c = c - c.mean(-1, keepdim=True)
-    normed = c / scale.to(dev) * ln2.scale_weight.float().to(dev)
+    if ln2 is None:  # post-norm blocks (FlexOlmo): the router reads the residual stream itself
+        normed = c
+    else:
+        scale = ps.apply(cache[f"blocks.{layer}.ln2.hook_scale"], dim=-2).float()
+        # the norm the router reads through: ln2, or (Gemma 4) its own input norm of the same residual
+        # stream (same statistic as ln2's scale), weight in_norm_w * d_model**-0.5
+        in_w = getattr(router, "in_norm_w", None)
+        weight = ln2.scale_weight.float() if in_w is None else in_w.float() * model.cfg.d_model ** -0.5
+        normed = c / scale.to(dev) * weight.to(dev)
     values = normed @ W.float().T  # [c, ..., n_experts]
     if ln_bias is not None:
         values = torch.cat([values, (ln_bias.float().to(dev) @ W.float().T).expand_as(values[:1])])

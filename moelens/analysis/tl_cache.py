@@ -105,7 +105,14 @@ class TLAnalysisMixin:
         elif getattr(attn, "W_G", None) is not None:
             return None
         # W_O has Granite's residual multiplier folded in (it scales the attention update)
-        self.cache_dict[key] = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
+        result = torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
+        post = self.model.blocks[layer].ln1_post
+        if post is not None:  # post-norm (FlexOlmo): each head through the norm at the run's scale
+            scale = self.cache_dict.get(f"blocks.{layer}.ln1_post.hook_scale")
+            if scale is None or getattr(attn, "b_O", None) is not None:
+                return None
+            result = (result.float() / scale.float().unsqueeze(-2) * post.scale_weight.float()).to(result.dtype)
+        self.cache_dict[key] = result
         return self.cache_dict[key]
 
     def _ensure_head_results(self) -> bool:
@@ -117,7 +124,7 @@ class TLAnalysisMixin:
         return cached
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice=None, apply_ln: bool = False):
+                           pos_slice=None, apply_ln: bool = False, _target: Optional[int] = None):
         """TransformerLens' ``stack_head_results``: every head (``L{l}H{h}``) of the layers before
         ``layer``. A layer without a per-head split (a linear-attention mixer) contributes its whole
         ``hook_attn_out`` (less ``b_O``) as one component ``"{l}_attn_out"``."""
@@ -141,6 +148,7 @@ class TLAnalysisMixin:
         ref = pos_slice.apply(self["hook_embed"], dim=-2)
         if pieces:
             components = torch.cat([p.to(ref.device) for p in pieces])
+            components = self._scale_components(components, labels, layer if _target is None else _target)
         else:
             components = torch.zeros(0, *ref.shape, dtype=ref.dtype, device=ref.device)
         if incl_remainder:
@@ -155,13 +163,58 @@ class TLAnalysisMixin:
     def _expert_stack(self, layer: int, pos_slice: Slice) -> Tensor:
         """``[n_experts, *batch_pos, d_model]``: each expert's weighted update (0 where not routed)."""
         idx = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_indices"], dim=-2)
-        w = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_weights"], dim=-2)
+        from moelens.components.moe import combine_weights
+
+        w = combine_weights(self.model.cfg, pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_weights"], dim=-2))
         out = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_expert_out"], dim=-3)
         weighted = (out * w.unsqueeze(-1)).to(out.dtype)
         n_exp = self.model.cfg.n_experts
         dense = torch.zeros(*idx.shape[:-1], n_exp, out.shape[-1], dtype=out.dtype, device=out.device)
         dense.scatter_add_(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]), weighted)
-        return dense.movedim(-2, 0)
+        return self._through_post_norm(layer, dense, pos_slice, -2).movedim(-2, 0)
+
+    def _through_post_norm(self, layer: int, x: Tensor, pos_slice: Slice, axis: int, moe: bool = True) -> Tensor:
+        """A part of block ``layer``'s FFN output carried through its post-norm(s) at the run's scale
+        (what it adds to the residual stream); unchanged without a post-norm. In a parallel block
+        (Gemma 4) a part of the MoE output (``moe=True``) first goes through the MoE branch's own
+        post-norm ``ln2_post_moe``. ``axis``: where the component axis of ``x`` sits (the scales have none)."""
+        block = self.model.blocks[layer]
+        if getattr(block, "parallel", False) and moe:
+            s2 = pos_slice.apply(self[f"blocks.{layer}.ln2_post_moe.hook_scale"], dim=-2).unsqueeze(axis)
+            w2 = block.ln2_post_moe.scale_weight.float().to(x.device)
+            x = (x.float() / s2.float().to(x.device) * w2).to(x.dtype)
+        if block.ln2_post is None:
+            return x
+        scale = pos_slice.apply(self[f"blocks.{layer}.ln2_post.hook_scale"], dim=-2).unsqueeze(axis)
+        return block.post_mlp_linear(x, scale)
+
+    def _downstream_factors(self, target: int) -> Optional[Tensor]:
+        """``f[l] = prod_{k=l}^{target-1} s_k`` (``[target + 1]``, fp32, CPU) for the layer scalars
+        ``s_k`` of Gemma 4 (each block's output is ``s_k (resid_mid + mlp_out)``), so that a component
+        written by layer ``l`` (the embedding: ``l = 0``) reaches the residual stream entering
+        ``target`` times ``f[l]``; None where no block has a layer scalar."""
+        blocks = self.model.blocks
+        if getattr(blocks[0], "layer_scalar", None) is None:
+            return None
+        f = torch.ones(target + 1)
+        for k in reversed(range(target)):
+            f[k] = f[k + 1] * float(blocks[k].layer_scalar.detach().float().reshape(()))
+        return f
+
+    def _scale_components(self, stack: Tensor, labels: list, target: int) -> Tensor:
+        """Each component times the layer scalars between its layer and ``target`` (identity without)."""
+        f = self._downstream_factors(target)
+        if f is None:
+            return stack
+        import re
+
+        def layer_of(lab: str) -> int:
+            m = re.match(r"^L?(\d+)", lab)
+            return min(int(m.group(1)), target) if m else (0 if lab in ("embed", "pos_embed") else target)
+
+        factors = torch.tensor([float(f[layer_of(lab)]) for lab in labels], dtype=torch.float32)
+        shape = (-1,) + (1,) * (stack.ndim - 1)
+        return (stack.float() * factors.to(stack.device).view(shape)).to(stack.dtype)
 
     def _mlp_pieces(self, layer: int, pos_slice: Slice, expert_level: bool):
         """(stack ``[n, *batch_pos, d_model]``, labels) for block ``layer``'s MLP output."""
@@ -170,8 +223,14 @@ class TLAnalysisMixin:
             return pos_slice.apply(self[f"blocks.{layer}.hook_mlp_out"], dim=-2)[None], [f"{layer}_mlp_out"]
         stack = self._expert_stack(layer, pos_slice)
         labels = [f"L{layer}E{e}" for e in range(cfg.n_experts)]
+        if getattr(self.model.blocks[layer], "parallel", False):  # Gemma 4: the dense branch, after its norms
+            dense = self._through_post_norm(
+                layer, pos_slice.apply(self[f"blocks.{layer}.hook_dense_out"], dim=-2)[None], pos_slice, 0, moe=False)
+            stack = torch.cat([stack, dense.to(stack.device, stack.dtype)])
+            labels.append(f"L{layer}_dense")
         if cfg.has_shared_experts:
-            shared = pos_slice.apply(self[f"blocks.{layer}.mlp.hook_shared_out"], dim=-2)[None]
+            shared = self._through_post_norm(
+                layer, pos_slice.apply(self[f"blocks.{layer}.mlp.hook_shared_out"], dim=-2)[None], pos_slice, 0)
             stack = torch.cat([stack, shared.to(stack.device, stack.dtype)])
             labels.append(f"L{layer}_shared")
         return stack, labels
@@ -202,10 +261,20 @@ class TLAnalysisMixin:
                 "left it out); cache it, or pass incl_embeds=False to leave the embedding out of the components"
             )
         if not expert_level:
-            return super().decompose_resid(
-                layer=layer, mlp_input=mlp_input, mode=mode, apply_ln=apply_ln, pos_slice=pos_slice,
-                incl_embeds=incl_embeds, return_labels=return_labels,
+            target = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+            if self._downstream_factors(target) is None:
+                return super().decompose_resid(
+                    layer=layer, mlp_input=mlp_input, mode=mode, apply_ln=apply_ln, pos_slice=pos_slice,
+                    incl_embeds=incl_embeds, return_labels=return_labels,
+                )
+            components, labels = super().decompose_resid(
+                layer=layer, mlp_input=mlp_input, mode=mode, apply_ln=False, pos_slice=pos_slice,
+                incl_embeds=incl_embeds, return_labels=True,
             )
+            components = self._scale_components(components, labels, target)
+            if apply_ln:
+                components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+            return (components, labels) if return_labels else components
         pos_slice = _as_slice(pos_slice)
         cfg = self.model.cfg
         if layer is None or layer == -1:
@@ -228,7 +297,7 @@ class TLAnalysisMixin:
             pieces.append(pos_slice.apply(self[f"blocks.{layer}.hook_attn_out"], dim=-2)[None])
             labels.append(f"{layer}_attn_out")
         device = pieces[0].device
-        components = torch.cat([p.to(device) for p in pieces])
+        components = self._scale_components(torch.cat([p.to(device) for p in pieces]), labels, layer)
         if apply_ln:
             components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (components, labels) if return_labels else components
@@ -268,8 +337,12 @@ class TLAnalysisMixin:
 
         pieces, labels = [], []
         heads, head_labels = self.stack_head_results(
-            layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True
+            layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True, _target=layer
         )
+        factors = self._downstream_factors(layer)
+
+        def scaled(stack: Tensor, l: int) -> Tensor:  # Gemma 4's layer scalars between layer l and `layer`
+            return stack if factors is None else (stack.float() * float(factors[l])).to(stack.dtype)
         pieces.append(finish(heads))
         labels += head_labels
         for l in range(layer):
@@ -278,17 +351,17 @@ class TLAnalysisMixin:
                 w_down = self.model.blocks[l].mlp.w_down.to(post.device, post.dtype)  # [d_model, d_mlp]
                 if proj is not None and not apply_ln:
                     wp = w_down.T @ proj.to(post.device, post.dtype)  # [d_mlp, k]
-                    neur = (post[..., None] * wp).movedim(-2, 0)
+                    neur = scaled((post[..., None] * wp).movedim(-2, 0), l)
                 else:
-                    neur = finish((post[..., None] * w_down.T).movedim(-2, 0))
+                    neur = finish(scaled((post[..., None] * w_down.T).movedim(-2, 0), l))
                 pieces.append(neur)
                 labels += [f"L{l}N{n}" for n in range(post.shape[-1])]
             else:
                 stack, lab = self._mlp_pieces(l, pos_slice, expert_level=expand_neurons)
-                pieces.append(finish(stack))
+                pieces.append(finish(scaled(stack, l)))
                 labels += lab
         if self.has_embed:
-            pieces.append(finish(pos_slice.apply(self["hook_embed"], dim=-2)[None]))
+            pieces.append(finish(scaled(pos_slice.apply(self["hook_embed"], dim=-2)[None], 0)))
             labels.append("embed")
         bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=True)
         ref = pos_slice.apply(self["hook_embed"], dim=-2)
@@ -325,6 +398,9 @@ class TLAnalysisMixin:
             key = "ln_final.hook_scale"
         else:
             key = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+            if getattr(self.model.blocks[layer], "ln2" if mlp_input else "ln1") is None:
+                # a post-norm block (FlexOlmo) reads the residual stream unnormalised: scale 1
+                return torch.ones(1, device=self["hook_embed"].device)
         if key not in self.cache_dict:
             raise KeyError(
                 f"{key} is not in this cache: apply_ln_to_stack / logit_attrs / apply_ln=True divide by the "

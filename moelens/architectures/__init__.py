@@ -40,6 +40,17 @@ def _register_optional() -> None:
 
     for arch in (granitemoe.ARCH, granitemoe.SHARED_ARCH, minimax_m2.ARCH, ernie4_5_moe.ARCH, phimoe.ARCH):
         ARCHITECTURES[arch.name] = arch
+    from moelens.architectures import llama4
+
+    ARCHITECTURES[llama4.ARCH.name] = llama4.ARCH
+    ARCHITECTURES[llama4.MULTIMODAL_ARCH.name] = llama4.MULTIMODAL_ARCH
+    from moelens.architectures import flex_olmo
+
+    ARCHITECTURES[flex_olmo.ARCH.name] = flex_olmo.ARCH
+    from moelens.architectures import gemma4
+
+    ARCHITECTURES[gemma4.ARCH.name] = gemma4.ARCH
+    ARCHITECTURES[gemma4.MULTIMODAL_ARCH.name] = gemma4.MULTIMODAL_ARCH
 
 
 _register_optional()

@@ -95,7 +95,8 @@ def rope_dict(hf: dict) -> dict:
     return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
 
 
-def rope_settings(hf: dict, arch: str, allow_yarn: bool = False, allow_longrope: bool = False) -> dict:
+def rope_settings(hf: dict, arch: str, allow_yarn: bool = False, allow_longrope: bool = False,
+                  allow_llama3: bool = False) -> dict:
     """theta and scaling from v5 ``rope_parameters`` or the legacy ``rope_theta``/``rope_scaling``
     (the dict's own ``rope_theta`` first, then the top-level field, as transformers reads them)."""
     scaling = rope_dict(hf)
@@ -113,17 +114,18 @@ def rope_settings(hf: dict, arch: str, allow_yarn: bool = False, allow_longrope:
         missing = [k for k in fields if scaling.get(k) is None and not (k == "original_max_position_embeddings"
                                                                       and hf.get(k) is not None)]
         if missing:
-            raise UnsupportedConfigError(f"{arch}: longrope rope scaling needs {', '.join(missing)}")
-        original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
-        items = {k: tuple(float(f) for f in scaling[k]) if k.endswith("_factor") else float(scaling[k])
-                 for k in fields[:4]}
+            if rope_type == "llama3" and allow_llama3:
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if scaling.get(k) is None]
+        if missing:
+            raise UnsupportedConfigError(f"{arch}: llama3 rope scaling without {', '.join(missing)}")
         return {"rope_theta": float(theta) if theta is not None else None,
-                "rope_scaling": tuple(sorted({**items, "rope_type": "longrope",
-                                              "original_max_position_embeddings": int(original)}.items()))}
+                "rope_scaling": tuple(sorted([("rope_type", "llama3")] + [(k, scaling[k]) for k in keys]))}
+    supported = (["default"] + (["yarn"] if allow_yarn else []) + (["longrope"] if allow_longrope else [])
+                 + (["llama3"] if allow_llama3 else []))
     raise UnsupportedConfigError(
         f"{arch}: rope scaling type {rope_type!r} is not supported by moelens "
-        f"(supported: default{', yarn' if allow_yarn else ''}{', longrope' if allow_longrope else ''}). "
-        f"Remove `rope_scaling` or open an issue."
+        f"(supported: {', '.join(supported)}). Remove `rope_scaling` or open an issue."
     )
 
 

@@ -4,7 +4,7 @@ transformers 5.25 computes them (ibm/PowerMoE-3b and the Granite 3.0 MoE checkpo
 
 * Four scalars (config data, :class:`~moelens.config.MoEConfig`): ``embedding_multiplier`` scales
   the embeddings (``hook_embed`` is the scaled embedding); ``attention_multiplier`` *is* the
-  attention softmax scale (``attn_scale``, replacing ``d_head ** -0.5``); ``residual_multiplier``
+  attention softmax scale (``attn_softmax_scale``, replacing ``d_head ** -0.5``); ``residual_multiplier``
   scales each block's update before the residual add (moelens applies it to the attention output
   and, inside the MoE, to the combine weights and the shared-expert output, so that
   ``hook_attn_out`` / ``hook_mlp_out`` are what is added and the expert contributions still sum to
@@ -51,7 +51,7 @@ def translate(hf: dict) -> dict:
         d_expert=hf["intermediate_size"], moe_layers=tuple(range(n)), rms_norm_eps=hf["rms_norm_eps"],
         rope_theta=rope["rope_theta"] or 1e4, qkv_bias=bias, attn_o_bias=bias,
         router_order="topk_softmax", router_dtype="model_upcast", router_weights_dtype="model", norm_topk_prob=True,
-        embedding_multiplier=float(hf["embedding_multiplier"]), attn_scale=float(hf["attention_multiplier"]),
+        embedding_multiplier=float(hf["embedding_multiplier"]), attn_softmax_scale=float(hf["attention_multiplier"]),
         residual_multiplier=float(hf["residual_multiplier"]), logits_scaling=float(hf["logits_scaling"]),
         d_shared=int(hf.get("shared_intermediate_size") or 0),
     )

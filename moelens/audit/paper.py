@@ -60,6 +60,7 @@ from scipy import stats as st
 from torch import Tensor
 
 from moelens.audit.ablation import removal_hooks
+from moelens.components.moe import combine_weights
 from moelens.rundir import holds_run_dir
 
 FLAVOURS = {"OlmoeForCausalLM": "olmoe", "DeepseekV2ForCausalLM": "deepseek", "Qwen2MoeForCausalLM": "qwen"}
@@ -644,7 +645,8 @@ def redistribution(model, texts: Sequence[str], layer: int, *, max_length: int =
         ids = torch.tensor(model.tokenizer(t, truncation=True, max_length=max_length)["input_ids"], dtype=torch.long)
         _, c = model.run_with_cache(ids[None].to(model.W_E.device), names_filter=names, return_cache_object=False)
         idx = c[pre + "hook_expert_indices"][0]
-        contrib = c[pre + "hook_expert_out"][0].float() * c[pre + "hook_expert_weights"][0].float()[..., None]
+        contrib = c[pre + "hook_expert_out"][0].float() * combine_weights(
+            model.cfg, c[pre + "hook_expert_weights"][0].float())[..., None]
         base = c[f"blocks.{layer}.hook_mlp_out"][0].float()
         probs = c[pre + "hook_router_scores"][0].float()
         n_tokens += ids.numel()

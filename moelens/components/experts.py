@@ -17,10 +17,14 @@ Weights kept packed (``keep_quantized=True``, :mod:`moelens.quant.packed`) are d
 expert at a time inside :meth:`Experts.ffn`, so packed banks run the per-expert paths (``auto``
 chooses ``sorted``; ``grouped_mm`` would need the whole bank dequantised and is refused).
 
-All return the *unweighted* output of each slot's expert, ``[batch, pos, top_k, d_model]``.
+All return the output of each slot's expert, ``[batch, pos, top_k, d_model]``: unweighted, or with
+``slot_scale [batch, pos, top_k]`` (Llama 4's input-scaled experts) the expert applied to its
+slot's scaled input ``slot_scale * x``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,13 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def gate_activation(act: str):
+    """The gate nonlinearity of a gated FFN: ``silu`` or ``gelu_tanh`` (GELU, tanh approximation: Gemma)."""
+    if act == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.silu
 
 
 # tests set "on" to run the GPU code path on the CPU (moelens.testing.gpu_code_path)
@@ -72,8 +83,8 @@ class Experts(ExpertViews, nn.Module):
         self.n_experts = n_experts
         self.impl = impl
         self.act, self.alpha, self.limit = act, alpha, limit
-        if act not in ("silu", "clamped_swiglu"):
-            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu)")
+        if act not in ("silu", "clamped_swiglu", "gelu_tanh"):
+            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu, gelu_tanh)")
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
@@ -87,7 +98,7 @@ class Experts(ExpertViews, nn.Module):
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.act == "clamped_swiglu":
             return clamped_swiglu(gate, up, self.alpha, self.limit)
-        return F.silu(gate) * up
+        return gate_activation(self.act)(gate) * up
 
     def ffn(self, e: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
         """Expert ``e`` applied to rows ``x``."""
@@ -116,30 +127,39 @@ class Experts(ExpertViews, nn.Module):
         return impl
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"]
+        self, x: Float[Tensor, "batch pos d_model"], indices: Int[Tensor, "batch pos top_k"],
+        slot_scale: Optional[Float[Tensor, "batch pos top_k"]] = None,
     ) -> Float[Tensor, "batch pos top_k d_model"]:
         impl = self.resolved_impl(x)
         if impl == "loop":
-            return self.forward_loop(x, indices)
+            return self.forward_loop(x, indices, slot_scale)
         if impl == "grouped_mm":
-            return self.forward_grouped(x, indices)
-        return self.forward_sorted(x, indices)
+            return self.forward_grouped(x, indices, slot_scale)
+        return self.forward_sorted(x, indices, slot_scale)
 
-    def forward_loop(self, x: Tensor, indices: Tensor) -> Tensor:
+    def forward_loop(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
         out = x.new_zeros(*indices.shape, x.shape[-1])
         for e in range(self.n_experts):
             b, p, s = (indices == e).nonzero(as_tuple=True)
             if b.numel():
-                out[b, p, s] = self.ffn(e, x[b, p])
+                rows = x[b, p] if slot_scale is None else (x[b, p] * slot_scale[b, p, s, None]).to(x.dtype)
+                out[b, p, s] = self.ffn(e, rows)
         return out
 
-    def forward_sorted(self, x: Tensor, indices: Tensor) -> Tensor:
+    def _sorted_rows(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor]):
+        """(flat expert ids, sort order, the rows in that order (scaled per slot when asked))."""
         k = indices.shape[-1]
         x_flat = x.reshape(-1, x.shape[-1])
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         rows = x_flat[order // k]
+        if slot_scale is not None:
+            rows = (rows * slot_scale.reshape(-1)[order, None]).to(x.dtype)
+        return flat, order, rows
+
+    def forward_sorted(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
+        flat, order, rows = self._sorted_rows(x, indices, slot_scale)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         pieces, start = [], 0
         for e, n in enumerate(counts):
             if n:
@@ -149,18 +169,14 @@ class Experts(ExpertViews, nn.Module):
         out[order] = torch.cat(pieces) if pieces else rows
         return out.view(*indices.shape, x.shape[-1])
 
-    def forward_grouped(self, x: Tensor, indices: Tensor) -> Tensor:
+    def forward_grouped(self, x: Tensor, indices: Tensor, slot_scale: Optional[Tensor] = None) -> Tensor:
         if not hasattr(torch, "_grouped_mm"):
             raise RuntimeError("expert_impl='grouped_mm' needs torch._grouped_mm (PyTorch >= 2.8)")
-        k = indices.shape[-1]
-        x_flat = x.reshape(-1, x.shape[-1])
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        flat, order, rows = self._sorted_rows(x, indices, slot_scale)
         # counts by scatter-add, not bincount (which reads the maximum back to the host on CUDA)
         counts = torch.zeros(self.n_experts, dtype=torch.int32, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        rows = x_flat[order // k]
         gate = torch._grouped_mm(rows, self.w_gate.transpose(1, 2), offs=offsets)
         up = torch._grouped_mm(rows, self.w_up.transpose(1, 2), offs=offsets)
         if self.b_gate is not None:

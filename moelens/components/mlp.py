@@ -15,8 +15,9 @@ class GatedMLP(GatedMLPViews, nn.Module):
     """``w_down (silu(w_gate x) * (w_up x))``. Hooks: ``hook_pre`` (gate pre-activation) and
     ``hook_post`` (the hidden product that ``w_down`` reads), both ``[batch, pos, width]``."""
 
-    def __init__(self, d_model: int, d_hidden: int, width_name: str = "d_mlp"):
+    def __init__(self, d_model: int, d_hidden: int, width_name: str = "d_mlp", act: str = "silu"):
         super().__init__()
+        self.act = act  # "silu", or "gelu_tanh" (Gemma)
         self.w_gate = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w_up = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(d_model, d_hidden))
@@ -25,5 +26,7 @@ class GatedMLP(GatedMLPViews, nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.w_gate))
-        post = self.hook_post(F.silu(pre) * F.linear(x, self.w_up))
+        from moelens.components.experts import gate_activation
+
+        post = self.hook_post(gate_activation(self.act)(pre) * F.linear(x, self.w_up))
         return F.linear(post, self.w_down)

@@ -15,11 +15,22 @@ Hook points (all ``[batch, pos, ...]``):
                         ``[batch, pos, d_model]``
 
 The block's output is ``routed + shared``; the enclosing block hooks it as ``hook_mlp_out``.
+
+Input-scaled experts (``cfg.expert_input_scaled``, Llama 4): the slot weight multiplies the
+expert's *input*, ``E_e(w x)``, not its output. There ``hook_expert_weights`` holds ``w`` (the
+sigmoid router score, editing it changes the expert's input scale; 0 removes the slot, since the
+experts have no biases), ``hook_expert_out`` holds ``E_e(w x)`` (the slot's whole update, already
+weighted) and ``hook_routed_out`` is the plain sum of the slots' ``hook_expert_out``. What expert
+``e`` adds to the residual stream (``cache.expert_contribution``) is then its ``hook_expert_out``;
+:func:`combine_weights` gives the factor of each slot's output in the combine (``w``, or 1 here),
+which every contribution computation uses.
 Combine numerics follow transformers' default (grouped_mm) backend: per-slot products in
 ``promote(model dtype, weight dtype)``, summed over slots, cast once to the model dtype.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +45,12 @@ from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
 
+def combine_weights(cfg: MoEConfig, weights: Tensor) -> Tensor:
+    """The factor each slot's ``hook_expert_out`` is multiplied by in the combine: the slot weight,
+    or 1 where the weight already scaled the expert's input (``cfg.expert_input_scaled``)."""
+    return torch.ones_like(weights) if cfg.expert_input_scaled else weights
+
+
 class MoE(MoEViews, nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -41,7 +58,7 @@ class MoE(MoEViews, nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(
             cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl, bias=cfg.expert_bias,
-            act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+            act=cfg.mlp_act if cfg.expert_act == "silu" else cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
         )
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
@@ -52,17 +69,19 @@ class MoE(MoEViews, nn.Module):
         self.hook_expert_out = ShapedHookPoint("batch pos top_k d_model")
         self.hook_routed_out = ShapedHookPoint("batch pos d_model")
         if cfg.has_shared_experts:
-            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared")
+            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared", act=cfg.mlp_act)
             if cfg.shared_gate:
                 self.W_shared_gate = nn.Parameter(torch.empty(1, cfg.d_model))
                 self.hook_shared_gate = ShapedHookPoint("batch pos 1")
             self.hook_shared_out = ShapedHookPoint("batch pos d_model")
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        logits = self.hook_router_logits(self.router.logits(x))
+    def forward(self, x: Float[Tensor, "batch pos d_model"], router_input: Optional[Tensor] = None
+                ) -> Float[Tensor, "batch pos d_model"]:
+        """``router_input``: what the router reads when it is not ``x`` (Gemma 4: the residual stream)."""
+        logits = self.hook_router_logits(self.router.logits(x if router_input is None else router_input))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
-        if self.cfg.router_order in ("topk_softmax", "sparsemixer") and has_hooks(self.hook_router_scores):
+        if self.cfg.router_order in ("topk_softmax", "sparsemixer", "topk_sigmoid") and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
         if self.cfg.router_correction_bias:
@@ -74,8 +93,12 @@ class MoE(MoEViews, nn.Module):
         if has_hooks(self.hook_expert_indices) and (indices is not selected or not on_gpu_path(indices)):
             self._check_indices(indices)
         weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype, logits=logits))
-        expert_out = self.hook_expert_out(self.experts(x, indices))
-        routed = self.hook_routed_out((expert_out * weights.unsqueeze(-1)).sum(dim=-2).to(x.dtype))
+        if self.cfg.expert_input_scaled:  # Llama 4: E_e(w x), summed
+            expert_out = self.hook_expert_out(self.experts(x, indices, slot_scale=weights))
+            routed = self.hook_routed_out(expert_out.sum(dim=-2).to(x.dtype))
+        else:
+            expert_out = self.hook_expert_out(self.experts(x, indices))
+            routed = self.hook_routed_out((expert_out * weights.unsqueeze(-1)).sum(dim=-2).to(x.dtype))
         if not self.cfg.has_shared_experts:
             return routed
         shared = self.shared_experts(x)

@@ -16,6 +16,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * y.to(x.dtype)
 
 
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """Llama 4's weightless RMSNorm (its "L2" QK-norm): ``x / rms(x)`` in fp32, cast to ``x.dtype``."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def rms_norm_weight_fp32(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """gpt-oss's RMSNorm: the weight multiplies the fp32 statistics, then one cast to ``x.dtype``."""
     x32 = x.float()

@@ -29,7 +29,8 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tuple[Tensor, float]:
-    """Inverse frequencies ``[dim/2]`` and the cos/sin ``attention_factor`` (1.0 without YaRN)."""
+    """Inverse frequencies ``[dim/2]`` and the cos/sin ``attention_factor`` (1.0 without YaRN).
+    ``yarn``: the scaling parameters, YaRN unless ``rope_type`` is ``"llama3"`` (Llama 3 / 4)."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (theta**exponents)
     if not yarn:
@@ -39,6 +40,8 @@ def rope_frequencies(dim: int, theta: float, yarn: Optional[dict] = None) -> tup
         # called without a sequence length); only the cos/sin scale switches, see longrope_mscale
         ext = torch.tensor(yarn["short_factor"], dtype=torch.float32)
         return 1.0 / (ext * theta**exponents), float(yarn["short_mscale"])
+    if yarn.get("rope_type") == "llama3":
+        return llama3_frequencies(inv_freq, yarn), 1.0
     factor = float(yarn["factor"])
     orig = float(yarn["original_max_position_embeddings"])
     beta_fast = float(yarn.get("beta_fast") or 32)
@@ -76,6 +79,30 @@ def longrope_mscale(rope: Optional[dict], positions: Tensor, default: float) -> 
     return float(rope["long_mscale"] if long else rope["short_mscale"])
 
 
+def llama3_frequencies(inv_freq: Tensor, params: dict) -> Tensor:
+    """transformers' ``_compute_llama3_parameters``: long wavelengths divided by ``factor``, short ones
+    kept, the band between smoothly interpolated."""
+    factor, low, high = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_context = float(params["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def proportional_frequencies(head_dim: int, theta: float, proportion: float) -> Tensor:
+    """transformers' "proportional" RoPE (Gemma 4's full-attention layers): ``head_dim / 2``
+    frequencies, the leading ``int(proportion * head_dim // 2)`` being ``theta ** (-2i / head_dim)``
+    (exponents over the whole head) and the rest 0 (those pairs do not rotate); used with the
+    half-split rotation over the whole head."""
+    n_rot = int(proportion * head_dim // 2)
+    rotated = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim))
+    return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
+
+
 def yarn_softmax_scale(yarn: Optional[dict]) -> float:
     """DeepSeek's extra softmax-scale multiplier ``mscale(factor, mscale_all_dim)**2`` (1.0 if none)."""
     if not yarn or not yarn.get("mscale_all_dim"):
@@ -107,6 +134,16 @@ def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rope_half_fp32(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`apply_rope_half` with fp32 cos/sin (``x`` promoted), cast back to ``x``'s dtype after the
+    rotation (OLMo-2 / FlexOlmo: transformers keeps their cos/sin in fp32)."""
+    cos = torch.cat([cos, cos], -1)[:, :, None, :]
+    sin = torch.cat([sin, sin], -1)[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -151,7 +188,7 @@ def rope_fn(cfg):
         return apply_rope_deinterleave
     if cfg.rope_interleaved:
         return apply_rope_complex if cfg.rope_arith == "complex" else apply_rope_interleaved
-    return apply_rope_half
+    return apply_rope_half_fp32 if getattr(cfg, "rope_fp32", False) else apply_rope_half
 
 
 def apply_rope_partial(x: Tensor, cos: Tensor, sin: Tensor, rope) -> Tensor:

@@ -12,6 +12,9 @@ DeepSeek-V2        fp32          softmax32   greedy or        never           fp
                                              unsorted
 gpt-oss            model (+bias) softmax32   top-k of the     softmax over    model
                                  (hook only) logits, sorted   the k logits
+Llama 4            model         sigmoid32   top-k of the     sigmoid of      model (scales
+                                 (hook only) logits, sorted   each chosen     the expert's
+                                                              logit           input)
 DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
 Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
                                              unsorted
@@ -25,8 +28,17 @@ DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
     (unsorted), the other groups' c set to -inf; idx = topk(c, top_k, sorted=False)
     w = s[idx];  w /= (sum w + 1e-20) if norm_topk_prob;  w *= routed_scaling_factor (fp32)
 
+Gemma 4 (``router_input_norm``, ``router_per_expert_scale``): the router reads the residual stream
+(not the MoE input), ``logits = W (rms(x) * in_norm_w * d_model**-0.5)``; fp32 softmax, top-k,
+always renormalised, then each weight times ``per_expert_scale[expert]`` (fp32 combine weights).
+
 The bias ``router.b_correction`` (hub ``e_score_correction_bias``, fp32 even in a bf16 model) only
 decides *which* experts are chosen; it never enters a combine weight.
+
+Llama 4 (``router_order="topk_sigmoid"``, ``router_score_func="sigmoid"``): top-k (k = 1) of the
+logits (model dtype, sorted), weight = ``sigmoid(logit)`` of each chosen expert in fp32 cast to the
+model dtype; ``hook_router_scores`` is the fp32 sigmoid of all logits. The weight scales the
+expert's *input* (``cfg.expert_input_scaled``; see :mod:`moelens.components.moe`).
 
 gpt-oss (``router_order="topk_softmax"``, ``router_bias``): transformers takes ``topk`` of the
 biased logits and a softmax over the k selected logits in the logits' dtype. ``hook_router_scores``
@@ -84,6 +96,10 @@ class Router(nn.Module):
             # the weights, not in ``parameters()`` (an optimiser does not train it); fp32 where the
             # router is kept fp32 (see _apply)
             self.register_buffer("b_correction", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        if cfg.router_input_norm:  # Gemma 4: logits = W (rms(x) * in_norm_w * d_model**-0.5)
+            self.in_norm_w = nn.Parameter(torch.ones(cfg.d_model))
+        if cfg.router_per_expert_scale:  # Gemma 4: a learned scale per expert on the combine weights
+            self.per_expert_scale = nn.Parameter(torch.ones(cfg.n_experts))
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
@@ -101,6 +117,10 @@ class Router(nn.Module):
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:
         b = self.b_router
+        if self.cfg.router_input_norm:
+            x32 = x.float()
+            normed = (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps, -0.5)).to(x.dtype)
+            x = normed * self.in_norm_w * self.cfg.d_model ** -0.5
         if self.cfg.router_dtype == "float32":
             return F.linear(x.float(), self.W_router.float(), None if b is None else b.float())
         if self.cfg.router_dtype == "model_upcast":  # Granite: model-dtype matmul, fp32 logits
@@ -133,9 +153,9 @@ class Router(nn.Module):
                 chosen.append(idx)
                 remaining = remaining.scatter(-1, idx, float("-inf"))
             return torch.cat(chosen, dim=-1)
-        if cfg.router_order == "topk_softmax":
+        if cfg.router_order in ("topk_softmax", "topk_sigmoid"):
             if logits is None:
-                raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
+                raise ValueError(f"router_order={cfg.router_order!r} selects on the logits: pass logits=")
             return torch.topk(logits, cfg.top_k, dim=-1, sorted=True).indices
         if cfg.topk_method == "noaux_tc":
             grouped = scores.unflatten(-1, (cfg.n_group, -1))
@@ -170,6 +190,12 @@ class Router(nn.Module):
             if cfg.residual_multiplier != 1.0:
                 w = w * cfg.residual_multiplier
             return w.to(dtype) if cfg.router_weights_dtype == "model" else w
+        if cfg.router_order == "topk_sigmoid":
+            # Llama 4: sigmoid of each chosen (or forced) logit, in fp32, cast to the logits' dtype
+            if logits is None:
+                raise ValueError("router_order='topk_sigmoid' weights the logits: pass logits=")
+            chosen = logits.gather(-1, indices)
+            return torch.sigmoid(chosen.float()).to(chosen.dtype)
         w = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             denominator = w.sum(dim=-1, keepdim=True)
@@ -180,6 +206,8 @@ class Router(nn.Module):
             w = w * cfg.routed_scaling_factor
         if cfg.residual_multiplier != 1.0:  # Granite: the block's residual multiplier, folded into the combine
             w = w * cfg.residual_multiplier
+        if cfg.router_per_expert_scale:  # Gemma 4: after the renormalisation, per chosen expert
+            w = w * self.per_expert_scale[indices]
         return w.to(dtype) if cfg.router_weights_dtype == "model" else w
 
 

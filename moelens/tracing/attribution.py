@@ -38,6 +38,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from moelens.components.moe import combine_weights
 from moelens.tracing.cases import FactCase
 from moelens.tracing.engine import base_names_filter, frozen_parameters
 from moelens.tracing.trace import (
@@ -116,7 +117,7 @@ def _slot_dots(cache, layer: int, g: Tensor, positions: list[int]) -> Tensor:
     for gradients ``g [n_samples, len(positions), d]`` at ``positions`` against ``cache``'s
     contributions (batch 1 or n_samples)."""
     idx = cache[f"blocks.{layer}.mlp.hook_expert_indices"][:, positions]  # [b, P, k]
-    w = cache[f"blocks.{layer}.mlp.hook_expert_weights"][:, positions].float()
+    w = combine_weights(cache.model.cfg, cache[f"blocks.{layer}.mlp.hook_expert_weights"][:, positions].float())
     out = cache[f"blocks.{layer}.mlp.hook_expert_out"][:, positions].float()  # [b, P, k, d]
     g = g.to(out.device)  # [S, P, d]
     if out.shape[0] == 1:  # the clean run: one row against every sample's gradient

@@ -102,7 +102,7 @@ class SuffixEngine:
         ``edit(kind, value)`` may change ``"attn_out"``, ``"mlp_out"`` or ``"resid_post"``.
         """
         block = self.model.blocks[layer]
-        state = state.to(block.ln1.w.device)  # blocks may sit on different devices (device_map)
+        state = state.to(block.device)  # blocks may sit on different devices (device_map)
         n = state.shape[1]
         ctx = self.model.attention_context(n, q_offset=p, device=state.device)
         rows = samples % self.base.batch
@@ -117,14 +117,14 @@ class SuffixEngine:
             k = self.base.get(f"blocks.{layer}.attn.hook_rot_k")[rows.to(self._cache_device(layer)), :p]
             v = self.base.get(f"blocks.{layer}.attn.hook_v")[rows.to(self._cache_device(layer)), :p]
             prefix = (k.to(state.device), v.to(state.device))
-        attn = block.attn(block.ln1(state), ctx, prefix)
+        attn = block.attn_branch(state, ctx, prefix)
         if edit is not None:
             attn = edit("attn_out", attn)
         mid = state + attn
-        mlp = block.mlp(block.ln2(mid))
+        mlp = block.mlp_branch(mid)
         if edit is not None:
             mlp = edit("mlp_out", mlp)
-        out = mid + mlp
+        out = block.add_mlp(mid, mlp)
         if edit is not None:
             out = edit("resid_post", out)
         self.token_layers += state.shape[0] * n
@@ -142,7 +142,8 @@ class SuffixEngine:
             b_u = self.model.unembed.b_u
             logits = torch.nn.functional.linear(x[:, -1], self.model.unembed.w_u[ids], None if b_u is None else b_u[ids])
             scaling = self.model.unembed.logits_scaling  # Granite divides its logits
-            return self.metric.from_token_logits(logits / scaling if scaling != 1.0 else logits)
+            logits = logits / scaling if scaling != 1.0 else logits
+            return self.metric.from_token_logits(self.model.unembed.cap(logits))  # Gemma's soft-cap
         return self.metric(self.model.unembed(x))
 
     # -------------------------------------------------------------- gradients on a suffix
@@ -166,7 +167,7 @@ class SuffixEngine:
         leaves: dict[str, Tensor] = {}
         with frozen_parameters(self.model), torch.enable_grad():
             base = self.base.get("blocks.0.hook_resid_pre")
-            state = base[:, p:].to(self.model.blocks[0].ln1.w.device)
+            state = base[:, p:].to(self.model.blocks[0].device)
             for j in range(L):
                 def edit(what, value, j=j):
                     if what not in kinds:
@@ -263,7 +264,7 @@ class SuffixEngine:
                 lo, hi, _ = cells[order[k]]
                 base = self.base.get(f"blocks.{j}.hook_resid_pre")
                 init = base[(sample_ids % self.base.batch).to(base.device), p:]
-                init = init.to(self.model.blocks[j].ln1.w.device)
+                init = init.to(self.model.blocks[j].device)
                 state = init if state is None else torch.cat([state.to(init.device), init])
                 samples = torch.cat([samples, sample_ids])
                 spans.append((lo, hi))

@@ -135,12 +135,13 @@ class TraceSetup:
 
     def restore_scores_at(self, model, items: Sequence[tuple[int, Tensor]], positions: list[int],
                           max_rows: int = 512) -> Tensor:
-        """Mean metric for each ``(layer, delta)``: the resid_post delta ``[n_samples, T-p0, d]`` added
-        after ``layer``. Items of different layers share one engine pass."""
+        """Mean metric for each ``(layer, delta)``: the ``hook_mlp_out`` delta ``[n_samples, T-p0, d]``
+        of ``layer`` (what it adds to resid_post: the same, times the block's layer scalar where it has
+        one, Gemma 4). Items of different layers share one engine pass."""
         n = self.n_samples
         if not items:
             return torch.empty(0)
-        stacked = torch.cat([d for _, d in items])
+        stacked = torch.cat([_mlp_out_to_resid_post(model, int(l), d) for l, d in items])
         layers = torch.tensor([int(l) for l, _ in items]).repeat_interleave(n)
         samples = torch.arange(n).repeat(len(items))
         vals = torch.empty(len(samples))
@@ -156,6 +157,12 @@ class TraceSetup:
         return vals.reshape(len(items), n).mean(-1)
 
 
+def _mlp_out_to_resid_post(model, layer: int, delta: Tensor) -> Tensor:
+    """A change of ``hook_mlp_out`` as the change of ``hook_resid_post`` it causes."""
+    scalar = getattr(model.blocks[layer], "layer_scalar", None)
+    return delta if scalar is None else delta * scalar.detach().float().to(delta.device)
+
+
 def weights_state(model) -> int:
     """A cheap identity of the weights' current state: each parameter's storage and its in-place
     version counter (bumped by every in-place edit, ``W[...] += d`` under ``no_grad`` included), for
@@ -169,8 +176,11 @@ def weights_state(model) -> int:
 
 def _slots_at(cache, layer: int, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(indices, weights, expert_out) of ``layer`` at ``positions`` (for :func:`_contribution`)."""
+    from moelens.components.moe import combine_weights
+
     name = f"blocks.{layer}.mlp."
-    return tuple(cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+    idx, w, out = (cache[name + h][:, positions] for h in ("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
+    return idx, combine_weights(cache.model.cfg, w), out
 
 
 def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
@@ -181,8 +191,17 @@ def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
 
 
 def embedding_std(model) -> float:
-    """Standard deviation of every entry of the embedding matrix (the default noise reference)."""
-    return float(model.W_E.detach().float().std())
+    """Standard deviation of every entry of the embedding matrix (the default noise reference), as
+    the embeddings enter the residual stream: times ``cfg.embed_scale`` where the architecture scales
+    them (Gemma: ``sqrt(d_model)``, the noise being added to ``hook_embed``, after the scale)."""
+    return float(model.W_E.detach().float().std()) * _embed_scale(model)
+
+
+def _embed_scale(model) -> float:
+    scale = getattr(model.cfg, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    return float(torch.tensor(scale, dtype=model.W_E.dtype).float())  # as the model applies it (dtype-rounded)
 
 
 def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = "moelens") -> float:
@@ -209,7 +228,7 @@ def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = 
                                    add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("no subject tokens")
-    return float(model.W_E.detach()[torch.tensor(ids, device=model.W_E.device)].float().std())
+    return float(model.W_E.detach()[torch.tensor(ids, device=model.W_E.device)].float().std()) * _embed_scale(model)
 
 
 def prepare(
@@ -715,7 +734,7 @@ def trace_expert_grid(
             if known is not None:
                 vals[l, col] = known  # the rows not run are the corrupted runs
             if len(rows):
-                pending.append((l, col, rows, delta[rows.to(delta.device)]))
+                pending.append((l, col, rows, _mlp_out_to_resid_post(model, l, delta[rows.to(delta.device)])))
                 count += len(rows)
             if count >= max_rows:
                 flush()

@@ -33,9 +33,9 @@ def test_logits_router_experts_and_weights_match(arch, fused, tiny_dirs):
     model = HookedMoETransformer.from_pretrained(d)
     cfg = model.cfg
     kw = TINY_CONFIGS[arch][2]
-    assert (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling) == (
+    assert (cfg.embedding_multiplier, cfg.attn_softmax_scale, cfg.residual_multiplier, cfg.logits_scaling) == (
         kw["embedding_multiplier"], kw["attention_multiplier"], kw["residual_multiplier"], kw["logits_scaling"])
-    assert all(v != 1.0 for v in (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling))
+    assert all(v != 1.0 for v in (cfg.embedding_multiplier, cfg.attn_softmax_scale, cfg.residual_multiplier, cfg.logits_scaling))
     assert cfg.has_shared_experts == (arch == "granitemoeshared")
     ids, mask = batch()
     # moelens folds the residual multiplier into its combine weights (hook_expert_weights)

@@ -10,10 +10,10 @@ from moelens.architectures import ARCHITECTURES
 from moelens.testing import toy_tokenizer
 from moelens.tracing.attribution import ExpertAttributionResult, LayerAttributionResult, ScreenResult
 from moelens.tracing.cases import tokenize_case
-from moelens.tracing.trace import prepare
+from moelens.tracing.trace import embedding_std, prepare
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3", "glm4_moe",
-         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe"]
+         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "llama4", "flex_olmo", "gemma4"]
 CASE = FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
 EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_mlp_out", "hook_attn_out",
                 "hook_resid_post")
@@ -71,7 +71,7 @@ def test_attribution_equals_plain_autograd(model):
     torch.manual_seed(0)
     n_subj = 2
     z = torch.randn(3, n_subj, model.cfg.d_model)
-    sigma = 3.0 * float(model.W_E.detach().std())
+    sigma = 3.0 * embedding_std(model)  # std(W_E), times the embedding scale where there is one (Gemma)
     corrupted, clean, corr, grads = reference(model, CASE, z, sigma)
     a = moelens.attribute_experts(model, CASE, noise=z)
     allp = moelens.attribute_experts(model, CASE, noise=z, positions="all")
@@ -235,7 +235,7 @@ def test_suffix_gradients_equal_the_whole_backward(tiny_dirs, name):
 def test_necessity_estimate_equals_autograd_on_the_clean_run(tiny_dirs, name):
     model = _load(tiny_dirs, name)
     z = torch.randn(3, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(4))
-    sigma = 3.0 * float(model.W_E.detach().std())
+    sigma = 3.0 * embedding_std(model)  # std(W_E), times the embedding scale where there is one (Gemma)
     _, clean, corr, _ = reference(model, CASE, z, sigma)
     tc = tokenize_case(model.tokenizer, CASE, prepend_bos=model.default_prepend_bos())
     stored = {}

@@ -7,7 +7,7 @@ from moelens import HookedMoETransformer, expert_names_filter
 from moelens import patching as P
 from moelens.architectures import ARCHITECTURES
 
-ARCHS = ["mixtral", "qwen2_moe", "deepseek_v3"]
+ARCHS = ["mixtral", "qwen2_moe", "deepseek_v3", "llama4", "gemma4", "flex_olmo"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -41,7 +41,7 @@ def test_restoring_everything_gives_the_source_logits(model):
         out = run(model, clean_ids, ivs)
         assert (out - clean_logits)[:, 3:].abs().max() < 1e-4  # positions >= 3 see only restored values
         out = run(model, corrupt_ids, [P.Replace("embed", source=clean)])
-    assert (out - clean_logits).abs().max() < 1e-5
+    assert (out - clean_logits).abs().max() < 1e-6 * max(10.0, float(clean_logits.abs().max()))  # float noise
     assert (model(corrupt_ids) - clean_logits).abs().max() > 1e-2  # and the restoration mattered
 
 
@@ -63,6 +63,8 @@ def test_ablating_an_unrouted_expert_changes_nothing(model):
 
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_expert_ablation_equals_plain_hook_computation(model, renormalize):
+    if renormalize and model.cfg.top_k == 1:
+        pytest.skip("top-1 routing (Llama 4): no other slot to renormalise over")
     ids = toks()
     layer = model.cfg.moe_layers[-1]
     with torch.no_grad():
@@ -93,13 +95,14 @@ def test_expert_mean_ablation_moves_contribution_to_reference_mean(model):
         e = int(ref[f"blocks.{layer}.mlp.hook_expert_indices"][0, -1, 0])
         hooks = P.to_hooks(model, [P.AblateExpert(layer, [e], positions=[-1], mode="mean", reference=ref)])
         out = {}
-        hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook: out.setdefault("mlp", x)))
+        # the MoE output itself (hook_mlp_out is it only where no norm follows the MoE)
+        hooks.append((f"blocks.{layer}.mlp.hook_routed_out", lambda x, hook: out.setdefault("routed", x)))
         model.run_with_hooks(ids[:1], fwd_hooks=hooks)
     mask = ref.expert_mask(layer)[..., e]
     mean_c = ref.expert_contribution(layer, e).sum((0, 1)) / mask.sum()
-    routed_out = ref.routed_plus_shared(layer)[0, -1]
+    routed_out = ref[f"blocks.{layer}.mlp.hook_routed_out"][0, -1]
     want = routed_out - ref.expert_contribution(layer, e)[0, -1] + mean_c
-    assert (out["mlp"][0, -1] - want).abs().max() < 1e-4
+    assert (out["routed"][0, -1] - want).abs().max() < 1e-4
 
 
 def test_forced_routing_to_clean_routing_is_identity(model):
@@ -109,8 +112,9 @@ def test_forced_routing_to_clean_routing_is_identity(model):
         base, clean = model.run_with_cache(ids)
         same = run(model, ids, [P.ForceRouting(layer, experts=clean, weights=clean)])
         rule = run(model, ids, [P.ForceRouting(layer, experts=clean)])  # weights by the router's rule
-    assert (same - base).abs().max() < 1e-5
-    assert (rule - base).abs().max() < 1e-5
+    tol = 1e-6 * max(10.0, float(base.abs().max()))  # float noise, relative to the logits' scale
+    assert (same - base).abs().max() < tol
+    assert (rule - base).abs().max() < tol
 
 
 def test_forced_routing_reroutes(model):
@@ -130,6 +134,8 @@ def test_forced_routing_reroutes(model):
     if model.cfg.norm_topk_prob:
         scores = scores / scores.sum()
     scores = scores * model.cfg.routed_scaling_factor  # DeepSeek-V3: 2.5 in the tiny config
+    if model.cfg.router_per_expert_scale:  # Gemma 4: a learned scale per expert
+        scores = scores * model.blocks[layer].mlp.router.per_expert_scale[forced]
     assert torch.allclose(seen["w"][0, 2].float(), scores, atol=1e-6)
 
 

@@ -286,3 +286,16 @@ def test_v3_family_all_cpu_placement_equals_plain_model(tokens):
     skeleton = HookedMoETransformer.from_config(tiny_dict("deepseek_v3"), device="meta")
     m = P.dispatch(skeleton, all_cpu_map(ref), seed=1)
     torch.testing.assert_close(m(toks, attention_mask=mask), ref(toks, attention_mask=mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gemma4", "llama4", "flex_olmo"])
+def test_new_families_all_cpu_placement_equals_plain_model(tokens, name):
+    """Gemma 4's second RoPE table (full-attention layers) is recomputed on placement like the first."""
+    from moelens.testing import TINY_CONFIGS
+
+    toks, mask = tokens
+    cfg = {**tiny_hf_config(name).to_dict(), "architectures": [TINY_CONFIGS[name][1]]}
+    ref = HookedMoETransformer.from_config(cfg, device="cpu", seed=1)
+    skeleton = HookedMoETransformer.from_config(cfg, device="meta")
+    m = P.dispatch(skeleton, all_cpu_map(ref), seed=1)
+    torch.testing.assert_close(m(toks, attention_mask=mask), ref(toks, attention_mask=mask), rtol=0, atol=0)

@@ -169,7 +169,7 @@ def test_logit_rule_keeps_its_margins_in_bf16(tiny_dirs):
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2_full", "glm4_moe", "mixtral", "granitemoe", "minimax_m2",
-                                  "ernie4_5_moe", "phimoe"])
+                                  "ernie4_5_moe", "phimoe", "llama4", "gemma4", "flex_olmo"])
 def test_route_changes_only_the_steered_experts(tiny_dirs, arch):
     """method='route' on group-limited routers: deactivating an expert a token did not choose must leave
     that token's routing alone (it used to re-rank every token without the group limits)."""
