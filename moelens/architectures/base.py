@@ -114,7 +114,14 @@ def rope_settings(hf: dict, arch: str, allow_yarn: bool = False, allow_longrope:
         missing = [k for k in fields if scaling.get(k) is None and not (k == "original_max_position_embeddings"
                                                                       and hf.get(k) is not None)]
         if missing:
-            if rope_type == "llama3" and allow_llama3:
+            raise UnsupportedConfigError(f"{arch}: longrope rope scaling needs {', '.join(missing)}")
+        original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        items = {k: tuple(float(f) for f in scaling[k]) if k.endswith("_factor") else float(scaling[k])
+                 for k in fields[:4]}
+        return {"rope_theta": float(theta) if theta is not None else None,
+                "rope_scaling": tuple(sorted({**items, "rope_type": "longrope",
+                                              "original_max_position_embeddings": int(original)}.items()))}
+    if rope_type == "llama3" and allow_llama3:
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         missing = [k for k in keys if scaling.get(k) is None]
         if missing:

@@ -82,7 +82,7 @@ def translate(hf: dict) -> dict:
 
 FF = "model.layers.{L}.feed_forward"
 LLAMA4_RULES = (
-    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_O"),
+    KeyRule("model.layers.{L}.self_attn.o_proj.bias", "blocks.{L}.attn.b_o"),
     KeyRule(f"{FF}.gate_proj.weight", "blocks.{L}.mlp.w_gate"),
     KeyRule(f"{FF}.up_proj.weight", "blocks.{L}.mlp.w_up"),
     KeyRule(f"{FF}.down_proj.weight", "blocks.{L}.mlp.w_down"),
