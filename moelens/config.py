@@ -19,6 +19,8 @@ Axis names used throughout the package (and in every hook's jaxtyping shape):
 ``d_rope``      MLA decoupled rope-key width (``qk_rope_head_dim``)
 ``k_head``      Gated DeltaNet key heads; ``v_head`` its value heads
 ``d_k`` / ``d_v`` Gated DeltaNet per-head key / value widths; ``d_conv`` its conv channels
+``index_head``  DeepSeek Sparse Attention indexer heads; ``d_index`` its head width
+``index_topk``  keys kept per query by the indexer (``cfg.index_topk``; unused slots hold -1)
 ==============  ==============================================================
 """
 
@@ -131,6 +133,18 @@ class MoEConfig:
     linear_conv_kernel: int = 4
     delta_rule_impl: Literal["chunked", "recurrent"] = "chunked"  # recurrent = token by token (the definition)
     delta_rule_chunk: int = 64
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; see moelens/components/dsa.py): a lightning
+    # indexer over MLA keeps the top ``index_topk`` earlier keys of every query
+    dsa: bool = False
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    # RoPE of the indexer's leading qk_rope_head_dim dims: "half" (half-split, DeepSeek-V3.2) or
+    # "deinterleave" (interleaved pairs written de-interleaved, GLM-5)
+    index_rope: Literal["half", "deinterleave"] = "half"
+    # GLM-5 cross-layer sharing: these layers run no indexer and reuse the top-k of the nearest
+    # earlier layer that has one
+    index_shared_layers: list[int] = field(default_factory=list)
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -162,6 +176,20 @@ class MoEConfig:
             )
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head_qk):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.d_head_qk}]")
+        object.__setattr__(self, "index_shared_layers", sorted(set(int(l) for l in self.index_shared_layers)))
+        if self.dsa:
+            if self.attention != "mla" or not self.q_lora_rank:
+                raise ValueError("dsa (DeepSeek Sparse Attention) needs attention='mla' with a q_lora_rank")
+            if self.index_n_heads <= 0 or self.index_topk <= 0 or not 0 < self.qk_rope_head_dim <= self.index_head_dim:
+                raise ValueError(
+                    f"dsa needs index_n_heads > 0, index_topk > 0 and qk_rope_head_dim <= index_head_dim "
+                    f"(got {self.index_n_heads}, {self.index_topk}, {self.qk_rope_head_dim} > {self.index_head_dim})"
+                )
+            bad = [l for l in self.index_shared_layers if not 0 < l < self.n_layers]
+            if bad:
+                raise ValueError(f"index_shared_layers {bad}: layer 0 must run its indexer; layers < n_layers")
+        elif self.index_shared_layers:
+            raise ValueError("index_shared_layers is set but dsa is False")
         if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 

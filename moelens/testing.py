@@ -102,6 +102,26 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )),
+    # DeepSeek-V3.2: V3 + DeepSeek Sparse Attention; index_topk=5 of 16 positions so the indexer drops keys
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        index_topk=5, index_head_dim=16, index_n_heads=8,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    )),
+    # GLM-5: interleaved indexer RoPE and cross-layer index sharing (layer 2 reuses layer 1's top-k)
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=24, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        index_topk=5, index_head_dim=16, index_n_heads=8, indexer_types=["full", "full", "shared", "full"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )),
 }
 
 

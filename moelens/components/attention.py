@@ -14,7 +14,7 @@ transformers' eager path). Both paths are tested equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +28,15 @@ from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
 
+class LayerCarry:
+    """What one layer hands to later layers of the same forward, held by reference (a context copied
+    to another device by :mod:`moelens.placement` shares it): DeepSeek Sparse Attention's last top-k
+    selection ``index_topk`` ``[batch, pos, index_topk]``, reused by GLM-5's shared-indexer layers."""
+
+    def __init__(self) -> None:
+        self.index_topk: Optional[Tensor] = None
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer of one forward shares.
@@ -35,12 +44,23 @@ class AttentionContext:
     ``cos``/``sin``: fp32 ``[batch, pos, rope_dim/2]`` for the query positions.
     ``key_mask``: ``[batch, key_pos]`` True for real tokens (None: no padding).
     ``q_offset``: absolute position of the first query (> 0 when earlier keys come from a prefix).
+    ``carry``: state handed from layer to layer within the forward (:class:`LayerCarry`).
     """
 
     cos: Tensor
     sin: Tensor
     key_mask: Optional[Bool[Tensor, "batch key_pos"]]
     q_offset: int = 0
+    carry: LayerCarry = field(default_factory=LayerCarry)
+
+    def allowed(self, n_q: int, n_k: int, device) -> Bool[Tensor, "batch query_pos key_pos"]:
+        """``[batch or 1, n_q, n_k]`` True where query ``i`` (absolute position ``q_offset + i``) may
+        see key ``k``: causal, and not a padding key."""
+        q_pos = torch.arange(n_q, device=device)[:, None] + self.q_offset
+        allowed = (torch.arange(n_k, device=device)[None, :] <= q_pos)[None]
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask[:, None, :].to(device)
+        return allowed
 
     def additive_mask(
         self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False, window: Optional[int] = None
@@ -71,8 +91,12 @@ def attend(
     scale: float,
     window: Optional[int] = None,
     sinks: Optional[Float[Tensor, "head"]] = None,
+    keep: Optional[Bool[Tensor, "batch pos key_pos"]] = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
     """softmax(q k^T * scale + mask) v, with the score/pattern hooks of ``attn`` when used.
+
+    ``keep`` (DeepSeek Sparse Attention): only these keys of each query, on top of the causal and
+    padding mask (the others get the dtype's minimum, as transformers masks them).
 
     ``window``: sliding-window mask (absolute positions). ``sinks`` (gpt-oss): one logit per head
     appended as an extra softmax column and dropped afterwards, computed as transformers' gpt-oss
@@ -84,7 +108,9 @@ def attend(
     if sinks is not None:
         return _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups)
     if not (has_hooks(attn.hook_attn_scores) or has_hooks(attn.hook_pattern)):
-        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, window=window)
+        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, window=window, always=keep is not None)
+        if keep is not None:
+            mask = mask.masked_fill(~keep[:, None], torch.finfo(q.dtype).min)
         z = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, is_causal=mask is None and n_q > 1, scale=scale,
             enable_gqa=groups > 1,
@@ -93,8 +119,10 @@ def attend(
     if groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores + ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True, window=window)
-    scores = attn.hook_attn_scores(scores)
+    mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True, window=window)
+    if keep is not None:
+        mask = mask.masked_fill(~keep[:, None], torch.finfo(q.dtype).min)
+    scores = attn.hook_attn_scores(scores + mask)
     pattern = attn.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
     return torch.matmul(pattern, vh).transpose(1, 2)
 

@@ -20,6 +20,10 @@ def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
         from moelens.components.gated_deltanet import GatedDeltaNet
 
         return GatedDeltaNet(cfg)
+    if cfg.dsa:  # DeepSeek Sparse Attention: MLA plus the lightning indexer (DeepSeek-V3.2, GLM-5)
+        from moelens.components.dsa import DSAttention
+
+        return DSAttention(cfg, 0 if layer is None else layer)
     if cfg.attention == "mla":
         from moelens.components.mla import MLAttention
 
