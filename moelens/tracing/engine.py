@@ -6,7 +6,12 @@ post-RoPE keys/values of every layer, and recomputes only positions ``p..T-1`` o
 ``l..L-1``, attending to the cached keys/values of positions ``< p``. A linear-attention (Gated
 DeltaNet) layer instead resumes from the base run's recurrent state after position ``p - 1`` and
 its convolution inputs at positions ``p - K + 1 .. p - 1`` (``attn.hook_state``,
-``attn.hook_conv_in``). Rows of many cells and
+``attn.hook_conv_in``). A DeepSeek Sparse Attention layer (DeepSeek-V3.2, GLM-5) also gets the base
+run's indexer keys of positions ``< p`` (``attn.indexer.hook_k``; what an attention module needs is
+its ``prefix_hooks``), so its indexer scores the suffix queries against every earlier key exactly as
+the full forward; a GLM-5 shared-indexer layer reuses the top-k its row computed at the last indexer
+layer of the suffix run, or the base run's (``attn.hook_index_topk``) for a row that joined later
+(its earlier layers are the base run's). Rows of many cells and
 noise samples are batched into each block call; a cell "joins" the batch at the first layer it
 changes, so a layer x position grid costs ``sum over cells (L - l) * (T - p)`` token-layers per
 noise sample (the theoretical floor) instead of ``L * T``.
@@ -25,7 +30,8 @@ import torch
 from torch import Tensor
 
 _BASE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_rot_k", "attn.hook_v",
-               "hook_attn_out", "hook_mlp_out", "attn.hook_state", "attn.hook_conv_in")
+               "hook_attn_out", "hook_mlp_out", "attn.hook_state", "attn.hook_conv_in", "attn.indexer.hook_k",
+               "attn.hook_index_topk")
 
 
 def base_names_filter(name: str) -> bool:
@@ -94,6 +100,10 @@ class SuffixEngine:
         self.metric = metric
         self.max_rows = max_rows
         self.token_layers = 0  # work counter: (rows x positions) summed over block calls
+        # DSA (GLM-5 index sharing): the top-k of the last indexer layer for each row of the current
+        # pass ([rows, T - p, index_topk]); rows join a pass at the end of the state, so the rows
+        # this holds are the state's first rows (reset at the start of every pass)
+        self._index_topk: Optional[Tensor] = None
 
     # -------------------------------------------------------------- one block on a suffix
     def _block(self, layer: int, state: Tensor, samples: Tensor, p: int, edit=None) -> Tensor:
@@ -114,10 +124,14 @@ class SuffixEngine:
             s0 = self.base.get(f"blocks.{layer}.attn.hook_state")[rows.to(dev), p - 1]
             prefix = (window.to(state.device), s0.to(state.device))
         elif p > 0:
-            k = self.base.get(f"blocks.{layer}.attn.hook_rot_k")[rows.to(self._cache_device(layer)), :p]
-            v = self.base.get(f"blocks.{layer}.attn.hook_v")[rows.to(self._cache_device(layer)), :p]
-            prefix = (k.to(state.device), v.to(state.device))
+            dev = self._cache_device(layer)
+            names = getattr(block.attn, "prefix_hooks", ("hook_rot_k", "hook_v"))
+            prefix = tuple(self.base.get(f"blocks.{layer}.attn.{h}")[rows.to(dev), :p].to(state.device) for h in names)
+        if getattr(block.attn, "shares_index", False):
+            ctx.carry.index_topk = self._carried_topk(layer, rows, p, state.device)
         attn = block.attn(block.ln1(state), ctx, prefix)
+        if ctx.carry.index_topk is not None:
+            self._index_topk = ctx.carry.index_topk
         if edit is not None:
             attn = edit("attn_out", attn)
         mid = state + attn
@@ -129,6 +143,17 @@ class SuffixEngine:
             out = edit("resid_post", out)
         self.token_layers += state.shape[0] * n
         return out
+
+    def _carried_topk(self, layer: int, rows: Tensor, p: int, device) -> Tensor:
+        """The top-k a GLM-5 shared-indexer layer reuses, per row: this pass's last indexer result for
+        the rows that ran it, the base run's for the rows that joined after it."""
+        have = None if self._index_topk is None else self._index_topk.to(device)
+        n_have = 0 if have is None else have.shape[0]
+        if n_have == rows.shape[0]:
+            return have
+        base = self.base.get(f"blocks.{layer}.attn.hook_index_topk")
+        joined = base[rows[n_have:].to(base.device), p:].to(device)
+        return joined if have is None else torch.cat([have, joined])
 
     def _cache_device(self, layer: int):
         return self.base.get(f"blocks.{layer}.hook_resid_pre").device
@@ -161,6 +186,7 @@ class SuffixEngine:
         L = self.model.cfg.n_layers
         rows = torch.arange(self.base.batch)
         leaves: dict[str, Tensor] = {}
+        self._index_topk = None
         with frozen_parameters(self.model), torch.enable_grad():
             base = self.base.get("blocks.0.hook_resid_pre")
             state = base[:, p:].to(self.model.blocks[0].ln1.w.device)
@@ -198,6 +224,7 @@ class SuffixEngine:
             ls, s = layers[idx], samples[idx]
             d = deltas[idx.to(deltas.device)]
             state: Optional[Tensor] = None
+            self._index_topk = None
             joined = torch.empty(0, dtype=torch.long)
             first = int(ls[0])
             for j in range(first + 1, L + 1):
@@ -249,6 +276,7 @@ class SuffixEngine:
         L = self.model.cfg.n_layers
         sample_ids = torch.arange(n_samples)
         state: Optional[Tensor] = None
+        self._index_topk = None
         samples = torch.empty(0, dtype=torch.long)
         spans: list[tuple[int, int]] = []  # (lo, hi) per joined cell, in row-block order
         order = sorted(range(len(cells)), key=lambda i: cells[i][0])

@@ -13,7 +13,7 @@ from moelens.tracing.cases import tokenize_case
 from moelens.tracing.trace import prepare
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3", "glm4_moe",
-         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss"]
+         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "deepseek_v32", "glm_moe_dsa"]
 CASE = FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
 EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_mlp_out", "hook_attn_out",
                 "hook_resid_post")

@@ -11,7 +11,7 @@ from moelens.testing import toy_tokenizer
 from moelens.tracing.trace import coalition_score, prepare
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3", "glm4_moe",
-         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss"]
+         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "deepseek_v32", "glm_moe_dsa"]
 CASE = FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
 
 
