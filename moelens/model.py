@@ -454,7 +454,7 @@ class HookedMoETransformer(HookedRootModule):
             if name.endswith("router.b_correction"):  # a buffer in transformers: not counted there
                 continue
             n = p.numel()
-            if active and (".experts.W_" in name or ".experts.b_" in name):  # per-expert weights and biases
+            if active and (".experts.w_" in name or ".experts.b_" in name):  # per-expert weights and biases
                 n = n // self.cfg.n_experts * self.cfg.top_k
             total += n
         return total

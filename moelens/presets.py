@@ -1,6 +1,6 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
-first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
-gpt-oss-120b.
+first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b,
+gpt-oss-120b, the Qwen3.5/3.6/Next hybrids, DeepSeek-V3.2-Exp and GLM-5.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -829,6 +829,96 @@ PRESET_INFO.update({
             "0.25, rope base 1e7, vocab 151936, norm_topk_prob true: class defaults (docstring checkpoint "
             "Qwen/Qwen3-Next-80B-A3B-Instruct) and the public Megatron config (THUDM/slime); intermediate_size "
             "5120 (no dense layers, so inert), bos/eos 151643/151645 as in the Qwen3 family. MTP weights skipped"
+        ),
+    },
+})
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5
+_V32_EXP = {
+    **{k: v for k, v in PRESETS["deepseek-ai/DeepSeek-V3"].items() if k != "quantization_config"},
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_head_dim": 128,
+    "index_n_heads": 64,
+    "index_topk": 2048,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+}
+_V32_EXP.pop("transformers_version")
+PRESETS.update({
+    "deepseek-ai/DeepSeek-V3.2-Exp": _V32_EXP,
+    "zai-org/GLM-5": {
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": [154820, 154827, 154829],
+        "first_k_dense_replace": 3,
+        "hidden_act": "silu",
+        "hidden_size": 6144,
+        "index_head_dim": 128,
+        "index_n_heads": 32,
+        "index_topk": 2048,
+        "intermediate_size": 12288,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 202752,
+        "model_type": "glm_moe_dsa",
+        "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 78,
+        "num_key_value_heads": 64,
+        "num_nextn_predict_layers": 1,
+        "q_lora_rank": 2048,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "v_head_dim": 256,
+        "vocab_size": 154880,
+    },
+})
+ALIASES.update({"deepseek-v3.2-exp": "deepseek-ai/DeepSeek-V3.2-Exp", "glm-5": "zai-org/GLM-5"})
+PRESET_INFO.update({
+    "deepseek-ai/DeepSeek-V3.2-Exp": {
+        "alias": "deepseek-v3.2-exp",
+        "published_params": 671_000_000_000,  # "671B" (DeepSeek's V3.2-Exp release; the hub widget's 685B adds the MTP layer)
+        "exact_params": 671_877_929_216,  # meta-device count, = transformers (V3's 671.03 B + 61 indexers of 13.96 M)
+        "doc_active_params": 37_000_000_000,  # "37B activated" as V3 (moelens: 38.40 B incl. embeddings, 36.55 B without)
+        "notes": (
+            "DeepSeek-V3's hub config.json (this module's deepseek-ai/DeepSeek-V3 preset) with architectures "
+            "DeepseekV32ForCausalLM, model_type deepseek_v32, the DSA indexer fields index_n_heads 64, "
+            "index_head_dim 128, index_topk 2048 (the transformers 5.25 DeepseekV32Config defaults, whose docstring "
+            "names this checkpoint, and DeepSeek's inference config_671B_v3.2.json) and the UE8M0 FP8 scales "
+            "(scale_fmt ue8m0). The total equals transformers' DeepseekV32ForCausalLM of this config; V3.2 (final) "
+            "shares the shapes"
+        ),
+    },
+    "zai-org/GLM-5": {
+        "alias": "glm-5",
+        "published_params": 744_000_000_000,  # "744B total, 40B active" (GLM-5 release; slime's run_glm5_744b_a40b)
+        "exact_params": 743_911_199_232,  # meta-device count, = transformers
+        "doc_active_params": 40_000_000_000,  # "40B active" (moelens: 41.78 B incl. embeddings, 39.88 B without)
+        "notes": (
+            "78 layers (3 dense), hidden 6144, MLA q_lora 2048 / kv_lora 512 / nope 192 / rope 64 / v 256, 64 heads, "
+            "256 experts + 1 shared of 2048, top-8, n_group 1, routed_scaling_factor 2.5, indexer 32 heads of 128 "
+            "keeping 2048 keys, rope_theta 1e6 (no YaRN), rms_norm_eps 1e-5, vocab 154880, max_position 202752, "
+            "eos [154820, 154827, 154829]: the transformers 5.25 GlmMoeDsaConfig defaults (docstring checkpoint "
+            "zai-org/GLM-5) and the field-by-field defaults that jd-opensource/xllm xllm/models/llm/glm5.h quotes "
+            "from the hub config.json (commit a5ffadf5dc65959fce0646d4383d5078c9a8840e). No indexer_types: every "
+            "layer runs its own indexer (transformers' default pattern)"
         ),
     },
 })
