@@ -321,3 +321,57 @@ def test_class_defaults_match_transformers(cls, module):
 def test_unsupported_values_raise_naming_the_field(arch, field, value):
     with pytest.raises(UnsupportedConfigError, match=field):
         translate_config({"architectures": [arch], field: value})
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_restoring_recomputes_the_selection_and_the_engine_agrees(pairs, variant):
+    """Restoring ``hook_resid_post`` of layer 0 at the subject changes which keys later queries keep
+    in later layers (the selection is recomputed, never frozen), computed with plain hooks; the
+    suffix engine (indexer keys of earlier positions from the corrupted run, GLM-5's shared top-k
+    carried) gives trace_layers' scores equal to whole patched forwards."""
+    from moelens import FactCase
+    from moelens.testing import toy_tokenizer
+    from moelens.tracing.trace import prepare
+
+    p = pairs(variant)
+    m = p.model
+    m.tokenizer = toy_tokenizer(256)
+    case = FactCase("w5 w9 w14 w3 w77 w21 w8 w60 w33 w12 w90", "w14 w3", "w40", "w41")
+    setup = prepare(m, case, seed=0, n_samples=2)
+    T = setup.tokens.shape[1]
+    assert T > m.cfg.index_topk + 3
+    # plain hooks: the corrupted runs, then the same with layer 0's clean output restored at the
+    # subject's last token; the later layers' selections move
+    subj = setup.tokenized.subject_positions
+    tokens = setup.tokens.expand(setup.n_samples, -1)
+
+    def noise(act, hook):
+        act = act.clone()
+        act[:, subj] = act[:, subj] + setup.noise.to(act.dtype)
+        return act
+
+    p0 = subj[-1]
+    clean_out = setup.clean_cache["blocks.0.hook_resid_post"][:, p0]
+
+    def restore(act, hook):
+        act = act.clone()
+        act[:, p0] = clean_out
+        return act
+
+    names = lambda n: n.endswith("hook_index_topk")
+    with torch.no_grad():
+        _, corrupted = m.run_with_cache(tokens, names_filter=names, fwd_hooks=[("hook_embed", noise)])
+        _, restored = m.run_with_cache(tokens, names_filter=names, fwd_hooks=[
+            ("hook_embed", noise), ("blocks.0.hook_resid_post", restore)])
+    moved = [l for l in range(1, m.cfg.n_layers)
+             if kept_sets(corrupted[f"blocks.{l}.attn.hook_index_topk"], T)
+             != kept_sets(restored[f"blocks.{l}.attn.hook_index_topk"], T)]
+    assert moved, "restoring one position never changed a later selection: the test cannot see a frozen selection"
+    fast = moelens.trace_layers(m, setup, kind="resid", progress=False)
+    ref = moelens.trace_layers(m, setup, kind="resid", engine="full", progress=False)
+    assert (fast.scores - ref.scores).abs().max() < 1e-4
+    assert (ref.scores - ref.corrupted).abs().max() > 1e-3
+    fast = moelens.trace_layers(m, setup, kind="mlp", window=3, progress=False)
+    ref = moelens.trace_layers(m, setup, kind="mlp", window=3, engine="full", progress=False)
+    assert (fast.scores - ref.scores).abs().max() < 1e-4
