@@ -58,7 +58,7 @@ class MoEConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     # attention
-    attention: Literal["gqa", "mla"] = "gqa"
+    attention: Literal["gqa", "mla", "compressed"] = "gqa"  # compressed: DeepSeek-V4 (components/compressed_attention.py)
     qk_norm: Literal["none", "per_head", "full"] = "none"
     qkv_bias: bool = False
     clip_qkv: Optional[float] = None
@@ -101,11 +101,13 @@ class MoEConfig:
     router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
-    expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    # clamped_swiglu (gpt-oss): (clamp(u)+1) * g' * sigmoid(alpha g'); clamped_silu (DeepSeek-V4):
+    # silu(min(g, limit)) * clamp(u, -limit, limit), also in the shared expert
+    expert_act: Literal["silu", "clamped_swiglu", "clamped_silu"] = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
-    router_score_func: Literal["softmax", "sigmoid"] = "softmax"
+    router_score_func: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"  # sqrtsoftplus: sqrt(softplus(x)), V4
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
     router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
@@ -145,6 +147,18 @@ class MoEConfig:
     # GLM-5 cross-layer sharing: these layers run no indexer and reuse the top-k of the nearest
     # earlier layer that has one
     index_shared_layers: list[int] = field(default_factory=list)
+    # DeepSeek-V4 (see moelens/components/hyper.py and compressed_attention.py)
+    hc_mult: int = 1  # residual streams (manifold-constrained hyper-connections); 1 = one ordinary residual
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    compress_kinds: Optional[tuple[str, ...]] = None  # per layer "none" (sliding window only), "csa", "hca"
+    csa_rate: int = 4
+    hca_rate: int = 128
+    compress_rope_theta: float = 160000.0
+    compress_rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN of the compressed layers
+    o_groups: int = 1
+    o_lora_rank: int = 0
+    hash_moe_layers: list[int] = field(default_factory=list)  # experts chosen by tid2eid[token id]
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -177,6 +191,16 @@ class MoEConfig:
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head_qk):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.d_head_qk}]")
         object.__setattr__(self, "index_shared_layers", sorted(set(int(l) for l in self.index_shared_layers)))
+        object.__setattr__(self, "hash_moe_layers", sorted(set(int(l) for l in self.hash_moe_layers)))
+        if set(self.hash_moe_layers) - set(self.moe_layers):
+            raise ValueError(f"hash_moe_layers {self.hash_moe_layers} must be sparse layers ({self.moe_layers})")
+        if self.attention == "compressed":
+            kinds = tuple(self.compress_kinds or ("none",) * self.n_layers)
+            object.__setattr__(self, "compress_kinds", kinds)
+            if len(kinds) != self.n_layers or set(kinds) - {"none", "csa", "hca"}:
+                raise ValueError(f"compress_kinds must list 'none'/'csa'/'hca' for each of {self.n_layers} layers")
+            if not self.sliding_window or self.o_groups < 1 or (self.n_heads * self.d_head) % self.o_groups:
+                raise ValueError("compressed attention needs sliding_window and o_groups dividing n_heads * d_head")
         if self.dsa:
             if self.attention != "mla" or not self.q_lora_rank:
                 raise ValueError("dsa (DeepSeek Sparse Attention) needs attention='mla' with a q_lora_rank")
@@ -201,6 +225,10 @@ class MoEConfig:
     @property
     def has_shared_experts(self) -> bool:
         return self.d_shared > 0
+
+    @property
+    def compress_yarn(self) -> Optional[dict]:
+        return dict(self.compress_rope_scaling) if self.compress_rope_scaling else None
 
     @property
     def d_head_qk(self) -> int:

@@ -158,6 +158,7 @@ def check_shapes(model):
         "index_head": getattr(cfg, "index_n_heads", 0),
         "d_index": getattr(cfg, "index_head_dim", 0),
         "index_topk": getattr(cfg, "index_topk", 0),
+        "hc": getattr(cfg, "hc_mult", 1),
     }
     old = dict(_CHECK)
     _CHECK.update(on=True, dims=dims)

@@ -35,9 +35,9 @@ def _register_optional() -> None:
     from moelens.architectures import gpt_oss
 
     ARCHITECTURES[gpt_oss.ARCH.name] = gpt_oss.ARCH
-    from moelens.architectures import deepseek_v32, glm_moe_dsa
+    from moelens.architectures import deepseek_v4, deepseek_v32, glm_moe_dsa
 
-    for arch in (deepseek_v32.ARCH, glm_moe_dsa.ARCH):
+    for arch in (deepseek_v32.ARCH, glm_moe_dsa.ARCH, deepseek_v4.ARCH):
         ARCHITECTURES[arch.name] = arch
 
 

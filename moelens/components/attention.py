@@ -45,6 +45,9 @@ class AttentionContext:
     ``key_mask``: ``[batch, key_pos]`` True for real tokens (None: no padding).
     ``q_offset``: absolute position of the first query (> 0 when earlier keys come from a prefix).
     ``carry``: state handed from layer to layer within the forward (:class:`LayerCarry`).
+    ``positions``: ``[batch or 1, pos]`` RoPE positions of the queries (for layers with their own
+    RoPE tables, DeepSeek-V4's compressed attention). ``tokens``: ``[batch, pos]`` token ids of the
+    queries when the forward started from tokens (DeepSeek-V4's hash-routed layers), else None.
     """
 
     cos: Tensor
@@ -52,6 +55,8 @@ class AttentionContext:
     key_mask: Optional[Bool[Tensor, "batch key_pos"]]
     q_offset: int = 0
     carry: LayerCarry = field(default_factory=LayerCarry)
+    positions: Optional[Tensor] = None
+    tokens: Optional[Tensor] = None
 
     def allowed(self, n_q: int, n_k: int, device) -> Bool[Tensor, "batch query_pos key_pos"]:
         """``[batch or 1, n_q, n_k]`` True where query ``i`` (absolute position ``q_offset + i``) may

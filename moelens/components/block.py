@@ -20,6 +20,10 @@ def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
         from moelens.components.gated_deltanet import GatedDeltaNet
 
         return GatedDeltaNet(cfg)
+    if cfg.attention == "compressed":  # DeepSeek-V4: sliding window + compressed (sparse) attention
+        from moelens.components.compressed_attention import CompressedAttention
+
+        return CompressedAttention(cfg, 0 if layer is None else layer)
     if cfg.dsa:  # DeepSeek Sparse Attention: MLA plus the lightning indexer (DeepSeek-V3.2, GLM-5)
         from moelens.components.dsa import DSAttention
 
@@ -46,7 +50,7 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = ShapedHookPoint("batch pos d_model")
         self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
                            weight_fp32=cfg.norm_weight_fp32)
-        self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
+        self.mlp = MoE(cfg, layer) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
         self.hook_resid_post = ShapedHookPoint("batch pos d_model")
 
@@ -59,3 +63,13 @@ class TransformerBlock(nn.Module):
         resid = self.hook_resid_pre(resid)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), ctx, kv_prefix)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+
+
+def make_block(cfg: MoEConfig, layer: int) -> nn.Module:
+    """The block of ``layer``: :class:`TransformerBlock`, or with ``cfg.hc_mult > 1`` (DeepSeek-V4)
+    :class:`moelens.components.hyper.HyperBlock` over several residual streams."""
+    if cfg.hc_mult > 1:
+        from moelens.components.hyper import HyperBlock
+
+        return HyperBlock(cfg, layer)
+    return TransformerBlock(cfg, layer)

@@ -14,8 +14,11 @@ class GatedMLP(nn.Module):
     """``w_down (silu(w_gate x) * (w_up x))``. Hooks: ``hook_pre`` (gate pre-activation) and
     ``hook_post`` (the hidden product that ``w_down`` reads), both ``[batch, pos, width]``."""
 
-    def __init__(self, d_model: int, d_hidden: int, width_name: str = "d_mlp"):
+    def __init__(self, d_model: int, d_hidden: int, width_name: str = "d_mlp", act: str = "silu", limit: float = 0.0):
         super().__init__()
+        # "clamped_silu" (DeepSeek-V4): silu(min(gate, limit)) * clamp(up, -limit, limit); hook_pre is the
+        # unclamped gate pre-activation
+        self.act, self.limit = act, limit
         self.w_gate = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w_up = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(d_model, d_hidden))
@@ -30,5 +33,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.w_gate))
-        post = self.hook_post(F.silu(pre) * F.linear(x, self.w_up))
+        up = F.linear(x, self.w_up)
+        if self.act == "clamped_silu":
+            post = self.hook_post(F.silu(pre.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit))
+        else:
+            post = self.hook_post(F.silu(pre) * up)
         return F.linear(post, self.w_down)

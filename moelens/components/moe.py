@@ -20,6 +20,8 @@ Combine numerics follow transformers' default (grouped_mm) backend: per-slot pro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -33,39 +35,45 @@ from moelens.hooks import ShapedHookPoint, has_hooks
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    """``layer`` decides per-layer routing (``cfg.hash_moe_layers``: DeepSeek-V4's hash-routed layers,
+    whose experts are ``router.tid2eid[token id]``, the token ids coming from ``forward(x, tokens=)``)."""
+
+    def __init__(self, cfg: MoEConfig, layer: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
-        self.router = Router(cfg)
+        self.router = Router(cfg, hashed=layer is not None and layer in cfg.hash_moe_layers)
         self.experts = Experts(
             cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl, bias=cfg.expert_bias,
             act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
         )
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
-        if cfg.router_correction_bias:
+        if cfg.router_correction_bias and not self.router.hashed:
             self.hook_router_selection_scores = ShapedHookPoint("batch pos n_experts")
         self.hook_expert_indices = ShapedHookPoint("batch pos top_k", kind="int")
         self.hook_expert_weights = ShapedHookPoint("batch pos top_k")
         self.hook_expert_out = ShapedHookPoint("batch pos top_k d_model")
         self.hook_routed_out = ShapedHookPoint("batch pos d_model")
         if cfg.has_shared_experts:
-            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared")
+            shared_act = "clamped_silu" if cfg.expert_act == "clamped_silu" else "silu"
+            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared", act=shared_act,
+                                           limit=cfg.swiglu_limit)
             if cfg.shared_gate:
                 self.W_shared_gate = nn.Parameter(torch.empty(1, cfg.d_model))
                 self.hook_shared_gate = ShapedHookPoint("batch pos 1")
             self.hook_shared_out = ShapedHookPoint("batch pos d_model")
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], tokens: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+        """``tokens [batch, pos]``: the token ids, needed by hash-routed layers only."""
         logits = self.hook_router_logits(self.router.logits(x))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
         if self.cfg.router_order == "topk_softmax" and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
-        if self.cfg.router_correction_bias:
+        if self.cfg.router_correction_bias and not self.router.hashed:
             choice = self.hook_router_selection_scores(self.router.selection_scores(scores))
-        indices = self.hook_expert_indices(self.router.select(choice, logits=logits))
+        indices = self.hook_expert_indices(self.router.select(choice, logits=logits, tokens=tokens))
         if has_hooks(self.hook_expert_indices):  # only an edit can make them invalid (saves GPU syncs)
             self._check_indices(indices)
         weights = self.hook_expert_weights(self.router.weights(scores, indices, x.dtype, logits=logits))

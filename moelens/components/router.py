@@ -61,13 +61,20 @@ from moelens.config import MoEConfig
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    """``hashed`` (DeepSeek-V4's hash-routed layers): the experts of a token are the fixed table row
+    ``tid2eid[token id]`` (an int64 parameter without gradient; hub buffer ``mlp.gate.tid2eid``);
+    the scores still come from the learned ``W_router`` and give the weights. No correction bias."""
+
+    def __init__(self, cfg: MoEConfig, hashed: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.hashed = hashed
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.b_router = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
-        if cfg.router_correction_bias:
+        if cfg.router_correction_bias and not hashed:
             self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts))
+        if hashed:
+            self.tid2eid = nn.Parameter(torch.zeros(cfg.d_vocab, cfg.top_k, dtype=torch.long), requires_grad=False)
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
@@ -88,18 +95,28 @@ class Router(nn.Module):
     def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
         if self.cfg.router_score_func == "sigmoid":
             return torch.sigmoid(logits.float())
+        if self.cfg.router_score_func == "sqrtsoftplus":  # DeepSeek-V4, in the logits' dtype as transformers
+            return F.softplus(logits).sqrt()
         return torch.softmax(logits.float(), dim=-1)
 
     def selection_scores(self, scores: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
         """The scores top-k runs on: ``scores + b_correction`` (fp32) with a correction bias, else the scores."""
-        if not self.cfg.router_correction_bias:
+        if not self.cfg.router_correction_bias or self.hashed:
             return scores
         return scores + self.b_correction
 
     def select(
-        self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
+        self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None,
+        tokens: Optional[Tensor] = None,
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if self.hashed:
+            if tokens is None:
+                raise ValueError(
+                    "a hash-routed layer chooses its experts from the token ids (tid2eid[token]); this forward has "
+                    "none (a residual-stream input, start_at_layer): run from tokens, or edit hook_expert_indices"
+                )
+            return self.tid2eid[tokens.to(self.tid2eid.device)].long()
         if cfg.router_order == "topk_softmax":
             if logits is None:
                 raise ValueError("router_order='topk_softmax' selects on the logits: pass logits=")
