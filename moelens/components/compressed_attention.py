@@ -31,7 +31,9 @@ Compressed entries (``cfg.compress_kinds[layer]``):
 Only complete windows are compressed, from position 0: this module runs whole sequences (no
 key/value prefix, no generation cache); ``generate(..., use_past_kv_cache=False)`` works.
 
-Hooks (all position-aligned; ``comp_pos`` counts compressed entries):
+Hooks (all position-aligned; ``comp_pos`` counts compressed entries: declared ``csa_pos`` / ``hca_pos``
+by layer kind, and the attention key axis ``key_pos`` / ``csa_keys`` / ``hca_keys``, since their
+sizes differ between the kinds):
 
 =============================  ====================================  ==============================================
 ``hook_q``                     ``[batch, pos, head, d_head]``        queries after the per-head RMS, before RoPE
@@ -133,8 +135,8 @@ class CompressedIndexer(_WindowCompressor):
         super().__init__(cfg, cfg.csa_rate, cfg.index_head_dim, overlap=True)
         self.w_q = nn.Parameter(torch.empty(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank))
         self.w_weights = nn.Parameter(torch.empty(cfg.index_n_heads, cfg.d_model))
-        self.hook_k = ShapedHookPoint("batch comp_pos d_index")
-        self.hook_scores = ShapedHookPoint("batch pos comp_pos")
+        self.hook_k = ShapedHookPoint("batch csa_pos d_index")
+        self.hook_scores = ShapedHookPoint("batch pos csa_pos")
 
     def forward(self, x: Tensor, q_latent: Tensor, positions: Tensor) -> Tensor:
         cfg = self.cfg
@@ -157,7 +159,7 @@ class Compressor(_WindowCompressor):
     def __init__(self, cfg: MoEConfig, kind: str):
         rate = cfg.csa_rate if kind == "csa" else cfg.hca_rate
         super().__init__(cfg, rate, cfg.d_head, overlap=kind == "csa")
-        self.hook_kv = ShapedHookPoint("batch comp_pos d_head")
+        self.hook_kv = ShapedHookPoint(f"batch {kind}_pos d_head")  # csa_pos / hca_pos: entries of that kind
         if kind == "csa":
             self.indexer = CompressedIndexer(cfg)
 
@@ -186,8 +188,10 @@ class CompressedAttention(nn.Module):
             self.compressor = Compressor(cfg, self.kind)
         if self.kind == "csa":
             self.hook_index_topk = ShapedHookPoint("batch pos index_topk", kind="int")
-        self.hook_attn_scores = ShapedHookPoint("batch head query_pos key_pos")
-        self.hook_pattern = ShapedHookPoint("batch head query_pos key_pos")
+        # the key axis holds the window keys, then this layer kind's compressed entries
+        keys = {"none": "key_pos", "csa": "csa_keys", "hca": "hca_keys"}[self.kind]
+        self.hook_attn_scores = ShapedHookPoint(f"batch head query_pos {keys}")
+        self.hook_pattern = ShapedHookPoint(f"batch head query_pos {keys}")
         self.hook_z = ShapedHookPoint("batch pos head d_head")
 
     def _apply(self, fn, recurse=True):

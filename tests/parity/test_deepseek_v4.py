@@ -1,0 +1,215 @@
+"""DeepSeek-V4 parity against transformers 5.25 (fp32, CPU, eager: transformers' only V4 path) on a
+tiny random checkpoint: 3 residual streams, sliding window 8, a CSA layer (rate 4, the indexer keeps
+2 entries) and an HCA layer (rate 8), one hash-routed layer, 32-token sequences so that the window,
+the compression and the indexer all select (checked).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import moelens
+from moelens import HookedMoETransformer
+from moelens.architectures import translate_config
+from moelens.architectures.base import UnsupportedConfigError
+from moelens.testing import save_tiny
+
+warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
+
+ATOL = 1e-4
+BATCH, POS = 2, 32
+
+
+class Pair:
+    def __init__(self, tmp_path_factory, fused: bool = False):
+        self.dir = tmp_path_factory.mktemp("v4_fused" if fused else "v4")
+        self.hf = save_tiny("deepseek_v4", self.dir, fused=fused)
+        self.model = HookedMoETransformer.from_pretrained(self.dir)
+        self.tokens = torch.randint(0, 256, (BATCH, POS), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def hf_run(self, tokens, attention_mask=None):
+        """HF output, per layer the router's (logits, weights, indices) and per CSA layer its indexer's picks."""
+        routed, picks, handles = {}, {}, []
+        for l, layer in enumerate(self.hf.model.layers):
+            handles.append(layer.mlp.gate.register_forward_hook(lambda m, i, o, l=l: routed.__setitem__(l, o)))
+            comp = layer.self_attn.compressor
+            if comp is not None and hasattr(comp, "indexer"):
+                handles.append(comp.indexer.register_forward_hook(lambda m, i, o, l=l: picks.__setitem__(l, o)))
+        try:
+            out = self.hf(tokens, attention_mask=attention_mask)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, routed, picks
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return Pair(tmp_path_factory)
+
+
+def _sets(t: torch.Tensor) -> list:
+    return [sorted(int(i) for i in row if i >= 0) for row in t.reshape(-1, t.shape[-1])]
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def test_logits_router_and_selections_match(pair):
+    m, cfg = pair.model, pair.model.cfg
+    assert cfg.compress_kinds == ("none", "csa", "hca", "csa") and cfg.hash_moe_layers == [0] and cfg.hc_mult == 3
+    out, routed, picks = pair.hf_run(pair.tokens)
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(pair.tokens)
+    assert (out.logits - logits).abs().max().item() < ATOL
+    assert out.logits.abs().max().item() > 1.0
+    for l in range(cfg.n_layers):
+        hf_logits, hf_w, hf_idx = routed[l]
+        assert (hf_logits.view(BATCH, POS, -1) - cache[f"blocks.{l}.mlp.hook_router_logits"]).abs().max() < ATOL
+        idx = cache[f"blocks.{l}.mlp.hook_expert_indices"]
+        assert _sets(hf_idx) == _sets(idx), f"layer {l}: chosen experts differ"
+        w = cache[f"blocks.{l}.mlp.hook_expert_weights"].reshape(-1, cfg.top_k)
+        order_hf, order = hf_idx.sort(-1).indices, idx.reshape(-1, cfg.top_k).sort(-1).indices
+        assert (hf_w.gather(-1, order_hf) - w.gather(-1, order)).abs().max() < ATOL
+    # hash routing: layer 0's experts are the table rows of the tokens, not the learned top-k
+    table = m.blocks[0].mlp.router.tid2eid
+    assert torch.equal(cache["blocks.0.mlp.hook_expert_indices"], table[pair.tokens])
+    learned = cache["blocks.0.mlp.hook_router_scores"].topk(cfg.top_k).indices
+    assert _sets(learned) != _sets(table[pair.tokens])
+    # CSA: the same kept entries as transformers' indexer, and it drops visible entries
+    for l in (1, 3):
+        ours = cache[f"blocks.{l}.attn.hook_index_topk"]
+        assert _sets(ours) == _sets(picks[l]), f"layer {l}"
+        n_visible = (torch.arange(POS) + 1) // cfg.csa_rate
+        kept = (ours >= 0).sum(-1)
+        assert (kept == n_visible.clamp(max=cfg.index_topk)).all() and (n_visible > cfg.index_topk).any()
+
+
+def test_fused_layout_loads_identically(pair, tmp_path_factory):
+    fused = Pair(tmp_path_factory, fused=True).model
+    ref = pair.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in fused.state_dict().items())
+
+
+def test_streams_mixing_and_compression_are_real(pair):
+    """The hooks show several distinct streams, doubly-stochastic mixing matrices, a window that
+    drops keys and compressed entries that queries use."""
+    m, cfg = pair.model, pair.model.cfg
+    with torch.no_grad():
+        _, cache = m.run_with_cache(pair.tokens)
+    streams = cache["blocks.1.hook_resid_post"]
+    assert streams.shape == (BATCH, POS, cfg.hc_mult, cfg.d_model)
+    assert (streams[:, :, 0] - streams[:, :, 1]).abs().max() > 1e-2
+    comb = cache["blocks.1.attn_hc.hook_comb"]
+    assert comb.shape == (BATCH, POS, 3, 3)
+    assert (comb.sum(-1) - 1).abs().max() < 1e-3 and (comb.sum(-2) - 1).abs().max() < 1e-3
+    for l in range(cfg.n_layers):
+        pattern = cache[f"blocks.{l}.attn.hook_pattern"]  # [b, h, q, window keys ++ entries]
+        window = pattern[..., :POS]
+        q, k = torch.arange(POS)[:, None], torch.arange(POS)[None]
+        outside = (k <= q - cfg.sliding_window) | (k > q)
+        assert (window[..., outside] == 0).all() and (window[..., ~outside] > 0).all()
+        if cfg.compress_kinds[l] != "none":
+            entries = pattern[..., POS:]
+            assert entries.shape[-1] == POS // (cfg.csa_rate if cfg.compress_kinds[l] == "csa" else cfg.hca_rate)
+            assert entries.sum(-1)[..., -1].min() > 1e-4  # the last query attends to compressed entries
+
+
+# ------------------------------------------------------------------------------------ negative controls
+@pytest.mark.parametrize("override", [dict(sliding_window=POS), dict(index_topk=POS), dict(compress_rope_theta=1e4),
+                                      dict(hc_sinkhorn_iters=1)],
+                         ids=["no_window", "dense_csa", "main_rope_on_compressed_layers", "no_sinkhorn"])
+def test_negative_controls_are_detected(pair, override):
+    """Each knob changes the computation by construction: a window as long as the sequence keeps keys
+    it drops; index_topk >= entries keeps entries the indexer drops; the main RoPE base on the
+    compressed layers rotates their queries and entries by other angles; one Sinkhorn step leaves the
+    mixing matrices off the doubly-stochastic set."""
+    wrong = HookedMoETransformer.from_pretrained(pair.dir, **override)
+    with torch.no_grad():
+        diff = (pair.hf(pair.tokens).logits - wrong(pair.tokens)).abs().max().item()
+    assert diff > 1e-3, override  # parity holds to 2e-6
+
+
+# ------------------------------------------------------------------------------------ hooks and edits
+def test_every_hook_has_its_declared_shape(pair):
+    m = pair.model
+    with moelens.check_shapes(m), torch.no_grad():
+        _, cache = m.run_with_cache(pair.tokens)
+    assert set(cache.keys()) == set(m.hook_dict)
+    assert cache["blocks.1.attn.compressor.hook_kv"].shape == (BATCH, POS // 4, m.cfg.d_head)
+    assert cache["blocks.2.attn.compressor.hook_kv"].shape == (BATCH, POS // 8, m.cfg.d_head)
+    assert cache["blocks.1.attn.hook_index_topk"].shape == (BATCH, POS, m.cfg.index_topk)
+    assert cache["hc_head.hook_pre"].shape == (BATCH, POS, 3)
+
+
+def test_editing_the_mixing_matrix_propagates(pair):
+    """Replacing comb by the identity makes stream k's carried part exactly input stream k: checked
+    against the hooked post weights and attention output."""
+    m = pair.model
+    eye = torch.eye(3).expand(BATCH, POS, 3, 3).clone()
+    with torch.no_grad():
+        _, cache = m.run_with_cache(pair.tokens, fwd_hooks=[("blocks.1.attn_hc.hook_comb", lambda t, hook: eye)])
+    want = (cache["blocks.1.attn_hc.hook_post"].unsqueeze(-1) * cache["blocks.1.hook_attn_out"].unsqueeze(-2)
+            + cache["blocks.1.hook_resid_pre"])
+    assert (cache["blocks.1.hook_resid_mid"] - want).abs().max() < 1e-5
+
+
+def test_forced_hash_routing_and_csa_selection(pair):
+    m = pair.model
+    forced = torch.tensor([3, 5]).expand(BATCH, POS, 2).clone()
+    keep_first = torch.full((BATCH, POS, m.cfg.index_topk), -1, dtype=torch.long)
+    keep_first[:, 3:, 0] = 0  # every query from position 3 keeps only entry 0
+    with torch.no_grad():
+        _, cache = m.run_with_cache(pair.tokens, fwd_hooks=[
+            ("blocks.0.mlp.hook_expert_indices", lambda t, hook: forced),
+            ("blocks.1.attn.hook_index_topk", lambda t, hook: keep_first)])
+    assert torch.equal(cache["blocks.0.mlp.hook_expert_indices"], forced)
+    entries = cache["blocks.1.attn.hook_pattern"][..., POS:]
+    assert (entries[..., 1:] == 0).all() and (entries[:, :, 3:, 0] > 0).all()
+
+
+def test_generate_matches_transformers(pair):
+    """No generation cache for the compressed attention: moelens recomputes the sequence (with a warning)."""
+    ids = pair.tokens[:, :20]
+    with torch.no_grad():
+        want = pair.hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = pair.model.generate(ids, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False,
+                              use_past_kv_cache=False)
+    assert torch.equal(got, want)
+    with pytest.warns(UserWarning, match="CompressedAttention have no generation cache"):
+        cached = pair.model.generate(ids, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(cached, want)
+
+
+# ---------------------------------------------------------------------------------- config translation
+def test_class_defaults_match_transformers():
+    import transformers
+
+    from moelens.architectures.deepseek_v4 import DEFAULTS
+
+    hf = transformers.DeepseekV4Config().to_dict()
+    checked = 0
+    for key, value in DEFAULTS.items():
+        if key in hf and key not in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters",
+                                     "partial_rotary_factor", "qk_rope_head_dim"):
+            assert hf[key] == value, key
+            checked += 1
+    assert checked > 25
+    cfg = translate_config({**hf, "architectures": ["DeepseekV4ForCausalLM"]})
+    assert cfg.compress_kinds == tuple(["hca", "hca"] + ["csa" if i % 2 else "hca" for i in range(41)])
+    assert cfg.hash_moe_layers == [0, 1, 2] and cfg.rotary_dim == 64 and cfg.compress_yarn is None
+    legacy = translate_config({"architectures": ["DeepseekV4ForCausalLM"], "num_hidden_layers": 4,
+                               "compress_ratios": [0, 4, 128, 4, 0], "num_hash_layers": 1, "qk_rope_head_dim": 32,
+                               "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                                                "beta_fast": 32, "beta_slow": 1}})
+    assert legacy.compress_kinds == ("none", "csa", "hca", "csa") and legacy.hash_moe_layers == [0]
+    assert legacy.rotary_dim == 32 and legacy.compress_yarn["attention_factor"] == 1.0
+
+
+@pytest.mark.parametrize("field, value", [("scoring_func", "softmax"), ("num_key_value_heads", 2),
+                                          ("n_shared_experts", 2), ("layer_types", ["full_attention"] * 43)])
+def test_unsupported_values_raise_naming_the_field(field, value):
+    with pytest.raises(UnsupportedConfigError, match=field):
+        translate_config({"architectures": ["DeepseekV4ForCausalLM"], field: value})
