@@ -90,11 +90,31 @@ def check_no_hooks(model) -> None:
         )
 
 
+def suffix_unsupported(model) -> Optional[str]:
+    """Why the engine cannot resume ``model`` from a suffix (None if it can): DeepSeek-V4's blocks
+    carry several residual streams and its compressed attention pools whole windows from position 0."""
+    if getattr(model.cfg, "hc_mult", 1) > 1 or getattr(model.cfg, "attention", "") == "compressed":
+        return ("DeepSeek-V4's residual stream is several streams mixed per position, and its compressed attention "
+                "pools complete windows from position 0, so a suffix cannot resume from cached keys")
+    return None
+
+
 class SuffixEngine:
     """Run suffixes of a cached base run with edits. ``metric(logits [rows, pos, vocab]) -> [rows]``.
-    Refuses to run while hooks are attached to the model (:func:`check_no_hooks`)."""
+    Refuses to run while hooks are attached to the model (:func:`check_no_hooks`), and on models it
+    cannot resume (:func:`suffix_unsupported`; ``trace_layers`` / ``trace_experts`` then run whole
+    patched forwards, ``engine="full"``)."""
 
     def __init__(self, model, base: BaseRun, metric: Callable[[Tensor], Tensor], max_rows: int = 512):
+        why = suffix_unsupported(model)
+        if why is not None:
+            from moelens.errors import MoelensUserError
+
+            raise MoelensUserError(
+                f"the suffix engine cannot run this model: {why}. trace_layers and trace_experts fall back to whole "
+                f"patched forwards (engine='full', exact); sweeps built on the engine (trace_expert_grid, "
+                f"attribute_experts, the dataset protocol) are not available for it"
+            )
         self.model = model
         self.base = base
         self.metric = metric

@@ -213,3 +213,106 @@ def test_class_defaults_match_transformers():
 def test_unsupported_values_raise_naming_the_field(field, value):
     with pytest.raises(UnsupportedConfigError, match=field):
         translate_config({"architectures": ["DeepseekV4ForCausalLM"], field: value})
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+def _manual(m, setup, hook_name, p, source_value, add=False):
+    """Plain TransformerLens hooks: the corrupted runs (noise on the subject's embeddings) with
+    ``hook_name`` at position ``p`` replaced by (or, with ``add``, incremented by) ``source_value``;
+    the mean logit difference at the last position."""
+    tc = setup.tokenized
+    tokens = setup.tokens.expand(setup.n_samples, -1)
+
+    def noise(act, hook):
+        act = act.clone()
+        act[:, tc.subject_positions] = act[:, tc.subject_positions] + setup.noise.to(act.dtype)
+        return act
+
+    def patch(act, hook):
+        act = act.clone()
+        act[:, p] = act[:, p] + source_value if add else source_value.expand_as(act[:, p])
+        return act
+
+    with torch.no_grad():
+        logits = m.run_with_hooks(tokens, fwd_hooks=[("hook_embed", noise), (hook_name, patch)])
+    last = logits[:, -1]
+    return float((last[:, tc.target_true_id] - last[:, tc.target_foil_id]).mean())
+
+
+@pytest.fixture(scope="module")
+def traced(pair):
+    from moelens import FactCase
+    from moelens.testing import toy_tokenizer
+    from moelens.tracing.trace import prepare
+
+    m = pair.model
+    m.tokenizer = toy_tokenizer(256)
+    case = FactCase(" ".join(f"w{i}" for i in (5, 9, 14, 3, 77, 21, 8, 60, 33, 12, 90, 41, 17, 66, 23, 52, 7)),
+                    "w14 w3", "w40", "w41")
+    return m, prepare(m, case, seed=0, n_samples=2)
+
+
+@pytest.mark.parametrize("kind, hook", [("resid", "hook_resid_post"), ("mlp", "hook_mlp_out"), ("attn", "hook_attn_out")])
+def test_trace_layers_restores_what_the_docs_say(traced, kind, hook):
+    """kind='resid' restores all streams of hook_resid_post at (l, p); 'mlp'/'attn' the block output
+    before the hyper-connection spreads it (the corrupted run's post weights then spread it). The
+    suffix engine cannot resume V4, so engine='suffix' runs whole forwards: equal to engine='full'
+    and to the plain-hook computation."""
+    m, setup = traced
+    T = setup.tokens.shape[1]
+    assert T >= 2 * m.cfg.hca_rate  # compressed entries exist
+    r = moelens.trace_layers(m, setup, kind=kind, progress=False)
+    full = moelens.trace_layers(m, setup, kind=kind, engine="full", progress=False)
+    assert torch.equal(r.scores, full.scores)
+    assert (r.scores - r.corrupted).abs().max() > 1e-3
+    for l, p in [(0, setup.tokenized.subject_positions[-1]), (2, T - 1), (1, 3)]:
+        clean = setup.clean_cache[f"blocks.{l}.{hook}"][:, p]
+        want = _manual(m, setup, f"blocks.{l}.{hook}", p, clean)
+        assert abs(float(r.scores[l, p]) - want) < 1e-4, (l, p)
+    if kind == "resid":
+        assert r.scores[-1, -1] == pytest.approx(r.clean, abs=1e-4)  # all streams of the last position restored
+
+
+def test_trace_layers_window_restores_consecutive_layers(traced):
+    m, setup = traced
+    r = moelens.trace_layers(m, setup, kind="mlp", window=3, positions="last", progress=False)
+    T = setup.tokens.shape[1]
+    tc = setup.tokenized
+    tokens = setup.tokens.expand(setup.n_samples, -1)
+
+    def noise(act, hook):
+        act = act.clone()
+        act[:, tc.subject_positions] = act[:, tc.subject_positions] + setup.noise.to(act.dtype)
+        return act
+
+    def restore(layer):
+        def fn(act, hook):
+            act = act.clone()
+            act[:, T - 1] = setup.clean_cache[f"blocks.{layer}.hook_mlp_out"][:, T - 1]
+            return act
+        return fn
+
+    with torch.no_grad():  # row l=1: layers 0..2 (ROME's rule for w=3)
+        logits = m.run_with_hooks(tokens, fwd_hooks=[("hook_embed", noise)]
+                                  + [(f"blocks.{j}.hook_mlp_out", restore(j)) for j in (0, 1, 2)])
+    want = float((logits[:, -1, tc.target_true_id] - logits[:, -1, tc.target_foil_id]).mean())
+    assert abs(float(r.scores[1, 0]) - want) < 1e-4
+
+
+def test_trace_experts_adds_the_expert_delta_to_the_moe_output(traced):
+    m, setup = traced
+    layer, T = 2, setup.tokens.shape[1]
+    r = moelens.trace_experts(m, setup, layer, progress=False)
+    e = int(setup.clean_cache[f"blocks.{layer}.mlp.hook_expert_indices"][0, -1, 0])
+    delta = (setup.clean_cache.expert_contribution(layer, e)[:, T - 1]
+             - setup.corrupted_cache.expert_contribution(layer, e)[:, T - 1])
+    want = _manual(m, setup, f"blocks.{layer}.hook_mlp_out", T - 1, delta, add=True)
+    assert abs(float(r.scores[e]) - want) < 1e-4
+
+
+def test_engine_sweeps_refuse_with_a_clear_error(traced):
+    from moelens.errors import MoelensUserError
+
+    m, setup = traced
+    with pytest.raises(MoelensUserError, match="suffix engine cannot run this model.*engine='full'"):
+        setup.engine(m)
