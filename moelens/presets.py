@@ -1,6 +1,6 @@
 """The ``config.json`` of the reference checkpoints, as Python dicts (no download needed): the five
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b,
-gpt-oss-120b, the Qwen3.5/3.6/Next hybrids, DeepSeek-V3.2-Exp and GLM-5.
+gpt-oss-120b, the Qwen3.5/3.6/Next hybrids, DeepSeek-V3.2-Exp, GLM-5 and DeepSeek-V4-Flash.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -891,6 +891,51 @@ PRESETS.update({
     },
 })
 ALIASES.update({"deepseek-v3.2-exp": "deepseek-ai/DeepSeek-V3.2-Exp", "glm-5": "zai-org/GLM-5"})
+PRESETS["deepseek-ai/DeepSeek-V4-Flash"] = {
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "bos_token_id": 0,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0, 0, 0],  # 46 entries for 43 layers: the tail is MTP's
+    "compress_rope_theta": 160000,
+    "eos_token_id": 1,
+    "hc_eps": 1e-06,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "head_dim": 512,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "index_head_dim": 128,
+    "index_n_heads": 64,
+    "index_topk": 512,
+    "max_position_embeddings": 1048576,
+    "model_type": "deepseek_v4",
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 6,
+    "num_hash_layers": 3,
+    "num_hidden_layers": 43,
+    "num_key_value_heads": 1,
+    "num_nextn_predict_layers": 1,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "q_lora_rank": 1024,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 65536,
+                     "type": "yarn"},
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.5,
+    "scoring_func": "sqrtsoftplus",
+    "sliding_window": 128,
+    "swiglu_limit": 10.0,
+    "tie_word_embeddings": False,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "vocab_size": 129280,
+}
+ALIASES["deepseek-v4-flash"] = "deepseek-ai/DeepSeek-V4-Flash"
 PRESET_INFO.update({
     "deepseek-ai/DeepSeek-V3.2-Exp": {
         "alias": "deepseek-v3.2-exp",
@@ -904,6 +949,25 @@ PRESET_INFO.update({
             "names this checkpoint, and DeepSeek's inference config_671B_v3.2.json) and the UE8M0 FP8 scales "
             "(scale_fmt ue8m0). The total equals transformers' DeepseekV32ForCausalLM of this config; V3.2 (final) "
             "shares the shapes"
+        ),
+    },
+    "deepseek-ai/DeepSeek-V4-Flash": {
+        "alias": "deepseek-v4-flash",
+        "published_params": 284_000_000_000,  # "284B total, 13B activated" (DeepSeek-V4-Flash release)
+        "exact_params": 284_332_230_231,  # meta-device count, = transformers (MTP module skipped)
+        "doc_active_params": 13_000_000_000,  # "13B activated" (moelens: 13.80 B incl. embeddings, 12.74 B without)
+        "notes": (
+            "43 layers (2 sliding-window only, then CSA rate 4 / HCA rate 128 alternating, compress_ratios as "
+            "published, 46 entries of which the last 3 are the MTP module's), hidden 4096, 64 heads of 512 with one "
+            "shared key/value head, q_lora 1024, grouped output 8 x 1024, 4 hyper-connection streams (20 Sinkhorn "
+            "iterations), 256 experts + 1 shared of 2048, top-6, sqrtsoftplus router, 3 hash-routed layers, "
+            "swiglu_limit 10, indexer 64 x 128 keeping 512 entries, window 128, rope_theta 1e4 / compress 1.6e5 with "
+            "YaRN (factor 16, original 65536): the published config.json as quoted verbatim (a subset of its fields) "
+            "in a public MLX port's config test (read from deepseek-ai/DeepSeek-V4-Flash-0731/config.json), which "
+            "also equal the transformers 5.25 DeepseekV4Config defaults (docstring checkpoint "
+            "deepseek-ai/DeepSeek-V4-Flash-Base) except the layer schedule. bos/eos 0/1 and hidden_act are the "
+            "class defaults. The checkpoint's FP8/FP4 quantization_config is left out: moelens reads FP8 blocks "
+            "and MXFP4, not V4's FP4 expert format"
         ),
     },
     "zai-org/GLM-5": {

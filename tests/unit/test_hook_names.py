@@ -87,7 +87,7 @@ def test_hybrid_hook_shapes_are_declared():
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
                                   "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss",
-                                  "deepseek_v32", "glm_moe_dsa"])
+                                  "deepseek_v32", "glm_moe_dsa", "deepseek_v4"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers
