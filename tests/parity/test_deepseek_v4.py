@@ -316,3 +316,45 @@ def test_engine_sweeps_refuse_with_a_clear_error(traced):
     m, setup = traced
     with pytest.raises(MoelensUserError, match="suffix engine cannot run this model.*engine='full'"):
         setup.engine(m)
+
+
+# ------------------------------------------------------------------------ decompositions and DLA
+def test_decompose_resid_over_streams(pair):
+    """Components carried through the cached mixing weights: the stream-resolved ones sum to the
+    streams entering a block, the final ones to the collapsed residual the final norm reads, and
+    their logit attributions to the logits (an independent check: the model's own forward)."""
+    m = pair.model
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(pair.tokens)
+    comps, labels = cache.decompose_resid(return_labels=True, expert_level=True)
+    assert labels[:3] == ["embed", "0_attn_out", "L0E0"] and "L3_shared" in labels
+    assert comps.shape == (len(labels), BATCH, POS, m.cfg.d_model)
+    assert (comps.sum(0) - cache["hc_head.hook_collapsed"]).abs().max() < 1e-4
+    for l, mlp_input, hook in ((2, False, "hook_resid_pre"), (2, True, "hook_resid_mid"), (0, False, "hook_resid_pre")):
+        streams = cache.decompose_resid(layer=l, mlp_input=mlp_input)
+        assert streams.shape[-2:] == (m.cfg.hc_mult, m.cfg.d_model)
+        assert (streams.sum(0) - cache[f"blocks.{l}.{hook}"]).abs().max() < 1e-4
+    t = pair.tokens[:, -1]
+    attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1, expert_level=True), tokens=t, pos_slice=-1)
+    assert (attrs.sum(0) - logits[torch.arange(BATCH), -1, t]).abs().max() < 1e-4
+    # the gains are not trivial: a component's final contribution is not its raw vector
+    raw = cache["blocks.3.hook_attn_out"]
+    assert (comps[labels.index("3_attn_out")] - raw).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="several residual streams"):
+        cache.accumulated_resid(apply_ln=True)
+    with pytest.raises(ValueError, match="several residual streams"):
+        cache.decompose_resid(layer=2, apply_ln=True)
+
+
+def test_router_attribution_over_streams(pair):
+    """The router of a V4 layer reads the streams collapsed by ffn_hc's pre weights: the components
+    (carried through the cached mixing) sum to the router logits."""
+    from moelens import analysis as A
+
+    m = pair.model
+    with torch.no_grad():
+        _, cache = m.run_with_cache(pair.tokens)
+    for l in m.cfg.moe_layers:
+        ra = A.router_attribution(m, cache, l)
+        assert (ra.values.sum(0) - cache[f"blocks.{l}.mlp.hook_router_logits"].float()).abs().max() < 1e-4
+        assert ra.labels[0] == "embed" and f"{l}_attn_out" in ra.labels
