@@ -73,7 +73,7 @@ class HookedMoETransformer(HookedRootModule):
 
             self.hc_head = HyperHead(cfg)
         self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered,
-                                weight_fp32=cfg.norm_weight_fp32)
+                                weight_fp32=cfg.norm_weight_fp32, keep_fp32=cfg.norm_keep_fp32)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)

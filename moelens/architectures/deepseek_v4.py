@@ -133,7 +133,7 @@ def translate(hf: dict) -> dict:
         hash_moe_layers=[l for l, t in enumerate(mlp_types) if t == "hash_moe"],
         router_score_func="sqrtsoftplus", router_correction_bias=True, topk_method="greedy", topk_sorted=False,
         norm_topk_prob=True, router_renorm_eps=1e-20, routed_scaling_factor=float(hf["routed_scaling_factor"]),
-        expert_act="clamped_silu", swiglu_limit=float(hf["swiglu_limit"]), d_shared=hf["moe_intermediate_size"],
+        norm_weight_fp32=True, norm_keep_fp32=True, expert_act="clamped_silu", swiglu_limit=float(hf["swiglu_limit"]), d_shared=hf["moe_intermediate_size"],
     )
 
 

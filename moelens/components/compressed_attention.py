@@ -68,8 +68,8 @@ from moelens.hooks import ShapedHookPoint, has_hooks
 def rope_trailing(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """V4's RoPE: interleaved pairs of the LAST ``2 * cos.shape[-1]`` dims of ``x [batch, pos, head, d]``
     rotated in fp32 (``x cos + rotate_half(x) sin``), cast back; the leading dims pass through."""
-    c = cos.repeat_interleave(2, dim=-1)[:, :, None, :]
-    s = sin.repeat_interleave(2, dim=-1)[:, :, None, :]
+    c = cos.to(x.dtype).repeat_interleave(2, dim=-1)[:, :, None, :]  # transformers casts cos/sin to the
+    s = sin.to(x.dtype).repeat_interleave(2, dim=-1)[:, :, None, :]  # model dtype before the fp32 rotation
     r = c.shape[-1]
     nope, rope = x[..., :-r], x[..., -r:]
     half = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
@@ -253,7 +253,7 @@ class CompressedAttention(nn.Module):
         kh = keys[:, None].expand(b, h, -1, d)
         scores = self.hook_attn_scores(torch.matmul(qh, kh.transpose(2, 3)) * d**-0.5 + mask)
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, p, -1)
-        combined = torch.cat([scores, sinks.to(scores.dtype)], dim=-1)
+        combined = torch.cat([scores, sinks], dim=-1)  # fp32 sinks promote the row, as in transformers
         combined = combined - combined.max(dim=-1, keepdim=True).values
         pattern = self.hook_pattern(F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(keys.dtype))
         z = torch.matmul(pattern, kh).transpose(1, 2)  # [b, p, h, d]

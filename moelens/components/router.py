@@ -82,8 +82,11 @@ class Router(nn.Module):
         super()._apply(fn, recurse)
         if self.cfg.router_fp32_params:
             for p in self.parameters(recurse=False):
-                if p.dtype != torch.float32:
+                if p.dtype != torch.float32 and p.is_floating_point():
                     p.data = p.data.float()
+        b = getattr(self, "b_correction", None)  # an fp32 buffer in every transformers model that has it
+        if b is not None and b.dtype != torch.float32:
+            b.data = b.data.float()
         return self
 
     def logits(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:

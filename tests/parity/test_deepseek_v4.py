@@ -358,3 +358,19 @@ def test_router_attribution_over_streams(pair):
         ra = A.router_attribution(m, cache, l)
         assert (ra.values.sum(0) - cache[f"blocks.{l}.mlp.hook_router_logits"].float()).abs().max() < 1e-4
         assert ra.labels[0] == "embed" and f"{l}_attn_out" in ra.labels
+
+
+def test_bf16_is_bit_identical_to_transformers(pair):
+    """In bf16 transformers keeps the hyper-connections, norms, sinks, position biases and the
+    correction bias in fp32 and casts the RoPE tables to bf16; moelens does the same: equal logits
+    and experts, not merely close."""
+    import transformers
+
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(pair.dir, dtype=torch.bfloat16).eval()
+    m = HookedMoETransformer.from_pretrained(pair.dir, dtype=torch.bfloat16)
+    assert m.blocks[0].ln1.w.dtype == torch.float32 and m.blocks[0].attn_hc.fn.dtype == torch.float32
+    assert m.blocks[1].mlp.router.b_correction.dtype == torch.float32 and m.blocks[1].mlp.router.W_router.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = hf(pair.tokens).logits
+        got, cache = m.run_with_cache(pair.tokens, names_filter=lambda n: n.endswith("hook_expert_indices"))
+    assert torch.equal(got, want)
