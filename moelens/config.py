@@ -21,6 +21,9 @@ Axis names used throughout the package (and in every hook's jaxtyping shape):
 ``d_k`` / ``d_v`` Gated DeltaNet per-head key / value widths; ``d_conv`` its conv channels
 ``index_head``  DeepSeek Sparse Attention indexer heads; ``d_index`` its head width
 ``index_topk``  keys kept per query by the indexer (``cfg.index_topk``; unused slots hold -1)
+``hc``          DeepSeek-V4 residual streams (``cfg.hc_mult``)
+``csa_pos`` / ``hca_pos``  DeepSeek-V4 compressed entries of a CSA / HCA layer; ``csa_keys`` /
+                ``hca_keys`` its attention key axis (the positions, then the entries)
 ==============  ==============================================================
 """
 

@@ -374,3 +374,26 @@ def test_bf16_is_bit_identical_to_transformers(pair):
         want = hf(pair.tokens).logits
         got, cache = m.run_with_cache(pair.tokens, names_filter=lambda n: n.endswith("hook_expert_indices"))
     assert torch.equal(got, want)
+
+
+def test_left_padded_batch_matches_at_real_positions(pair):
+    mask = torch.ones(BATCH, POS, dtype=torch.long)
+    mask[0, :5] = 0
+    out, _, _ = pair.hf_run(pair.tokens, attention_mask=mask)
+    with torch.no_grad():
+        ours = pair.model(pair.tokens, attention_mask=mask)
+    real = mask.bool()
+    assert (out.logits[real] - ours[real]).abs().max().item() < ATOL
+
+
+def test_hook_order_is_execution_order(pair):
+    names = [n for n in pair.model.hook_dict if n.startswith("blocks.1.")]
+    order = ["hook_resid_pre", "attn_hc.hook_pre", "attn_hc.hook_post", "attn_hc.hook_comb", "attn_hc.hook_collapsed",
+             "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_kv", "attn.hook_rot_q",
+             "attn.hook_rot_kv", "attn.compressor.hook_kv", "attn.compressor.indexer.hook_k",
+             "attn.compressor.indexer.hook_scores", "attn.hook_index_topk", "attn.hook_attn_scores",
+             "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ffn_hc.hook_pre"]
+    assert names[: len(order)] == [f"blocks.1.{n}" for n in order]
+    assert names[-2:] == ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    assert list(pair.model.hook_dict)[-4:] == ["hc_head.hook_pre", "hc_head.hook_collapsed", "ln_final.hook_scale",
+                                               "ln_final.hook_normalized"]
