@@ -26,7 +26,9 @@ DEFAULTS = {
     "index_topk": 2048, "index_head_dim": 128, "index_n_heads": 64, "layer_types": None,
 }
 
-DSA_REQUIRED = REQUIRED = {**V3_REQUIRED, "mlp_bias": (False, None)}
+# transformers' DSA attention always rotates MLA's RoPE pairs interleaved (the config class has no
+# rope_interleave), so a checkpoint that says otherwise is another model
+DSA_REQUIRED = REQUIRED = {**V3_REQUIRED, "mlp_bias": (False, None), "rope_interleave": (True, None)}
 
 DSA_IGNORED = IGNORED = frozenset({
     "num_nextn_predict_layers", "num_mtp_layers",  # MTP layers: skipped on load (skip_keys)

@@ -60,8 +60,10 @@ ARCH = Architecture(
     model_type="glm_moe_dsa",
     translate=translate,
     defaults=DEFAULTS,
-    required=DSA_REQUIRED,
-    ignored=DSA_IGNORED,
+    # GLM-5's indexer always rotates interleaved pairs in transformers (indexer_rope_interleave is not read)
+    required={**DSA_REQUIRED, "indexer_rope_interleave": (True, None)},
+    # sliding-window fields some GLM configs carry are not read by transformers' GlmMoeDsa (full attention)
+    ignored=DSA_IGNORED | {"use_sliding_window", "sliding_window", "max_window_layers"},
     aliases={"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts"},
     key_rules=COMMON_RULES + MLA_RULES + INDEXER_RULES + V3_MOE_RULES,
     hf_config_class="GlmMoeDsaConfig",

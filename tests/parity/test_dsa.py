@@ -316,7 +316,8 @@ def test_class_defaults_match_transformers(cls, module):
     [("DeepseekV32ForCausalLM", "q_lora_rank", None), ("DeepseekV32ForCausalLM", "scoring_func", "softmax"),
      ("DeepseekV32ForCausalLM", "layer_types", ["full_attention"] * 61), ("GlmMoeDsaForCausalLM", "mlp_bias", True),
      ("GlmMoeDsaForCausalLM", "indexer_types", ["shared"] + ["full"] * 77),
-     ("DeepseekV32ForCausalLM", "index_head_dim", 32)],
+     ("DeepseekV32ForCausalLM", "index_head_dim", 32), ("DeepseekV32ForCausalLM", "rope_interleave", False),
+     ("GlmMoeDsaForCausalLM", "indexer_rope_interleave", False)],
 )
 def test_unsupported_values_raise_naming_the_field(arch, field, value):
     with pytest.raises(UnsupportedConfigError, match=field):
