@@ -376,3 +376,21 @@ def test_restoring_recomputes_the_selection_and_the_engine_agrees(pairs, variant
     fast = moelens.trace_layers(m, setup, kind="mlp", window=3, progress=False)
     ref = moelens.trace_layers(m, setup, kind="mlp", window=3, engine="full", progress=False)
     assert (fast.scores - ref.scores).abs().max() < 1e-4
+
+
+def test_replace_freezes_a_selection(pairs):
+    """The documented way to freeze a layer's selection: patching.Replace of hook_index_topk from
+    another run's cache; that run's kept keys are then used (checked through the pattern)."""
+    from moelens import patching as P
+
+    p = pairs("v32")
+    m = p.model
+    other = torch.randint(0, 256, (BATCH, POS), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, src = m.run_with_cache(other, names_filter=lambda n: n.endswith("hook_index_topk"))
+        hooks = P.to_hooks(m, [P.Replace("blocks.1.attn.hook_index_topk", source=src)])
+        _, cache = m.run_with_cache(p.tokens, fwd_hooks=hooks)
+    frozen = cache["blocks.1.attn.hook_index_topk"]
+    assert torch.equal(frozen, src["blocks.1.attn.hook_index_topk"])
+    kept = torch.zeros(BATCH, POS, POS + 1, dtype=torch.bool).scatter_(-1, frozen % (POS + 1), True)[..., :POS]
+    assert torch.equal(cache["blocks.1.attn.hook_pattern"] > 0, kept[:, None].expand(-1, m.cfg.n_heads, -1, -1))
