@@ -14,7 +14,11 @@ gpt-oss            model (+bias) softmax32   top-k of the     softmax over    mo
                                  (hook only) logits, sorted   the k logits
 DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
 Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
-                                             unsorted
+(V3.2, GLM-5)                                unsorted
+DeepSeek-V4        model         sqrt(soft-  top-k of s +     always          model
+                                 plus(x))    bias, unsorted;  (+1e-20)        (x routed_scaling_factor)
+                                             hash layers:
+                                             tid2eid[token]
 =================  ============  ==========  ===============  ==============  ============
 
 DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
