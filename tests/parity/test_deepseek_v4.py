@@ -397,3 +397,26 @@ def test_hook_order_is_execution_order(pair):
     assert names[-2:] == ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     assert list(pair.model.hook_dict)[-4:] == ["hc_head.hook_pre", "hc_head.hook_collapsed", "ln_final.hook_scale",
                                                "ln_final.hook_normalized"]
+
+
+def test_deepseek_hub_names_without_model_prefix_load(pair, tmp_path):
+    """DeepSeek's own layout (``embed.weight``, ``head.weight``, ``hc_head_fn``, ``layers.{L}.attn...``,
+    ``mtp.*`` skipped), as the hub files name it: the same parameters as transformers' save."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for f in pair.dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    renamed = {}
+    for k, v in load_file(pair.dir / "model.safetensors").items():
+        k = k.removeprefix("model.").replace("embed_tokens.weight", "embed.weight")
+        k = k.replace("hc_head.hc_", "hc_head_")
+        renamed[k] = v
+    renamed["mtp.0.emb.weight"] = torch.zeros(2, 2)
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert "embed.weight" in renamed and "hc_head_fn" in renamed and "layers.1.attn.wq_a.weight" in renamed
+    hub = HookedMoETransformer.from_pretrained(tmp_path)
+    ref = pair.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in hub.state_dict().items())
