@@ -153,11 +153,15 @@ class HyperBlock(nn.Module):
         streams: Float[Tensor, "batch pos hc d_model"],
         ctx: AttentionContext,
         kv_prefix: Optional[tuple[Tensor, Tensor]] = None,
+        edit=None,
     ) -> Float[Tensor, "batch pos hc d_model"]:
+        """``edit(kind, value)`` (the tracing engine's interventions) may change ``"attn_out"``,
+        ``"mlp_out"`` or ``"resid_post"``."""
+        edit = edit or (lambda kind, value: value)
         streams = self.hook_resid_pre(streams)
         post, comb, x = self.attn_hc(streams)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(x), ctx, kv_prefix))
+        attn_out = self.hook_attn_out(edit("attn_out", self.attn(self.ln1(x), ctx, kv_prefix)))
         streams = self.hook_resid_mid(expand(post, attn_out, comb, streams))
         post, comb, x = self.ffn_hc(streams)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x), tokens=ctx.tokens))
-        return self.hook_resid_post(expand(post, mlp_out, comb, streams))
+        mlp_out = self.hook_mlp_out(edit("mlp_out", self.mlp(self.ln2(x), tokens=ctx.tokens)))
+        return self.hook_resid_post(edit("resid_post", expand(post, mlp_out, comb, streams)))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from moelens import patching as P
 from moelens.tracing.cases import FactCase, TokenizedCase, tokenize_case
-from moelens.tracing.engine import BaseRun, SuffixEngine, base_names_filter, suffix_unsupported
+from moelens.tracing.engine import BaseRun, SuffixEngine, base_names_filter
 
 _EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_router_scores",
                  "hook_routed_out", "hook_shared_out")
@@ -93,7 +93,8 @@ class TraceSetup:
             )
         base = self.corrupted_cache if direction == "restore" else self.clean_cache
         batch = self.n_samples if direction == "restore" else 1
-        return SuffixEngine(model, BaseRun(base, batch, self.tokens.shape[1]), self.metric, max_rows=max_rows)
+        return SuffixEngine(model, BaseRun(base, batch, self.tokens.shape[1], tokens=self.tokens), self.metric,
+                            max_rows=max_rows)
 
     def expert_delta(self, layer: int, experts, positions: list[int]) -> Tensor:
         """``sum_e c_e(clean) - c_e(corrupted)`` ``[n_samples, T - min(positions), d]``, zero off ``positions``."""
@@ -508,8 +509,7 @@ def trace_layers(
     10 restores ``l-5 .. l+4``). ``direction="necessity"``: run the clean prompt and patch in the corrupted
     activation (one row per noise sample) instead. ``engine="suffix"`` (default) recomputes only
     the layers and positions a patch can change (:mod:`moelens.tracing.engine`); ``"full"`` runs
-    whole patched forwards through the generic patching API (the reference; same results). On a
-    model the engine cannot resume (DeepSeek-V4) ``"suffix"`` runs ``"full"``.
+    whole patched forwards through the generic patching API (the reference; same results).
 
     With several residual streams (DeepSeek-V4), ``kind="resid"`` restores every stream of
     ``hook_resid_post`` at the position; ``"mlp"`` / ``"attn"`` restore the block's output before
@@ -524,8 +524,6 @@ def trace_layers(
     pos = resolve_positions(positions, setup.tokenized)
     hook = KIND_HOOKS[kind]
     settings = {**setup.settings, "kind": kind, "window": window, "direction": direction, "positions": positions}
-    if engine == "suffix" and suffix_unsupported(model):
-        engine = "full"
     if engine == "suffix":
         cells = []
         for l in layers:
@@ -584,8 +582,6 @@ def trace_experts(
     from moelens.patching import _check_range
 
     experts = list(range(model.cfg.n_experts)) if experts is None else _check_range(experts, model.cfg.n_experts, "expert")
-    if engine == "suffix" and suffix_unsupported(model):
-        engine = "full"
     if engine == "suffix":
         deltas = [setup.layer_delta(layer, pos)] + [setup.expert_delta(layer, [e], pos) for e in experts]
         values = setup.restore_scores(model, layer, deltas, pos, max_rows=max(max_rows, 1))
