@@ -425,3 +425,16 @@ def test_deepseek_hub_names_without_model_prefix_load(pair, tmp_path):
     hub = HookedMoETransformer.from_pretrained(tmp_path)
     ref = pair.model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in hub.state_dict().items())
+
+
+def test_dataset_protocol_runs_on_v4(traced, tmp_path):
+    """The dataset protocol (screening, expert tracing, coalitions, all on the engine) runs on V4."""
+    from moelens import FactCase
+    from moelens.tracing.protocol import ProtocolConfig, run_protocol
+
+    m, _ = traced
+    words = [f"w{i}" for i in range(30, 60)]
+    cases = [FactCase(" ".join(words[i:i + 17]), " ".join(words[i + 2:i + 4]), "w40", "w41") for i in range(3)]
+    cfg = ProtocolConfig(min_clean=-1e9, min_drop=-1e9, n_samples=2, n_bootstrap=50, n_permutations=50)
+    run_protocol(m, cases, tmp_path, cfg, progress=False)
+    assert len((tmp_path / "screen.jsonl").read_text().splitlines()) == 3
