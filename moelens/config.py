@@ -19,6 +19,11 @@ Axis names used throughout the package (and in every hook's jaxtyping shape):
 ``d_rope``      MLA decoupled rope-key width (``qk_rope_head_dim``)
 ``k_head``      Gated DeltaNet key heads; ``v_head`` its value heads
 ``d_k`` / ``d_v`` Gated DeltaNet per-head key / value widths; ``d_conv`` its conv channels
+``index_head``  DeepSeek Sparse Attention indexer heads; ``d_index`` its head width
+``index_topk``  keys kept per query by the indexer (``cfg.index_topk``; unused slots hold -1)
+``hc``          DeepSeek-V4 residual streams (``cfg.hc_mult``)
+``csa_pos`` / ``hca_pos``  DeepSeek-V4 compressed entries of a CSA / HCA layer; ``csa_keys`` /
+                ``hca_keys`` its attention key axis (the positions, then the entries)
 ==============  ==============================================================
 """
 
@@ -61,7 +66,7 @@ class MoEConfig:
     unembed_bias: bool = False  # PhiMoE: lm_head has a bias (unembed.b_u)
     tie_word_embeddings: bool = False
     # attention
-    attention: Literal["gqa", "mla"] = "gqa"
+    attention: Literal["gqa", "mla", "compressed"] = "gqa"  # compressed: DeepSeek-V4 (components/compressed_attention.py)
     # "per_head"/"full": RMSNorm with a weight before RoPE, per head or over the whole projection;
     # "l2" (Llama 4): weightless RMSNorm of each head *after* RoPE, on the RoPE layers only
     qk_norm: Literal["none", "per_head", "full", "l2"] = "none"
@@ -135,14 +140,17 @@ class MoEConfig:
     router_jitter_eps: float = 0.0
     # experts
     expert_bias: bool = False  # gpt-oss: biases on the gate, up and down projections of every expert
-    expert_act: Literal["silu", "clamped_swiglu"] = "silu"  # clamped: (clamp(u)+1) * g' * sigmoid(alpha g')
+    # clamped_swiglu (gpt-oss): (clamp(u)+1) * g' * sigmoid(alpha g'); clamped_silu (DeepSeek-V4):
+    # silu(min(g, limit)) * clamp(u, -limit, limit), also in the shared expert
+    expert_act: Literal["silu", "clamped_swiglu", "clamped_silu"] = "silu"
     # Llama 4: each slot's combine weight multiplies the expert's *input* (E_e(w x)), not its output;
     # the combine is then the plain sum of the slots' outputs (see moelens/components/moe.py)
     expert_input_scaled: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     norm_weight_fp32: bool = False  # gpt-oss: RMSNorm multiplies the weight in fp32 before the cast
-    router_score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_keep_fp32: bool = False  # DeepSeek-V4: the block and final RMSNorm weights stay fp32 in a bf16 model
+    router_score_func: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"  # sqrtsoftplus: sqrt(softplus(x)), V4
     # DeepSeek-V3 family: a per-expert fp32 bias added to the scores for selection only
     router_correction_bias: bool = False
     router_renorm_eps: float = 0.0  # added to the top-k sum before renormalising (V3 / GLM: 1e-20)
@@ -199,6 +207,30 @@ class MoEConfig:
     linear_conv_kernel: int = 4
     delta_rule_impl: Literal["chunked", "recurrent"] = "chunked"  # recurrent = token by token (the definition)
     delta_rule_chunk: int = 64
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; see moelens/components/dsa.py): a lightning
+    # indexer over MLA keeps the top ``index_topk`` earlier keys of every query
+    dsa: bool = False
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    # RoPE of the indexer's leading qk_rope_head_dim dims: "half" (half-split, DeepSeek-V3.2) or
+    # "deinterleave" (interleaved pairs written de-interleaved, GLM-5)
+    index_rope: Literal["half", "deinterleave"] = "half"
+    # GLM-5 cross-layer sharing: these layers run no indexer and reuse the top-k of the nearest
+    # earlier layer that has one
+    index_shared_layers: list[int] = field(default_factory=list)
+    # DeepSeek-V4 (see moelens/components/hyper.py and compressed_attention.py)
+    hc_mult: int = 1  # residual streams (manifold-constrained hyper-connections); 1 = one ordinary residual
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    compress_kinds: Optional[tuple[str, ...]] = None  # per layer "none" (sliding window only), "csa", "hca"
+    csa_rate: int = 4
+    hca_rate: int = 128
+    compress_rope_theta: float = 160000.0
+    compress_rope_scaling: Optional[tuple[tuple[str, float], ...]] = None  # YaRN of the compressed layers
+    o_groups: int = 1
+    o_lora_rank: int = 0
+    hash_moe_layers: list[int] = field(default_factory=list)  # experts chosen by tid2eid[token id]
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -241,6 +273,30 @@ class MoEConfig:
                 "residual_multiplier != 1 is implemented for GQA attention and sparse MoE layers only "
                 "(every layer sparse, no MLA / linear attention)"
             )
+        object.__setattr__(self, "index_shared_layers", sorted(set(int(l) for l in self.index_shared_layers)))
+        object.__setattr__(self, "hash_moe_layers", sorted(set(int(l) for l in self.hash_moe_layers)))
+        if set(self.hash_moe_layers) - set(self.moe_layers):
+            raise ValueError(f"hash_moe_layers {self.hash_moe_layers} must be sparse layers ({self.moe_layers})")
+        if self.attention == "compressed":
+            kinds = tuple(self.compress_kinds or ("none",) * self.n_layers)
+            object.__setattr__(self, "compress_kinds", kinds)
+            if len(kinds) != self.n_layers or set(kinds) - {"none", "csa", "hca"}:
+                raise ValueError(f"compress_kinds must list 'none'/'csa'/'hca' for each of {self.n_layers} layers")
+            if not self.sliding_window or self.o_groups < 1 or (self.n_heads * self.d_head) % self.o_groups:
+                raise ValueError("compressed attention needs sliding_window and o_groups dividing n_heads * d_head")
+        if self.dsa:
+            if self.attention != "mla" or not self.q_lora_rank:
+                raise ValueError("dsa (DeepSeek Sparse Attention) needs attention='mla' with a q_lora_rank")
+            if self.index_n_heads <= 0 or self.index_topk <= 0 or not 0 < self.qk_rope_head_dim <= self.index_head_dim:
+                raise ValueError(
+                    f"dsa needs index_n_heads > 0, index_topk > 0 and qk_rope_head_dim <= index_head_dim "
+                    f"(got {self.index_n_heads}, {self.index_topk}, {self.qk_rope_head_dim} > {self.index_head_dim})"
+                )
+            bad = [l for l in self.index_shared_layers if not 0 < l < self.n_layers]
+            if bad:
+                raise ValueError(f"index_shared_layers {bad}: layer 0 must run its indexer; layers < n_layers")
+        elif self.index_shared_layers:
+            raise ValueError("index_shared_layers is set but dsa is False")
         if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_experts % self.n_group:
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
@@ -252,6 +308,10 @@ class MoEConfig:
     @property
     def has_shared_experts(self) -> bool:
         return self.d_shared > 0
+
+    @property
+    def compress_yarn(self) -> Optional[dict]:
+        return dict(self.compress_rope_scaling) if self.compress_rope_scaling else None
 
     @property
     def d_head_qk(self) -> int:

@@ -176,6 +176,10 @@ def check_shapes(model):
         "d_k": getattr(cfg, "linear_d_k", 0),
         "d_v": getattr(cfg, "linear_d_v", 0),
         "d_conv": cfg.linear_d_conv if hasattr(cfg, "linear_d_conv") else 0,
+        "index_head": getattr(cfg, "index_n_heads", 0),
+        "d_index": getattr(cfg, "index_head_dim", 0),
+        "index_topk": getattr(cfg, "index_topk", 0),
+        "hc": getattr(cfg, "hc_mult", 1),
     }
     old = dict(_CHECK)
     _CHECK.update(on=True, dims=dims)

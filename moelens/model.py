@@ -25,7 +25,7 @@ from transformer_lens import HookedRootModule
 from moelens import loading
 from moelens.architectures import get_architecture, translate_config
 from moelens.components.attention import AttentionContext
-from moelens.components.block import TransformerBlock
+from moelens.components.block import make_block
 from moelens.components.norm import make_norm
 from moelens.components.rope import longrope_mscale, rope_cos_sin, rope_frequencies
 from moelens.components.tl_views import ModelViews
@@ -112,7 +112,11 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
         self.hook_embed = ShapedHookPoint("batch pos d_model")
-        self.blocks = nn.ModuleList([TransformerBlock(cfg, l) for l in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([make_block(cfg, l) for l in range(cfg.n_layers)])
+        if cfg.hc_mult > 1:  # DeepSeek-V4: several residual streams, collapsed before the final norm
+            from moelens.components.hyper import HyperHead
+
+            self.hc_head = HyperHead(cfg)
         self.ln_final = make_norm(cfg, cfg.d_model)
         self.unembed = Unembed(cfg, tied_to=self.embed.W_E if cfg.tie_word_embeddings else None)
         inv_freq, self._rope_factor = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn)
@@ -219,6 +223,9 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
                 b.zero_()
             elif name.endswith("layer_scalar"):
                 b.fill_(1.0)
+            elif name.endswith(".tid2eid"):  # DeepSeek-V4 hash routing: a random token -> experts table
+                b.copy_(torch.stack([torch.randperm(self.cfg.n_experts, generator=gen)[: self.cfg.top_k]
+                                     for _ in range(b.shape[0])]))
         for name, p in self.named_parameters():
             if name.endswith(".b"):  # LayerNorm bias
                 p.zero_()
@@ -358,12 +365,17 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         q_offset = 0 if past_kv_cache is None else past_kv_cache.seq_len
         ctx = self.attention_context(n_pos, attention_mask, q_offset=q_offset, device=resid.device,
                                      position_ids=position_ids)
+        ctx.tokens = tokens if start_at_layer == 0 else None
+        if self.cfg.hc_mult > 1 and start_at_layer == 0 and resid.ndim == 3:  # DeepSeek-V4: the embedding copied into every stream
+            resid = resid.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
         for i, block in enumerate(self.blocks[start_at_layer:stop_at_layer], start_at_layer):
             resid = block(resid, ctx) if past_kv_cache is None else block(resid, ctx, past_kv_cache[i])
         if past_kv_cache is not None:
             past_kv_cache.seq_len += n_pos
         if stop_at_layer is not None:
             return resid
+        if self.cfg.hc_mult > 1:  # DeepSeek-V4: collapse the residual streams before the final norm
+            resid = self.hc_head(resid)
         logits = self.unembed(self.ln_final(resid))
         if return_type == "logits":
             return logits
@@ -420,7 +432,8 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
                 )
             if not bool(attention_mask.all()):
                 key_mask = attention_mask.to(device).bool()
-        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset, rope_tables=tables)
+        return AttentionContext(cos=cos, sin=sin, key_mask=key_mask, q_offset=q_offset, rope_tables=tables,
+                                positions=positions)
 
     @staticmethod
     def loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:

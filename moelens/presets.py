@@ -2,7 +2,8 @@
 first architectures plus DeepSeek-V3, Kimi-K2, GLM-4.5, GLM-4.5-Air, GLM-4.7-Flash, gpt-oss-20b and
 gpt-oss-120b, the Qwen3.5/3.6 and Qwen3-Next hybrids, Granite-3.1 MoE (1B-A400M, 3B-A800M), MiniMax-M2,
 Phi-3.5-MoE (structure only: its LongRoPE factors are left out), ERNIE-4.5 (21B-A3B, 300B-A47B), Llama-4
-Scout and Maverick, Gemma-4-26B-A4B (text models) and FlexOlmo-7x7B-1T.
+Scout and Maverick, Gemma-4-26B-A4B (text models), FlexOlmo-7x7B-1T, DeepSeek-V3.2-Exp, GLM-5 and
+DeepSeek-V4-Flash.
 
 Each preset is the checkpoint's hub ``config.json`` with the hub's own field names (legacy
 top-level ``rope_theta`` / ``rope_scaling``, Qwen3's ``num_experts`` and explicit ``head_dim``,
@@ -1274,6 +1275,160 @@ PRESET_INFO["google/gemma-4-26B-A4B"] = {
         "explicitly (that copy omits them; the weights require both). Not confirmed by a published exact count"
     ),
 }
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5
+_V32_EXP = {
+    **{k: v for k, v in PRESETS["deepseek-ai/DeepSeek-V3"].items() if k != "quantization_config"},
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_head_dim": 128,
+    "index_n_heads": 64,
+    "index_topk": 2048,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+}
+_V32_EXP.pop("transformers_version")
+PRESETS.update({
+    "deepseek-ai/DeepSeek-V3.2-Exp": _V32_EXP,
+    "zai-org/GLM-5": {
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": [154820, 154827, 154829],
+        "first_k_dense_replace": 3,
+        "hidden_act": "silu",
+        "hidden_size": 6144,
+        "index_head_dim": 128,
+        "index_n_heads": 32,
+        "index_topk": 2048,
+        "intermediate_size": 12288,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 202752,
+        "model_type": "glm_moe_dsa",
+        "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 78,
+        "num_key_value_heads": 64,
+        "num_nextn_predict_layers": 1,
+        "q_lora_rank": 2048,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "v_head_dim": 256,
+        "vocab_size": 154880,
+    },
+})
+ALIASES.update({"deepseek-v3.2-exp": "deepseek-ai/DeepSeek-V3.2-Exp", "glm-5": "zai-org/GLM-5"})
+PRESETS["deepseek-ai/DeepSeek-V4-Flash"] = {
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "bos_token_id": 0,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0, 0, 0],  # 46 entries for 43 layers: the tail is MTP's
+    "compress_rope_theta": 160000,
+    "eos_token_id": 1,
+    "hc_eps": 1e-06,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "head_dim": 512,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "index_head_dim": 128,
+    "index_n_heads": 64,
+    "index_topk": 512,
+    "max_position_embeddings": 1048576,
+    "model_type": "deepseek_v4",
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 6,
+    "num_hash_layers": 3,
+    "num_hidden_layers": 43,
+    "num_key_value_heads": 1,
+    "num_nextn_predict_layers": 1,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "q_lora_rank": 1024,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 65536,
+                     "type": "yarn"},
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.5,
+    "scoring_func": "sqrtsoftplus",
+    "sliding_window": 128,
+    "swiglu_limit": 10.0,
+    "tie_word_embeddings": False,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "vocab_size": 129280,
+}
+ALIASES["deepseek-v4-flash"] = "deepseek-ai/DeepSeek-V4-Flash"
+PRESET_INFO.update({
+    "deepseek-ai/DeepSeek-V3.2-Exp": {
+        "alias": "deepseek-v3.2-exp",
+        "published_params": 671_000_000_000,  # "671B" (DeepSeek's V3.2-Exp release; the hub widget's 685B adds the MTP layer)
+        "exact_params": 671_877_929_216,  # meta-device count, = transformers (V3's 671.03 B + 61 indexers of 13.96 M)
+        "doc_active_params": 37_000_000_000,  # "37B activated" as V3 (moelens: 38.40 B incl. embeddings, 36.55 B without)
+        "notes": (
+            "DeepSeek-V3's hub config.json (this module's deepseek-ai/DeepSeek-V3 preset) with architectures "
+            "DeepseekV32ForCausalLM, model_type deepseek_v32, the DSA indexer fields index_n_heads 64, "
+            "index_head_dim 128, index_topk 2048 (the transformers 5.25 DeepseekV32Config defaults, whose docstring "
+            "names this checkpoint, and DeepSeek's inference config_671B_v3.2.json) and the UE8M0 FP8 scales "
+            "(scale_fmt ue8m0). The total equals transformers' DeepseekV32ForCausalLM of this config; V3.2 (final) "
+            "shares the shapes"
+        ),
+    },
+    "deepseek-ai/DeepSeek-V4-Flash": {
+        "alias": "deepseek-v4-flash",
+        "published_params": 284_000_000_000,  # "284B total, 13B activated" (DeepSeek-V4-Flash release)
+        "exact_params": 284_332_230_231,  # meta-device count, = transformers (MTP module skipped)
+        "doc_active_params": 13_000_000_000,  # "13B activated" (moelens: 13.80 B incl. embeddings, 12.74 B without)
+        "notes": (
+            "43 layers (2 sliding-window only, then CSA rate 4 / HCA rate 128 alternating, compress_ratios as "
+            "published, 46 entries of which the last 3 are the MTP module's), hidden 4096, 64 heads of 512 with one "
+            "shared key/value head, q_lora 1024, grouped output 8 x 1024, 4 hyper-connection streams (20 Sinkhorn "
+            "iterations), 256 experts + 1 shared of 2048, top-6, sqrtsoftplus router, 3 hash-routed layers, "
+            "swiglu_limit 10, indexer 64 x 128 keeping 512 entries, window 128, rope_theta 1e4 / compress 1.6e5 with "
+            "YaRN (factor 16, original 65536): the published config.json as quoted verbatim (a subset of its fields) "
+            "in a public MLX port's config test (read from deepseek-ai/DeepSeek-V4-Flash-0731/config.json), which "
+            "also equal the transformers 5.25 DeepseekV4Config defaults (docstring checkpoint "
+            "deepseek-ai/DeepSeek-V4-Flash-Base) except the layer schedule. bos/eos 0/1 and hidden_act are the "
+            "class defaults. The checkpoint's FP8/FP4 quantization_config is left out: moelens reads FP8 blocks "
+            "and MXFP4, not V4's FP4 expert format"
+        ),
+    },
+    "zai-org/GLM-5": {
+        "alias": "glm-5",
+        "published_params": 744_000_000_000,  # "744B total, 40B active" (GLM-5 release; slime's run_glm5_744b_a40b)
+        "exact_params": 743_911_199_232,  # meta-device count, = transformers
+        "doc_active_params": 40_000_000_000,  # "40B active" (moelens: 41.78 B incl. embeddings, 39.88 B without)
+        "notes": (
+            "78 layers (3 dense), hidden 6144, MLA q_lora 2048 / kv_lora 512 / nope 192 / rope 64 / v 256, 64 heads, "
+            "256 experts + 1 shared of 2048, top-8, n_group 1, routed_scaling_factor 2.5, indexer 32 heads of 128 "
+            "keeping 2048 keys, rope_theta 1e6 (no YaRN), rms_norm_eps 1e-5, vocab 154880, max_position 202752, "
+            "eos [154820, 154827, 154829]: the transformers 5.25 GlmMoeDsaConfig defaults (docstring checkpoint "
+            "zai-org/GLM-5) and the field-by-field defaults that jd-opensource/xllm xllm/models/llm/glm5.h quotes "
+            "from the hub config.json (commit a5ffadf5dc65959fce0646d4383d5078c9a8840e). No indexer_types: every "
+            "layer runs its own indexer (transformers' default pattern)"
+        ),
+    },
+})
+
 
 def resolve_name(name: str) -> str:
     """The hub id of a preset given its hub id or alias (case-insensitive); KeyError otherwise."""

@@ -168,6 +168,40 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                             "rope_theta": 1000000.0}},
     )),
+    # DeepSeek-V3.2: V3 + DeepSeek Sparse Attention; index_topk=5 of 16 positions so the indexer drops keys
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        index_topk=5, index_head_dim=16, index_n_heads=8,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    )),
+    # GLM-5: interleaved indexer RoPE and cross-layer index sharing (layer 2 reuses layer 1's top-k)
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=160,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=24, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        index_topk=5, index_head_dim=16, index_n_heads=8, indexer_types=["full", "full", "shared", "full"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )),
+    # DeepSeek-V4: 3 residual streams, sliding window 8, CSA (rate 4, 2 of the entries kept) and HCA
+    # (rate 8) layers, one hash-routed layer; 32-token sequences make the window, the compression and
+    # the indexer all select
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32, q_lora_rank=32,
+        partial_rotary_factor=0.25, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8}, hc_mult=3,
+        sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=16, index_topk=2,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], swiglu_limit=1.0,
+        rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16,
+                         "beta_fast": 32, "beta_slow": 1},
+    )),
 }
 
 
@@ -218,6 +252,9 @@ def sharpen(model: torch.nn.Module, seed: int = 0, router_scale: float = 3.0) ->
             b.copy_(0.3 * torch.randn(b.shape, generator=gen))
         elif name.endswith("layer_scalar"):  # Gemma 4: a per-layer output scale (a saved buffer)
             b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
+        elif name.endswith("tid2eid"):  # DeepSeek-V4 hash routing: distinct random experts per token
+            n_experts = model.config.n_routed_experts
+            b.copy_(torch.stack([torch.randperm(n_experts, generator=gen)[: b.shape[1]] for _ in range(b.shape[0])]))
     return model
 
 

@@ -80,6 +80,11 @@ def router_attribution(
     comps, labels = cache.decompose_resid(
         layer, mlp_input=True, expert_level=expert_level, pos_slice=ps, return_labels=True
     )
+    if getattr(cfg, "hc_mult", 1) > 1:  # DeepSeek-V4: the router reads the streams collapsed by ffn_hc's pre weights
+        if heads:
+            raise ValueError("router_attribution(heads=True) is not defined for DeepSeek-V4's compressed attention")
+        pre = ps.apply(cache[f"blocks.{layer}.ffn_hc.hook_pre"], dim=-2).float()
+        comps = (comps.float() * pre.to(comps.device).unsqueeze(-1)).sum(-2).to(comps.dtype)
     if heads:
         keep = [i for i, lab in enumerate(labels) if not lab.endswith("_attn_out")]
         head_stack, head_labels = cache.stack_head_results(layer + 1, pos_slice=ps, return_labels=True, _target=layer)

@@ -236,6 +236,21 @@ class TLAnalysisMixin:
         return stack, labels
 
     # ------------------------------------------------------------------ decompositions
+    def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, mlp_input=False,
+                          return_labels=False):
+        """TransformerLens' ``accumulated_resid``. On a model with several residual streams
+        (DeepSeek-V4) the states are ``[*, hc, d_model]`` and ``apply_ln=True`` raises: the final norm
+        reads the streams collapsed by ``hc_head`` with weights computed from the final streams, so
+        there is no normalised single residual per layer (use ``decompose_resid()`` for the final one)."""
+        if apply_ln and getattr(self.model.cfg, "hc_mult", 1) > 1:
+            raise ValueError(
+                "accumulated_resid(apply_ln=True) on a model with several residual streams (DeepSeek-V4): each "
+                "layer's state is hc streams, which only the final hc_head collapses; use decompose_resid() "
+                "(contributions to the final collapsed residual, with apply_ln) or apply_ln=False (stream states)"
+            )
+        return super().accumulated_resid(layer=layer, incl_mid=incl_mid, apply_ln=apply_ln, pos_slice=pos_slice,
+                                         mlp_input=mlp_input, return_labels=return_labels)
+
     def decompose_resid(
         self,
         layer: Optional[int] = None,
@@ -260,6 +275,9 @@ class TLAnalysisMixin:
                 "decompose_resid(incl_embeds=True) needs 'hook_embed', which is not in this cache (a names_filter "
                 "left it out); cache it, or pass incl_embeds=False to leave the embedding out of the components"
             )
+        if getattr(self.model.cfg, "hc_mult", 1) > 1:  # DeepSeek-V4: several residual streams
+            return self._decompose_streams(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels,
+                                           expert_level)
         if not expert_level:
             target = self.model.cfg.n_layers if layer is None or layer == -1 else layer
             if self._downstream_factors(target) is None:
@@ -302,6 +320,27 @@ class TLAnalysisMixin:
             components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (components, labels) if return_labels else components
 
+    def _decompose_streams(self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels,
+                           expert_level):
+        """DeepSeek-V4 (:mod:`moelens.analysis.hyper_decompose`): ``layer=None`` gives each component's
+        contribution to the final collapsed residual (``[n, *batch_pos, d_model]``, summing to
+        ``hc_head.hook_collapsed``; ``apply_ln`` divides by ``ln_final.hook_scale``, so logit
+        attributions sum to the logits); ``layer=l`` the stream-resolved contributions
+        ``[n, *batch_pos, hc, d_model]`` to the streams entering block ``l``."""
+        from moelens.analysis.hyper_decompose import stream_components
+
+        final = layer is None or layer == -1
+        if apply_ln and not final:
+            raise ValueError(
+                "decompose_resid(layer=l, apply_ln=True) on a model with several residual streams: block l's norm reads "
+                "the streams collapsed by its own hyper-connection, not one residual; use layer=None (the final "
+                "collapsed residual) for normalised components"
+            )
+        components, labels = stream_components(self, layer, mlp_input, mode, pos_slice, incl_embeds, expert_level)
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, None, pos_slice=pos_slice)
+        return (components, labels) if return_labels else components
+
     def get_full_resid_decomposition(
         self,
         layer: Optional[int] = None,
@@ -320,6 +359,11 @@ class TLAnalysisMixin:
         (``[d_model]`` or ``[d_model, k]``) projects each component (before stacking, so the
         ``d_model`` stack is never built)."""
         cfg = self.model.cfg
+        if getattr(cfg, "hc_mult", 1) > 1:
+            raise ValueError(
+                "get_full_resid_decomposition on DeepSeek-V4 (several residual streams, grouped output projection): "
+                "use decompose_resid(expert_level=True), whose components are carried through the cached mixing weights"
+            )
         if layer is None or layer == -1:
             layer = cfg.n_layers
         pos_slice = _as_slice(pos_slice)

@@ -51,6 +51,10 @@ def _register_optional() -> None:
 
     ARCHITECTURES[gemma4.ARCH.name] = gemma4.ARCH
     ARCHITECTURES[gemma4.MULTIMODAL_ARCH.name] = gemma4.MULTIMODAL_ARCH
+    from moelens.architectures import deepseek_v4, deepseek_v32, glm_moe_dsa
+
+    for arch in (deepseek_v32.ARCH, glm_moe_dsa.ARCH, deepseek_v4.ARCH):
+        ARCHITECTURES[arch.name] = arch
 
 
 _register_optional()

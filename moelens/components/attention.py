@@ -32,6 +32,15 @@ from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
 
+class LayerCarry:
+    """What one layer hands to later layers of the same forward, held by reference (a context copied
+    to another device by :mod:`moelens.placement` shares it): DeepSeek Sparse Attention's last top-k
+    selection ``index_topk`` ``[batch, pos, index_topk]``, reused by GLM-5's shared-indexer layers."""
+
+    def __init__(self) -> None:
+        self.index_topk: Optional[Tensor] = None
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer of one forward shares.
@@ -39,6 +48,10 @@ class AttentionContext:
     ``cos``/``sin``: fp32 ``[batch, pos, rope_dim/2]`` for the query positions.
     ``key_mask``: ``[batch, key_pos]`` True for real tokens (None: no padding).
     ``q_offset``: absolute position of the first query (> 0 when earlier keys come from a prefix).
+    ``carry``: state handed from layer to layer within the forward (:class:`LayerCarry`).
+    ``positions``: ``[batch or 1, pos]`` RoPE positions of the queries (for layers with their own
+    RoPE tables, DeepSeek-V4's compressed attention). ``tokens``: ``[batch, pos]`` token ids of the
+    queries when the forward started from tokens (DeepSeek-V4's hash-routed layers), else None.
     """
 
     cos: Tensor
@@ -47,6 +60,18 @@ class AttentionContext:
     q_offset: int = 0
     # other RoPE tables by group (cfg.rope_group: Gemma 4's full-attention layers use "full")
     rope_tables: dict = field(default_factory=dict)
+    carry: LayerCarry = field(default_factory=LayerCarry)
+    positions: Optional[Tensor] = None
+    tokens: Optional[Tensor] = None
+
+    def allowed(self, n_q: int, n_k: int, device) -> Bool[Tensor, "batch query_pos key_pos"]:
+        """``[batch or 1, n_q, n_k]`` True where query ``i`` (absolute position ``q_offset + i``) may
+        see key ``k``: causal, and not a padding key."""
+        q_pos = torch.arange(n_q, device=device)[:, None] + self.q_offset
+        allowed = (torch.arange(n_k, device=device)[None, :] <= q_pos)[None]
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask[:, None, :].to(device)
+        return allowed
 
     def additive_mask(
         self, n_q: int, n_k: int, dtype: torch.dtype, device, always: bool = False, window: Optional[int] = None,
@@ -91,8 +116,12 @@ def attend(
     window: Optional[int] = None,
     sinks: Optional[Float[Tensor, "head"]] = None,
     chunk: Optional[int] = None,
+    keep: Optional[Bool[Tensor, "batch pos key_pos"]] = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
     """softmax(q k^T * scale + mask) v, with the score/pattern hooks of ``attn`` when used.
+
+    ``keep`` (DeepSeek Sparse Attention): only these keys of each query, on top of the causal and
+    padding mask (the others get the dtype's minimum, as transformers masks them).
 
     ``window``: sliding-window mask (absolute positions); ``chunk``: chunked-attention mask. ``sinks`` (gpt-oss): one logit per head
     appended as an extra softmax column and dropped afterwards, computed as transformers' gpt-oss
@@ -106,7 +135,9 @@ def attend(
             raise NotImplementedError("attention sinks with chunked attention")
         return _attend_with_sinks(attn, qh, kh, vh, ctx, scale, window, sinks, groups)
     if not (has_hooks(attn.hook_attn_scores) or has_hooks(attn.hook_pattern)):
-        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, window=window, chunk=chunk)
+        mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, window=window, chunk=chunk, always=keep is not None)
+        if keep is not None:
+            mask = mask.masked_fill(~keep[:, None], torch.finfo(q.dtype).min)
         z = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, is_causal=mask is None and n_q > 1, scale=scale,
             enable_gqa=groups > 1,
@@ -115,8 +146,10 @@ def attend(
     if groups > 1:
         kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores + ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True, window=window, chunk=chunk)
-    scores = attn.hook_attn_scores(scores)
+    mask = ctx.additive_mask(n_q, n_k, q.dtype, q.device, always=True, window=window, chunk=chunk)
+    if keep is not None:
+        mask = mask.masked_fill(~keep[:, None], torch.finfo(q.dtype).min)
+    scores = attn.hook_attn_scores(scores + mask)
     pattern = attn.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
     return torch.matmul(pattern, vh).transpose(1, 2)
 

@@ -33,6 +33,14 @@ def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
         from moelens.components.gated_deltanet import GatedDeltaNet
 
         return GatedDeltaNet(cfg)
+    if cfg.attention == "compressed":  # DeepSeek-V4: sliding window + compressed (sparse) attention
+        from moelens.components.compressed_attention import CompressedAttention
+
+        return CompressedAttention(cfg, 0 if layer is None else layer)
+    if cfg.dsa:  # DeepSeek Sparse Attention: MLA plus the lightning indexer (DeepSeek-V3.2, GLM-5)
+        from moelens.components.dsa import DSAttention
+
+        return DSAttention(cfg, 0 if layer is None else layer)
     if cfg.attention == "mla":
         from moelens.components.mla import MLAttention
 
@@ -70,11 +78,11 @@ class TransformerBlock(nn.Module):
             self.ln2_post_dense = _norm(cfg)
             self.hook_dense_out = ShapedHookPoint("batch pos d_model")
             self.ln2_moe = _norm(cfg)
-            self.mlp = MoE(cfg)
+            self.mlp = MoE(cfg, layer)
             self.ln2_post_moe = _norm(cfg)
             self.hook_moe_out = ShapedHookPoint("batch pos d_model")
         else:
-            self.mlp = MoE(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp, act=cfg.mlp_act)
+            self.mlp = MoE(cfg, layer) if self.is_moe else GatedMLP(cfg.d_model, cfg.d_mlp, act=cfg.mlp_act)
         self.ln2_post = _norm(cfg, cfg.mlp_post_norm)
         self.hook_mlp_out = ShapedHookPoint("batch pos d_model")
         # Gemma 4: a learned scalar multiplies the residual stream leaving the block
@@ -129,3 +137,13 @@ class TransformerBlock(nn.Module):
         resid = self.hook_resid_pre(resid)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn_branch(resid, ctx, kv_prefix)))
         return self.hook_resid_post(self.add_mlp(resid, self.hook_mlp_out(self.mlp_branch(resid))))
+
+
+def make_block(cfg: MoEConfig, layer: int) -> nn.Module:
+    """The block of ``layer``: :class:`TransformerBlock`, or with ``cfg.hc_mult > 1`` (DeepSeek-V4)
+    :class:`moelens.components.hyper.HyperBlock` over several residual streams."""
+    if cfg.hc_mult > 1:
+        from moelens.components.hyper import HyperBlock
+
+        return HyperBlock(cfg, layer)
+    return TransformerBlock(cfg, layer)

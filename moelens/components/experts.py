@@ -83,8 +83,8 @@ class Experts(ExpertViews, nn.Module):
         self.n_experts = n_experts
         self.impl = impl
         self.act, self.alpha, self.limit = act, alpha, limit
-        if act not in ("silu", "clamped_swiglu", "gelu_tanh"):
-            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu, gelu_tanh)")
+        if act not in ("silu", "clamped_swiglu", "gelu_tanh", "clamped_silu"):
+            raise ValueError(f"unknown expert activation {act!r} (silu, clamped_swiglu, gelu_tanh, clamped_silu)")
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
@@ -98,6 +98,8 @@ class Experts(ExpertViews, nn.Module):
     def activation(self, gate: Tensor, up: Tensor) -> Tensor:
         if self.act == "clamped_swiglu":
             return clamped_swiglu(gate, up, self.alpha, self.limit)
+        if self.act == "clamped_silu":  # DeepSeek-V4
+            return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
         return gate_activation(self.act)(gate) * up
 
     def ffn(self, e: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:

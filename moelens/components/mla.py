@@ -107,9 +107,21 @@ class MLAttention(MLAViews, nn.Module):
         ctx: AttentionContext,
         kv_prefix: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        b, p, _ = x.shape
+        q, k, v, _ = self.qkv(x, ctx)
+        if hasattr(kv_prefix, "update"):  # a generation cache layer (moelens.generation.KVCacheLayer)
+            k, v = kv_prefix.update(k, v)
+        elif kv_prefix is not None:
+            k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
+        z = self.hook_z(attend(self, q, k, v, ctx, self.scale))
+        return F.linear(z.reshape(b, p, -1), self.w_o)
+
+    def qkv(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext):
+        """Rotated queries and keys, values, and the normalised q latent (None without ``q_lora_rank``)."""
         cfg = self.cfg
         b, p, _ = x.shape
         h, dn, dv, r_kv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q_latent = None
         if cfg.q_lora_rank:
             q_latent = self.hook_q_latent(rms_norm(F.linear(x, self.W_q_a), self.q_a_norm_w, LATENT_NORM_EPS))
             q = F.linear(q_latent, self.W_q_b)
@@ -126,9 +138,4 @@ class MLAttention(MLAViews, nn.Module):
 
         q = self.hook_rot_q(self._rope(q, ctx))
         k = self.hook_rot_k(self._rope(k, ctx))
-        if hasattr(kv_prefix, "update"):  # a generation cache layer (moelens.generation.KVCacheLayer)
-            k, v = kv_prefix.update(k, v)
-        elif kv_prefix is not None:
-            k, v = torch.cat([kv_prefix[0], k], 1), torch.cat([kv_prefix[1], v], 1)
-        z = self.hook_z(attend(self, q, k, v, ctx, self.scale))
-        return F.linear(z.reshape(b, p, -1), self.w_o)
+        return q, k, v, q_latent

@@ -52,41 +52,47 @@ def combine_weights(cfg: MoEConfig, weights: Tensor) -> Tensor:
 
 
 class MoE(MoEViews, nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    """``layer`` decides per-layer routing (``cfg.hash_moe_layers``: DeepSeek-V4's hash-routed layers,
+    whose experts are ``router.tid2eid[token id]``, the token ids coming from ``forward(x, tokens=)``)."""
+
+    def __init__(self, cfg: MoEConfig, layer: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
-        self.router = Router(cfg)
+        self.router = Router(cfg, hashed=layer is not None and layer in cfg.hash_moe_layers)
         self.experts = Experts(
             cfg.n_experts, cfg.d_model, cfg.d_expert, impl=cfg.expert_impl, bias=cfg.expert_bias,
             act=cfg.mlp_act if cfg.expert_act == "silu" else cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
         )
         self.hook_router_logits = ShapedHookPoint("batch pos n_experts")
         self.hook_router_scores = ShapedHookPoint("batch pos n_experts")
-        if cfg.router_correction_bias:
+        if cfg.router_correction_bias and not self.router.hashed:
             self.hook_router_selection_scores = ShapedHookPoint("batch pos n_experts")
         self.hook_expert_indices = ShapedHookPoint("batch pos top_k", kind="int")
         self.hook_expert_weights = ShapedHookPoint("batch pos top_k")
         self.hook_expert_out = ShapedHookPoint("batch pos top_k d_model")
         self.hook_routed_out = ShapedHookPoint("batch pos d_model")
         if cfg.has_shared_experts:
-            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared", act=cfg.mlp_act)
+            shared_act = "clamped_silu" if cfg.expert_act == "clamped_silu" else cfg.mlp_act
+            self.shared_experts = GatedMLP(cfg.d_model, cfg.d_shared, width_name="d_shared", act=shared_act,
+                                           limit=cfg.swiglu_limit)
             if cfg.shared_gate:
                 self.W_shared_gate = nn.Parameter(torch.empty(1, cfg.d_model))
                 self.hook_shared_gate = ShapedHookPoint("batch pos 1")
             self.hook_shared_out = ShapedHookPoint("batch pos d_model")
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], router_input: Optional[Tensor] = None
-                ) -> Float[Tensor, "batch pos d_model"]:
-        """``router_input``: what the router reads when it is not ``x`` (Gemma 4: the residual stream)."""
+    def forward(self, x: Float[Tensor, "batch pos d_model"], router_input: Optional[Tensor] = None,
+                tokens: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+        """``router_input``: what the router reads when it is not ``x`` (Gemma 4: the residual stream);
+        ``tokens [batch, pos]``: the token ids, needed by hash-routed layers only."""
         logits = self.hook_router_logits(self.router.logits(x if router_input is None else router_input))
         raw_scores = self.router.scores(logits)
         scores = self.hook_router_scores(raw_scores)
         if self.cfg.router_order in ("topk_softmax", "sparsemixer", "topk_sigmoid") and has_hooks(self.hook_router_scores):
             self._check_scores_unedited(raw_scores, scores)
         choice = scores
-        if self.cfg.router_correction_bias:
+        if self.cfg.router_correction_bias and not self.router.hashed:
             choice = self.hook_router_selection_scores(self.router.selection_scores(scores))
-        selected = self.router.select(choice, logits=logits)
+        selected = self.router.select(choice, logits=logits, tokens=tokens)
         indices = self.hook_expert_indices(selected)
         # only an edit can make them invalid; on a GPU only a returned (not in-place) edit is checked,
         # as the check reads the range back to the host (in-place out-of-range edits fail in the gather)

@@ -53,9 +53,10 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, d: int, eps: float, hooked: bool = True, dims: str = "batch pos d_model",
-                 zero_centered: bool = False, weight_fp32: bool = False):
+                 zero_centered: bool = False, weight_fp32: bool = False, keep_fp32: bool = False):
         super().__init__()
         self.eps = eps
+        self.keep_fp32 = keep_fp32  # the weight stays fp32 in a low-precision model (DeepSeek-V4)
         self.zero_centered = zero_centered  # scale by (1 + w) in fp32 (Qwen3.5 / Qwen3-Next)
         self.weight_fp32 = weight_fp32  # gpt-oss: multiply the weight before the cast
         self.w = nn.Parameter(torch.zeros(d) if zero_centered else torch.ones(d))
@@ -64,6 +65,12 @@ class RMSNorm(nn.Module):
             self.hook_normalized = ShapedHookPoint(dims)
         else:
             self.hook_scale = self.hook_normalized = None
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.keep_fp32 and self.w.dtype != torch.float32:
+            self.w.data = self.w.data.float()
+        return out
 
     @property
     def scale_weight(self) -> Tensor:
@@ -144,4 +151,5 @@ def make_norm(cfg, d: int) -> nn.Module:
     variants) or LayerNorm with bias."""
     if cfg.norm_type == "layer":
         return LayerNorm(d, cfg.rms_norm_eps)
-    return RMSNorm(d, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered, weight_fp32=cfg.norm_weight_fp32)
+    return RMSNorm(d, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered, weight_fp32=cfg.norm_weight_fp32,
+                   keep_fp32=cfg.norm_keep_fp32)

@@ -17,7 +17,11 @@ Llama 4            model         sigmoid32   top-k of the     sigmoid of      mo
                                                               logit           input)
 DeepSeek-V3,       fp32 (weight  sigmoid32   noaux_tc on      norm_topk_prob  fp32
 Kimi-K2, GLM-4.x   kept fp32)                s + bias,        (+1e-20)        (x routed_scaling_factor)
-                                             unsorted
+(V3.2, GLM-5)                                unsorted
+DeepSeek-V4        model         sqrt(soft-  top-k of s +     always          model
+                                 plus(x))    bias, unsorted;  (+1e-20)        (x routed_scaling_factor)
+                                             hash layers:
+                                             tid2eid[token]
 =================  ============  ==========  ===============  ==============  ============
 
 DeepSeek-V3 router ("noaux_tc"), as transformers' ``DeepseekV3TopkRouter``::
@@ -83,15 +87,20 @@ from moelens.config import MoEConfig
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    """``hashed`` (DeepSeek-V4's hash-routed layers): the experts of a token are the fixed table row
+    ``tid2eid[token id]`` (an int64 parameter without gradient; hub buffer ``mlp.gate.tid2eid``);
+    the scores still come from the learned ``W_router`` and give the weights. No correction bias."""
+
+    def __init__(self, cfg: MoEConfig, hashed: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.hashed = hashed
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.b_router = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
-        if cfg.router_correction_bias and cfg.correction_bias_counted:
+        if cfg.router_correction_bias and cfg.correction_bias_counted and not hashed:
             # ERNIE-4.5: an fp32 nn.Parameter in transformers (``moe_statics.e_score_correction_bias``)
             self.b_correction = nn.Parameter(torch.zeros(cfg.n_experts, dtype=torch.float32))
-        elif cfg.router_correction_bias:
+        elif cfg.router_correction_bias and not hashed:
             # a (persistent) buffer, as transformers' ``e_score_correction_bias``: loaded and saved with
             # the weights, not in ``parameters()`` (an optimiser does not train it); fp32 where the
             # router is kept fp32 (see _apply)
@@ -100,6 +109,9 @@ class Router(nn.Module):
             self.in_norm_w = nn.Parameter(torch.ones(cfg.d_model))
         if cfg.router_per_expert_scale:  # Gemma 4: a learned scale per expert on the combine weights
             self.per_expert_scale = nn.Parameter(torch.ones(cfg.n_experts))
+        if hashed:
+            # a (persistent) int64 buffer, as transformers' ``tid2eid``: loaded with the weights, not a parameter
+            self.register_buffer("tid2eid", torch.zeros(cfg.d_vocab, cfg.top_k, dtype=torch.long))
 
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
@@ -108,7 +120,7 @@ class Router(nn.Module):
         super()._apply(fn, recurse)
         if self.cfg.router_fp32_params:  # the router weight and the correction bias (buffer or parameter)
             for p in self.parameters(recurse=False):
-                if p.dtype != torch.float32:
+                if p.dtype != torch.float32 and p.is_floating_point():
                     p.data = p.data.float()
             b = self._buffers.get("b_correction")
             if b is not None and b.dtype != torch.float32:
@@ -130,18 +142,28 @@ class Router(nn.Module):
     def scores(self, logits: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
         if self.cfg.router_score_func == "sigmoid":
             return torch.sigmoid(logits.float())
+        if self.cfg.router_score_func == "sqrtsoftplus":  # DeepSeek-V4, in the logits' dtype as transformers
+            return F.softplus(logits).sqrt()
         return torch.softmax(logits.float(), dim=-1)
 
     def selection_scores(self, scores: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
         """The scores top-k runs on: ``scores + b_correction`` (fp32) with a correction bias, else the scores."""
-        if not self.cfg.router_correction_bias:
+        if not self.cfg.router_correction_bias or self.hashed:
             return scores
         return scores + self.b_correction
 
     def select(
-        self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None
+        self, scores: Float[Tensor, "batch pos n_experts"], logits: Optional[Tensor] = None,
+        tokens: Optional[Tensor] = None,
     ) -> Int[Tensor, "batch pos top_k"]:
         cfg = self.cfg
+        if self.hashed:
+            if tokens is None:
+                raise ValueError(
+                    "a hash-routed layer chooses its experts from the token ids (tid2eid[token]); this forward has "
+                    "none (a residual-stream input, start_at_layer): run from tokens, or edit hook_expert_indices"
+                )
+            return self.tid2eid[tokens.to(self.tid2eid.device)].long()
         if cfg.router_order == "sparsemixer":
             if logits is None:
                 raise ValueError("router_order='sparsemixer' selects on the logits: pass logits=")

@@ -386,7 +386,7 @@ def attribute_layers(
             clean = setup.clean_cache[name][:, pos].float().to(g.device)
             corrupted = setup.corrupted_cache[name][:, pos].float().to(g.device)
             d = clean - corrupted if direction == "restore" else corrupted - clean
-            scores[l] = base + (g * d).sum(-1).mean(0).cpu()
+            scores[l] = base + (g * d).flatten(2).sum(-1).mean(0).cpu()  # over (streams and) d_model
     settings = {**setup.settings, "kind": kind, "window": 1, "direction": direction, "positions": positions,
                 "method": "attribution"}
     return LayerAttributionResult(scores=scores, layers=list(range(L)), positions=pos, kind=kind, direction=direction,

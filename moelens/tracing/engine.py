@@ -6,7 +6,14 @@ post-RoPE keys/values of every layer, and recomputes only positions ``p..T-1`` o
 ``l..L-1``, attending to the cached keys/values of positions ``< p``. A linear-attention (Gated
 DeltaNet) layer instead resumes from the base run's recurrent state after position ``p - 1`` and
 its convolution inputs at positions ``p - K + 1 .. p - 1`` (``attn.hook_state``,
-``attn.hook_conv_in``). Rows of many cells and
+``attn.hook_conv_in``). A DeepSeek Sparse Attention layer (DeepSeek-V3.2, GLM-5) also gets the base
+run's indexer keys of positions ``< p`` (``attn.indexer.hook_k``; what an attention module needs is
+its ``prefix_hooks``), so its indexer scores the suffix queries against every earlier key exactly as
+the full forward; a GLM-5 shared-indexer layer reuses the top-k its row computed at the last indexer
+layer of the suffix run, or the base run's (``attn.hook_index_topk``) for a row that joined later
+(its earlier layers are the base run's). DeepSeek-V4 (several residual streams, compressed
+attention pooling whole windows from position 0) is resumed at the layer over all positions
+(``SuffixEngine.full_positions``). Rows of many cells and
 noise samples are batched into each block call; a cell "joins" the batch at the first layer it
 changes, so a layer x position grid costs ``sum over cells (L - l) * (T - p)`` token-layers per
 noise sample (the theoretical floor) instead of ``L * T``.
@@ -25,7 +32,8 @@ import torch
 from torch import Tensor
 
 _BASE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_rot_k", "attn.hook_v",
-               "hook_attn_out", "hook_mlp_out", "attn.hook_state", "attn.hook_conv_in")
+               "hook_attn_out", "hook_mlp_out", "attn.hook_state", "attn.hook_conv_in", "attn.indexer.hook_k",
+               "attn.hook_index_topk", "ffn_hc.hook_post")
 
 
 def base_names_filter(name: str) -> bool:
@@ -40,6 +48,7 @@ class BaseRun:
     cache: object  # MoEActivationCache (or mapping) holding base_names_filter hooks
     batch: int
     n_pos: int
+    tokens: Optional[Tensor] = None  # [1 or batch, pos] token ids (hash-routed layers read them)
 
     def get(self, name: str) -> Tensor:
         return self.cache[name]
@@ -86,14 +95,24 @@ def check_no_hooks(model) -> None:
 
 class SuffixEngine:
     """Run suffixes of a cached base run with edits. ``metric(logits [rows, pos, vocab]) -> [rows]``.
-    Refuses to run while hooks are attached to the model (:func:`check_no_hooks`)."""
+    Refuses to run while hooks are attached to the model (:func:`check_no_hooks`).
+
+    Models whose attention cannot resume from cached keys (DeepSeek-V4: several residual streams,
+    compressed attention pooling whole windows from position 0; ``full_positions``) are resumed at
+    the layer only: blocks ``l..L-1`` run over all positions from the base run's streams, the edit
+    applied at position ``p``; every API keeps its positions-``p..T-1`` shapes."""
 
     def __init__(self, model, base: BaseRun, metric: Callable[[Tensor], Tensor], max_rows: int = 512):
         self.model = model
+        self.full_positions = getattr(model.cfg, "hc_mult", 1) > 1 or getattr(model.cfg, "attention", "") == "compressed"
         self.base = base
         self.metric = metric
         self.max_rows = max_rows
         self.token_layers = 0  # work counter: (rows x positions) summed over block calls
+        # DSA (GLM-5 index sharing): the top-k of the last indexer layer for each row of the current
+        # pass ([rows, T - p, index_topk]); rows join a pass at the end of the state, so the rows
+        # this holds are the state's first rows (reset at the start of every pass)
+        self._index_topk: Optional[Tensor] = None
 
     # -------------------------------------------------------------- one block on a suffix
     def _block(self, layer: int, state: Tensor, samples: Tensor, p: int, edit=None) -> Tensor:
@@ -104,8 +123,15 @@ class SuffixEngine:
         block = self.model.blocks[layer]
         state = state.to(block.device)  # blocks may sit on different devices (device_map)
         n = state.shape[1]
-        ctx = self.model.attention_context(n, q_offset=p, device=state.device)
         rows = samples % self.base.batch
+        if self.full_positions:
+            ctx = self.model.attention_context(n, device=state.device)
+            if self.base.tokens is not None:
+                tok = self.base.tokens
+                ctx.tokens = (tok if tok.shape[0] == 1 else tok[rows.to(tok.device)]).expand(state.shape[0], -1).to(state.device)
+            self.token_layers += state.shape[0] * n
+            return block(state, ctx, edit=edit)
+        ctx = self.model.attention_context(n, q_offset=p, device=state.device)
         prefix = None
         if p > 0 and getattr(block, "is_linear_attn", False):
             dev = self._cache_device(layer)
@@ -114,10 +140,14 @@ class SuffixEngine:
             s0 = self.base.get(f"blocks.{layer}.attn.hook_state")[rows.to(dev), p - 1]
             prefix = (window.to(state.device), s0.to(state.device))
         elif p > 0:
-            k = self.base.get(f"blocks.{layer}.attn.hook_rot_k")[rows.to(self._cache_device(layer)), :p]
-            v = self.base.get(f"blocks.{layer}.attn.hook_v")[rows.to(self._cache_device(layer)), :p]
-            prefix = (k.to(state.device), v.to(state.device))
+            dev = self._cache_device(layer)
+            names = getattr(block.attn, "prefix_hooks", ("hook_rot_k", "hook_v"))
+            prefix = tuple(self.base.get(f"blocks.{layer}.attn.{h}")[rows.to(dev), :p].to(state.device) for h in names)
+        if getattr(block.attn, "shares_index", False):
+            ctx.carry.index_topk = self._carried_topk(layer, rows, p, state.device)
         attn = block.attn_branch(state, ctx, prefix)
+        if ctx.carry.index_topk is not None:
+            self._index_topk = ctx.carry.index_topk
         if edit is not None:
             attn = edit("attn_out", attn)
         mid = state + attn
@@ -130,11 +160,29 @@ class SuffixEngine:
         self.token_layers += state.shape[0] * n
         return out
 
+    def _carried_topk(self, layer: int, rows: Tensor, p: int, device) -> Tensor:
+        """The top-k a GLM-5 shared-indexer layer reuses, per row: this pass's last indexer result for
+        the rows that ran it, the base run's for the rows that joined after it."""
+        have = None if self._index_topk is None else self._index_topk.to(device)
+        n_have = 0 if have is None else have.shape[0]
+        if n_have == rows.shape[0]:
+            return have
+        base = self.base.get(f"blocks.{layer}.attn.hook_index_topk")
+        joined = base[rows[n_have:].to(base.device), p:].to(device)
+        return joined if have is None else torch.cat([have, joined])
+
     def _cache_device(self, layer: int):
         return self.base.get(f"blocks.{layer}.hook_resid_pre").device
 
+    def _start(self, p: int) -> int:
+        """First position a pass computes: ``p``, or 0 for ``full_positions`` models."""
+        return 0 if self.full_positions else p
+
     def _finish(self, state: Tensor) -> Tensor:
-        last = state[:, -1:].to(self.model.ln_final.w.device)
+        last = state[:, -1:]
+        if getattr(self.model.cfg, "hc_mult", 1) > 1:  # collapse the residual streams (DeepSeek-V4)
+            last = self.model.hc_head(last.to(self.model.hc_head.hc_fn.device))
+        last = last.to(self.model.ln_final.w.device)
         x = self.model.ln_final(last).to(self.model.unembed.w_u.device)
         ids = getattr(self.metric, "token_ids", None)
         if ids is not None and getattr(self.metric, "position", None) == -1:
@@ -165,9 +213,10 @@ class SuffixEngine:
         L = self.model.cfg.n_layers
         rows = torch.arange(self.base.batch)
         leaves: dict[str, Tensor] = {}
+        self._index_topk = None
         with frozen_parameters(self.model), torch.enable_grad():
             base = self.base.get("blocks.0.hook_resid_pre")
-            state = base[:, p:].to(self.model.blocks[0].device)
+            state = base[:, self._start(p):].to(self.model.blocks[0].device)
             for j in range(L):
                 def edit(what, value, j=j):
                     if what not in kinds:
@@ -178,7 +227,8 @@ class SuffixEngine:
                 state = self._block(j, state, rows, p, edit)
             value = self._finish(state)
             grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
-        return {n: (torch.zeros_like(z, dtype=torch.float32) if g is None else g.float())
+        skip = p - self._start(p)  # full_positions: the positions before p are computed too
+        return {n: (torch.zeros_like(z, dtype=torch.float32) if g is None else g.float())[:, skip:]
                 for (n, z), g in zip(leaves.items(), grads)}
 
     # -------------------------------------------------------------- from a resid_post edit
@@ -202,6 +252,7 @@ class SuffixEngine:
             ls, s = layers[idx], samples[idx]
             d = deltas[idx.to(deltas.device)]
             state: Optional[Tensor] = None
+            self._index_topk = None
             joined = torch.empty(0, dtype=torch.long)
             first = int(ls[0])
             for j in range(first + 1, L + 1):
@@ -209,7 +260,8 @@ class SuffixEngine:
                 a, b = int(torch.searchsorted(ls, j - 1)), int(torch.searchsorted(ls, j - 1, right=True))
                 if b > a:
                     base = self.base.get(f"blocks.{j - 1}.hook_resid_post")
-                    new = base[(s[a:b] % self.base.batch).to(base.device), p:].to(device) + d[a:b].to(device, self._dtype)
+                    rows_ab = (s[a:b] % self.base.batch).to(base.device)
+                    new = base[rows_ab, self._start(p):].to(device) + self._as_resid_delta(j - 1, rows_ab, p, d[a:b], device)
                     state = new if state is None else torch.cat([state.to(new.device), new])
                     joined = torch.cat([joined, s[a:b]])
                 if j < L:
@@ -218,6 +270,20 @@ class SuffixEngine:
         result = torch.empty_like(out)
         result[order] = out
         return result
+
+    def _as_resid_delta(self, layer: int, rows: Tensor, p: int, delta: Tensor, device) -> Tensor:
+        """A ``[R, T-p, d_model]`` delta as a change of ``layer``'s ``hook_resid_post`` from position
+        ``self._start(p)``. With several residual streams (DeepSeek-V4) a ``d_model`` delta is a change
+        of ``hook_mlp_out``, which the base run's ffn ``post`` weights spread over the streams (they do
+        not depend on the MoE output); a ``[R, T-p, hc, d_model]`` delta is taken as is."""
+        delta = delta.to(device, self._dtype)
+        if getattr(self.model.cfg, "hc_mult", 1) > 1 and delta.ndim == 3:
+            post = self.base.get(f"blocks.{layer}.ffn_hc.hook_post")[rows, p:].to(device)
+            delta = post.to(delta.dtype).unsqueeze(-1) * delta.unsqueeze(-2)
+        skip = p - self._start(p)
+        if skip:
+            delta = torch.cat([delta.new_zeros((delta.shape[0], skip, *delta.shape[2:])), delta], dim=1)
+        return delta
 
     @property
     def _dtype(self):
@@ -253,6 +319,7 @@ class SuffixEngine:
         L = self.model.cfg.n_layers
         sample_ids = torch.arange(n_samples)
         state: Optional[Tensor] = None
+        self._index_topk = None
         samples = torch.empty(0, dtype=torch.long)
         spans: list[tuple[int, int]] = []  # (lo, hi) per joined cell, in row-block order
         order = sorted(range(len(cells)), key=lambda i: cells[i][0])
@@ -263,7 +330,7 @@ class SuffixEngine:
             while k < len(order) and cells[order[k]][0] == j:
                 lo, hi, _ = cells[order[k]]
                 base = self.base.get(f"blocks.{j}.hook_resid_pre")
-                init = base[(sample_ids % self.base.batch).to(base.device), p:]
+                init = base[(sample_ids % self.base.batch).to(base.device), self._start(p):]
                 init = init.to(self.model.blocks[j].device)
                 state = init if state is None else torch.cat([state.to(init.device), init])
                 samples = torch.cat([samples, sample_ids])
@@ -279,7 +346,7 @@ class SuffixEngine:
                     if lo <= j < hi:
                         rows = slice(b * n_samples, (b + 1) * n_samples)
                         s = src if source_batch == 1 else src[(sample_ids % source_batch).to(src.device)]
-                        value[rows, 0] = s.to(value.device, value.dtype).expand(n_samples, -1)
+                        value[rows, p - self._start(p)] = s.to(value.device, value.dtype).expand(n_samples, *s.shape[1:])
                 return value
 
             state = self._block(j, state, samples, p, edit)
@@ -309,4 +376,4 @@ def base_run(model, tokens: Tensor, fwd_hooks=(), names_filter=base_names_filter
     """Run ``tokens`` (with ``fwd_hooks``, e.g. the corruption) caching what the engine needs."""
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names_filter, fwd_hooks=list(fwd_hooks))
-    return logits, BaseRun(cache=cache, batch=tokens.shape[0], n_pos=tokens.shape[1])
+    return logits, BaseRun(cache=cache, batch=tokens.shape[0], n_pos=tokens.shape[1], tokens=tokens)

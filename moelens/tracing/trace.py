@@ -93,7 +93,8 @@ class TraceSetup:
             )
         base = self.corrupted_cache if direction == "restore" else self.clean_cache
         batch = self.n_samples if direction == "restore" else 1
-        return SuffixEngine(model, BaseRun(base, batch, self.tokens.shape[1]), self.metric, max_rows=max_rows)
+        return SuffixEngine(model, BaseRun(base, batch, self.tokens.shape[1], tokens=self.tokens), self.metric,
+                            max_rows=max_rows)
 
     def expert_delta(self, layer: int, experts, positions: list[int]) -> Tensor:
         """``sum_e c_e(clean) - c_e(corrupted)`` ``[n_samples, T - min(positions), d]``, zero off ``positions``."""
@@ -533,6 +534,10 @@ def trace_layers(
     activation (one row per noise sample) instead. ``engine="suffix"`` (default) recomputes only
     the layers and positions a patch can change (:mod:`moelens.tracing.engine`); ``"full"`` runs
     whole patched forwards through the generic patching API (the reference; same results).
+
+    With several residual streams (DeepSeek-V4), ``kind="resid"`` restores every stream of
+    ``hook_resid_post`` at the position; ``"mlp"`` / ``"attn"`` restore the block's output before
+    its hyper-connection spreads it over the streams (with the patched run's own ``post`` weights).
     """
     if kind not in KIND_HOOKS:
         raise ValueError(f"kind={kind!r}: use one of {sorted(KIND_HOOKS)}")

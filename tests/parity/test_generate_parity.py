@@ -13,7 +13,7 @@ import torch
 from moelens import HookedMoETransformer
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3",
-         "glm4_moe", "glm4_moe_lite", "gpt_oss", "qwen3_next", "qwen3_5_moe", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "llama4", "flex_olmo", "gemma4"]
+         "glm4_moe", "glm4_moe_lite", "gpt_oss", "qwen3_next", "qwen3_5_moe", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "llama4", "flex_olmo", "gemma4", "deepseek_v32", "glm_moe_dsa"]
 N_NEW = 8
 
 

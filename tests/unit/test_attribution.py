@@ -13,7 +13,7 @@ from moelens.tracing.cases import tokenize_case
 from moelens.tracing.trace import embedding_std, prepare
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full", "deepseek_v3", "glm4_moe",
-         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "llama4", "flex_olmo", "gemma4"]
+         "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "llama4", "flex_olmo", "gemma4", "deepseek_v32", "glm_moe_dsa", "deepseek_v4"]
 CASE = FactCase("w5 w9 w14 w3 w77 w21 w8", "w14 w3", "w40", "w41")
 EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_mlp_out", "hook_attn_out",
                 "hook_resid_post")
@@ -97,7 +97,8 @@ def test_attribution_equals_plain_autograd(model):
         assert grid.scores.shape == (L, T)
         for l in range(L):
             name = f"blocks.{l}.{hook}"
-            ref = corrupted + (grads[name] * (clean[name] - corr[name])).sum(-1).mean(0)
+            # summed over d_model (and, with several residual streams, over the streams)
+            ref = corrupted + (grads[name] * (clean[name] - corr[name])).flatten(2).sum(-1).mean(0)
             assert (grid.scores[l] - ref).abs().max() < 1e-4, (kind, l)
             if kind == "mlp":
                 assert float(a.layer_scores[l]) == pytest.approx(float(ref[-1]), abs=1e-4)

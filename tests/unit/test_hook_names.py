@@ -86,7 +86,7 @@ def test_hybrid_hook_shapes_are_declared():
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_full",
-                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe"])
+                                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "deepseek_v32", "glm_moe_dsa", "deepseek_v4"])
 def test_from_config_accepts_transformers_config_objects(name):
     import torch
     import transformers
@@ -107,6 +107,12 @@ V3_ROUTED = ["mlp.hook_router_logits", "mlp.hook_router_scores", "mlp.hook_route
              "mlp.hook_expert_indices", "mlp.hook_expert_weights", "mlp.hook_expert_out", "mlp.hook_routed_out",
              "mlp.shared_experts.hook_pre", "mlp.shared_experts.hook_post", "mlp.hook_shared_out"]
 
+# DeepSeek Sparse Attention: the indexer's hooks and the kept keys sit between RoPE and the scores;
+# a GLM-5 shared-indexer layer has no indexer, only the kept keys it reuses
+DSA_ATTN = MLA_ATTN[:8] + ["attn.indexer.hook_q", "attn.indexer.hook_k", "attn.indexer.hook_weights",
+                           "attn.indexer.hook_scores", "attn.hook_index_topk"] + MLA_ATTN[8:]
+DSA_SHARED_ATTN = MLA_ATTN[:8] + ["attn.hook_index_topk"] + MLA_ATTN[8:]
+
 
 def _layer(attn, mlp):
     return ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", *attn, "hook_attn_out", "hook_resid_mid",
@@ -117,6 +123,9 @@ V3_GOLDEN = {
     "deepseek_v3": expand([_layer(MLA_ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(MLA_ATTN, V3_ROUTED)] * 2),
     "glm4_moe_lite": expand([_layer(MLA_ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(MLA_ATTN, V3_ROUTED)] * 2),
     "glm4_moe": expand([_layer(ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(ATTN, V3_ROUTED)] * 2),
+    "deepseek_v32": expand([_layer(DSA_ATTN, ["mlp.hook_pre", "mlp.hook_post"])] + [_layer(DSA_ATTN, V3_ROUTED)] * 2),
+    "glm_moe_dsa": expand([_layer(DSA_ATTN, ["mlp.hook_pre", "mlp.hook_post"]), _layer(DSA_ATTN, V3_ROUTED),
+                           _layer(DSA_SHARED_ATTN, V3_ROUTED), _layer(DSA_ATTN, V3_ROUTED)]),
 }
 
 

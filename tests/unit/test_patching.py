@@ -171,7 +171,7 @@ def test_add_delta_of_expert_contributions_matches_restore_experts(model):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2_lite", "deepseek_v3",
-                                  "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe"])
+                                  "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoeshared", "minimax_m2", "ernie4_5_moe", "phimoe", "deepseek_v32", "glm_moe_dsa"])
 def test_cache_decompositions(arch, tiny_dirs):
     if arch.startswith("deepseek") and "DeepseekV2ForCausalLM" not in ARCHITECTURES:
         pytest.skip("DeepSeek-V2 support not registered")

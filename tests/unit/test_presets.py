@@ -88,6 +88,7 @@ def test_names_and_aliases():
         "mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite",
     ]
     for alias in ("deepseek-v3", "kimi-k2", "glm-4.5", "glm-4.5-air", "glm-4.7-flash", "qwen3.5-35b-a3b",
+                  "deepseek-v3.2-exp", "glm-5", "deepseek-v4-flash",
                   "qwen3.6-35b-a3b", "qwen3-next-80b-a3b",
                   "gpt-oss-20b", "gpt-oss-120b"):
         assert alias in presets.list_presets(aliases=True)
@@ -294,3 +295,17 @@ def test_translated_semantics_of_the_v3_family_presets():
     flash = moelens_meta("zai-org/GLM-4.7-Flash").cfg
     assert flash.attention == "mla" and flash.rotary_dim is None and flash.moe_layers == list(range(1, 47))
     assert moelens_meta("zai-org/GLM-4.7-Flash").blocks[1].attn.scale == pytest.approx(256**-0.5)
+
+
+def test_translated_semantics_of_the_dsa_presets():
+    v32 = moelens_meta("deepseek-ai/DeepSeek-V3.2-Exp").cfg
+    assert v32.dsa and (v32.index_n_heads, v32.index_head_dim, v32.index_topk, v32.index_rope) == (64, 128, 2048, "half")
+    assert v32.moe_layers == list(range(3, 61)) and v32.yarn["factor"] == 40 and v32.index_shared_layers == []
+    glm5 = moelens_meta("zai-org/GLM-5").cfg
+    assert glm5.dsa and (glm5.index_n_heads, glm5.index_topk, glm5.index_rope) == (32, 2048, "deinterleave")
+    assert glm5.moe_layers == list(range(3, 78)) and glm5.yarn is None and glm5.rope_theta == 1e6
+    assert (glm5.qk_nope_head_dim, glm5.v_head_dim, glm5.q_lora_rank) == (192, 256, 2048)
+    v4 = moelens_meta("deepseek-ai/DeepSeek-V4-Flash").cfg
+    assert v4.compress_kinds == ("none", "none") + ("csa", "hca") * 20 + ("csa",) and v4.hash_moe_layers == [0, 1, 2]
+    assert (v4.hc_mult, v4.rotary_dim, v4.top_k, v4.index_topk, v4.sliding_window) == (4, 64, 6, 512, 128)
+    assert v4.compress_yarn["factor"] == 16 and v4.compress_yarn["attention_factor"] == 1.0
