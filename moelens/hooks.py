@@ -59,17 +59,18 @@ class ShapedHookPoint(HookPoint):
 POS_AXES = ("pos", "query_pos")  # the position axis of a hook (attention scores: the query, as TransformerLens)
 
 
-def pos_dim(hook, ndim: int) -> int:
+def pos_dim(hook, ndim: int) -> Optional[int]:
     """The position axis of ``hook``'s activation as a negative index (valid with or without the batch
-    axis): from its annotation for a :class:`ShapedHookPoint`, else TransformerLens' rule (``-3`` for
-    ``hook_q/k/v/z/result``, ``-2`` otherwise)."""
+    axis): from its annotation for a :class:`ShapedHookPoint` (None where the annotation has no
+    ``pos`` / ``query_pos`` axis), else TransformerLens' rule (``-3`` for ``hook_q/k/v/z/result``,
+    ``-2`` otherwise)."""
     dims = getattr(hook, "dims", None)
     if dims is not None:
         names = dims.split()
         for axis in POS_AXES:
             if axis in names:
                 return names.index(axis) - len(names)
-        raise ValueError(f"{hook.name} [{dims}] has no position axis: pos_slice cannot apply to it")
+        return None  # no position axis (DeepSeek-V4's compressed entries [batch, csa_pos, ...]): kept whole
     if hook.name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")):
         return -3
     return -2

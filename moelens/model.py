@@ -463,7 +463,8 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
         position axis, read from its shape annotation (:func:`moelens.hooks.pos_dim`): ``pos`` (or
         ``query_pos`` for attention scores and patterns, as TransformerLens) wherever it sits, e.g.
         axis 1 of ``attn.hook_rot_q [batch, pos, head, d_head]`` and of ``mlp.hook_expert_out
-        [batch, pos, top_k, d_model]``. An ``int`` keeps the axis (length 1), as in TransformerLens."""
+        [batch, pos, top_k, d_model]``. An ``int`` keeps the axis (length 1), as in TransformerLens. A hook
+        whose annotation has no position axis (DeepSeek-V4's compressed entries) is cached whole."""
         from transformer_lens.utilities import Slice
 
         from moelens.hooks import pos_dim
@@ -478,7 +479,7 @@ class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):
                 save(tensor, hook=hook)
                 key = hook.name + suffix
                 dim = pos_dim(hook, cache[key].ndim)
-                if cache[key].ndim >= -dim:
+                if dim is not None and cache[key].ndim >= -dim:  # hooks without a position axis: whole
                     cache[key] = pos_slice.apply(cache[key], dim=dim)
             hook.__name__ = hook.__qualname__ = "save_hook"
             return hook
