@@ -157,6 +157,9 @@ class MoEConfig:
     router_renorm_min: float = 0.0  # ERNIE-4.5: the top-k sum is clamped to at least this before renormalising
     # ERNIE-4.5: transformers holds the correction bias as a (frozen) parameter, so parameter counts include it
     correction_bias_counted: bool = False
+    # the correction bias stays fp32 in a bf16 model even where the router weight does not (DeepSeek-V4's
+    # _keep_in_fp32_modules_strict lists e_score_correction_bias but not gate.weight)
+    correction_bias_fp32: bool = False
     router_fp32_params: bool = False  # router weight (and bias) stay fp32 in a bf16 model (V3 / GLM)
     # block layout: which RMSNorms surround each branch. "pre" norms read the residual stream
     # (ln1 / ln2); "post" norms normalise the branch's output before it is added (OLMo-2 / FlexOlmo:

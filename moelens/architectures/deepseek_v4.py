@@ -131,7 +131,7 @@ def translate(hf: dict) -> dict:
         index_n_heads=hf["index_n_heads"], index_head_dim=hf["index_head_dim"], index_topk=hf["index_topk"],
         hc_mult=hf["hc_mult"], hc_sinkhorn_iters=hf["hc_sinkhorn_iters"], hc_eps=float(hf["hc_eps"]),
         hash_moe_layers=[l for l, t in enumerate(mlp_types) if t == "hash_moe"],
-        router_score_func="sqrtsoftplus", router_correction_bias=True, topk_method="greedy", topk_sorted=False,
+        router_score_func="sqrtsoftplus", router_correction_bias=True, correction_bias_fp32=True, topk_method="greedy", topk_sorted=False,
         norm_topk_prob=True, router_renorm_eps=1e-20, routed_scaling_factor=float(hf["routed_scaling_factor"]),
         norm_weight_fp32=True, norm_keep_fp32=True, expert_act="clamped_silu", swiglu_limit=float(hf["swiglu_limit"]), d_shared=hf["moe_intermediate_size"],
     )

@@ -126,6 +126,10 @@ class HyperBlock(nn.Module):
     (the attention output before ``post`` spreads it over the streams), ``ffn_hc.*``, ``ln2.*``,
     ``mlp.*``, ``hook_mlp_out`` ``[batch, pos, d_model]``."""
 
+    # what analyses read off a TransformerBlock: no pre/post-norm pairs, parallel branches or scalar here
+    ln1_post = ln2_post = layer_scalar = None
+    parallel = False
+
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         from moelens.components.block import make_attention

@@ -116,12 +116,14 @@ class Router(nn.Module):
     def _apply(self, fn, recurse=True):
         """``model.to(bfloat16)`` keeps the router in fp32 where transformers does
         (``_keep_in_fp32_modules_strict`` of the DeepSeek-V3 family and ERNIE-4.5), the correction bias
-        with it; elsewhere (MiniMax-M2) the bias follows the model's dtype, as in transformers."""
+        with it (and alone with ``cfg.correction_bias_fp32``: DeepSeek-V4); elsewhere (MiniMax-M2) the
+        bias follows the model's dtype, as in transformers."""
         super()._apply(fn, recurse)
         if self.cfg.router_fp32_params:  # the router weight and the correction bias (buffer or parameter)
             for p in self.parameters(recurse=False):
                 if p.dtype != torch.float32 and p.is_floating_point():
                     p.data = p.data.float()
+        if self.cfg.router_fp32_params or self.cfg.correction_bias_fp32:
             b = self._buffers.get("b_correction")
             if b is not None and b.dtype != torch.float32:
                 self._buffers["b_correction"] = b.float()

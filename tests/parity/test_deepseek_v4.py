@@ -400,8 +400,8 @@ def test_hook_order_is_execution_order(pair):
              "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ffn_hc.hook_pre"]
     assert names[: len(order)] == [f"blocks.1.{n}" for n in order]
     assert names[-2:] == ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
-    assert list(pair.model.hook_dict)[-4:] == ["hc_head.hook_pre", "hc_head.hook_collapsed", "ln_final.hook_scale",
-                                               "ln_final.hook_normalized"]
+    assert list(pair.model.hook_dict)[-6:] == ["hc_head.hook_pre", "hc_head.hook_collapsed", "ln_final.hook_scale",
+                                               "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
 
 
 def test_deepseek_hub_names_without_model_prefix_load(pair, tmp_path):
