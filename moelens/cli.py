@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moelens.cli_common import HelpFormatter
+
 IMAGE_FORMATS = ("png", "svg", "pdf")
 
 
@@ -146,18 +148,6 @@ def _merge(args) -> int:
 
 def _audit(args) -> int:  # never called: `moelens audit ...` is handed to the audit's own parser
     raise AssertionError("unreachable")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default; keeps the descriptions' line breaks. Flags (``--bos``,
-    ``--no-bos``), options without a default (None) and help texts that already say what the
-    default is get no second, misleading ``(default: ...)``."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

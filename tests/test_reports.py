@@ -107,19 +107,40 @@ def browser():
     d.quit()
 
 
-@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
-def test_report_draws_every_figure_in_chromium(runs, browser, run):
+def _visible_plots(browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get((runs[run] / "report.html").resolve().as_uri())
-    plots = browser.find_elements(By.CSS_SELECTOR, ".ml-plot")
-    assert plots
-    WebDriverWait(browser, 60).until(
-        lambda b: all(p.get_attribute("data-drawn") == "1" for p in b.find_elements(By.CSS_SELECTOR, ".ml-plot")))
-    for p in plots:  # plotly drew an SVG with data in every figure
+    return [p for p in browser.find_elements(By.CSS_SELECTOR, ".ml-plot") if p.is_displayed()]
+
+
+def _check_drawn_at_page_width(browser, plots):
+    """Every plot is drawn (an SVG with data) and spans the page's content width; nothing overflows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 60).until(lambda b: all(p.get_attribute("data-drawn") == "1" for p in plots))
+    content = browser.execute_script("return document.querySelector('h1').getBoundingClientRect().width")
+    for p in plots:
         assert p.find_elements(By.CSS_SELECTOR, ".main-svg"), p.get_attribute("id")
         assert browser.execute_script("return arguments[0].data.length", p) > 0
+        svg_width = browser.execute_script("return arguments[0].querySelector('.main-svg').getBoundingClientRect().width", p)
+        assert svg_width >= 0.95 * content, (p.get_attribute("data-name"), svg_width, content)
+        assert p.size["height"] > 100
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+@pytest.mark.parametrize("width", [1400, 1000])
+@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
+def test_report_draws_every_figure_in_chromium(runs, browser, run, width):
+    """Each figure is drawn at the page's width (at 1400 px and a laptop's 1000 px), those behind a
+    selector when their option is shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(width, 1000)
+    browser.get((runs[run] / "report.html").resolve().as_uri())
+    assert browser.find_elements(By.CSS_SELECTOR, ".ml-plot")
+    _check_drawn_at_page_width(browser, _visible_plots(browser))
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
     # every option of every selector shows its own panel, and its figures are drawn and visible
@@ -130,8 +151,7 @@ def test_report_draws_every_figure_in_chromium(runs, browser, run):
             panels = browser.find_elements(By.CSS_SELECTOR, f'.ml-panel[data-group="{group}"]')
             shown = [p for p in panels if p.is_displayed()]
             assert len(shown) == 1 and shown[0].get_attribute("data-index") == opt.get_attribute("value")
-            for plot in shown[0].find_elements(By.CSS_SELECTOR, ".ml-plot"):
-                assert plot.size["width"] > 100 and plot.size["height"] > 100
+            _check_drawn_at_page_width(browser, shown[0].find_elements(By.CSS_SELECTOR, ".ml-plot"))
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 

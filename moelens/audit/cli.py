@@ -21,7 +21,7 @@ def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moelens.cli import HelpFormatter  # one help style: defaults shown once, never for flags
+    from moelens.cli_common import HelpFormatter  # one help style: defaults shown once, never for flags
 
     p = argparse.ArgumentParser(
         prog="moelens audit", formatter_class=HelpFormatter,
@@ -218,7 +218,7 @@ def _paper_main(args, names) -> int:
 
         results = run_planned(plans, model, args.out, progress=not args.no_progress)
         _print_experiments(results, args.out)
-    from moelens.audit.html_report import write_paper_report
+    from moelens.plotting.audit_report import write_paper_report
 
     write_paper_report(res, Path(args.out) / "report.html", experiments=results, image_format=args.image_format)
     print(f"\nwrote {Path(args.out) / 'report.html'}, summary.csv, pairs.csv, stats.csv, control.csv "
@@ -308,7 +308,7 @@ def audit_main(argv: Optional[Sequence[str]] = None, debug: bool = False) -> int
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     _print_experiments(results, args.out)
     if args.image_format or results:
-        from moelens.audit.html_report import write_audit_report
+        from moelens.plotting.audit_report import write_audit_report
 
         write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format, experiments=results)
     print(f"\nwrote {Path(args.out) / 'report.html'} (every figure), summary.csv, stats.json, effects.jsonl")

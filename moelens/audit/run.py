@@ -253,7 +253,7 @@ def run_audit(
                          scope=scope, out_dir=out)
     if out is not None:
         summary.to_csv(out / "summary.csv", index=False)
-        from moelens.audit.html_report import write_audit_report
+        from moelens.plotting.audit_report import write_audit_report
 
         write_audit_report(result, out / "report.html")  # one file, every figure
     return result

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from moelens.tracing.cases import FactCase
+from moelens.tracing.cases import case_key as _case_key
 from moelens.tracing.fingerprint import (
     ResumeError, case_fingerprint, facts_identity, model_fingerprint, settings_fingerprint,
 )
@@ -104,10 +105,6 @@ def _argmax(keys, values) -> object:
     """The first of ``keys`` with the highest ``values[k]``; NaN counts as lowest (plain ``max`` keeps a
     leading NaN, since every comparison with it is false)."""
     return max(keys, key=lambda k: values[k] if np.isfinite(values[k]) else -np.inf)
-
-
-def _case_key(case: FactCase, index: int) -> str:
-    return str(case.case_id) if case.case_id is not None else f"#{index}"
 
 
 def world() -> tuple[int, int]:
@@ -548,15 +545,15 @@ class ProtocolSummary:
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
             "splits": self.splits, "table": self.table.to_dict(orient="records"),
         }), indent=1, allow_nan=False))
-        from moelens.tracing.report import write_trace_report
+        from moelens.plotting.trace_report import write_trace_report
 
         write_trace_report(out_dir, self)  # report.html: every figure, one file
 
     def plot(self, title: Optional[str] = None):
         """The validation quantities with their 95% bootstrap CIs."""
-        from moelens import plotting
+        from moelens.plotting.tracing import protocol_summary
 
-        return plotting.protocol_summary(self.table, title=title or "Validation: rescue with 95% bootstrap CIs")
+        return protocol_summary(self.table, title=title or "Validation: rescue with 95% bootstrap CIs")
 
     def __str__(self) -> str:
         from moelens.formatting import format_p

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from moelens import patching as P
 from moelens.tracing.cases import FactCase, TokenizedCase, tokenize_case
-from moelens.tracing.engine import BaseRun, SuffixEngine, base_names_filter
+from moelens.tracing.engine import KIND_HOOKS, BaseRun, SuffixEngine, base_names_filter, corrupted_run_with_gradients
 
 _EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_router_scores",
                  "hook_routed_out", "hook_shared_out")
@@ -38,7 +38,6 @@ def tracing_names_filter(name: str) -> bool:
     keys/values and the expert hooks (never attention patterns, so SDPA numerics are kept)."""
     return base_names_filter(name) or name.endswith(_EXPERT_HOOKS)
 
-KIND_HOOKS = {"mlp": "mlp_out", "resid": "resid_post", "attn": "attn_out"}
 PositionSpec = Union[str, int, Sequence[int]]
 
 
@@ -271,8 +270,6 @@ def prepare(
         batch = tokens.expand(z.shape[0], -1)
         grads = None
         if gradients:
-            from moelens.tracing.attribution import corrupted_run_with_gradients
-
             corrupted_logits, corrupted_cache, grads = corrupted_run_with_gradients(
                 model, batch, corrupt, metric, names_filter, gradients, cache_device)
         else:
@@ -639,7 +636,7 @@ class ExpertGridResult(TraceResult):
 
     def plot(self, title: Optional[str] = None):
         """Layers x experts heatmap of the normalised rescue (clean-routed experts ringed)."""
-        from moelens.tracing.attribution_plots import expert_attribution_heatmap
+        from moelens.plotting.attribution import expert_attribution_heatmap
 
         p = self.positions[-1]
         return expert_attribution_heatmap(

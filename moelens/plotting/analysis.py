@@ -1,10 +1,13 @@
-"""Figures for the expert-level attributions (plotly; ``fig.write_html`` for an offline page)."""
+"""Figures of the analysis tools (:mod:`moelens.analysis`): expert-level direct logit attribution and
+router-logit attribution heatmaps (plotly; ``fig.write_html`` for an offline page)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+
+from moelens.plotting.style import HOVER, base_layout, cell_text, heatmap_size
 
 
 def _diverging_range(z: np.ndarray) -> float:
@@ -46,11 +49,13 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
     metric = df.attrs.get("metric", "direct logit attribution")
     tok = d["token"].iloc[0] if "token" in d and d["token"].iloc[0] is not None else None
     where = f"position {position}" + (f" ({tok!r})" if tok is not None else "")
+    plot_h, _, show = heatmap_size(len(layers), len(cols), value_chars=5)
     fig = go.Figure(
         go.Heatmap(
             z=z, x=cols, y=ylabels, colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m,
             colorbar=dict(title="logit"),
-            hovertemplate="layer %{y}<br>expert %{x}<br>attribution %{z:.4g}<extra></extra>",
+            hovertemplate="layer %{y}<br>expert %{x}<br>attribution %{z:" + HOVER + "}<extra></extra>",
+            **cell_text(show),
         )
     )
     fig.add_trace(
@@ -59,16 +64,13 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
                    hoverinfo="skip")
     )
     n_cols, n_rows = len(cols), len(layers)
-    fig.update_layout(
-        title=title or f"Experts' {metric}<br><sup>at {where}; circles: routed there</sup>",
+    base_layout(
+        fig, title or f"Experts' {metric}<br><sup>at {where}; circles: routed there</sup>", plot_height=plot_h,
         showlegend=False,
-        template="plotly_white",
         xaxis=dict(title="expert", type="category", tickangle=0 if n_cols <= 32 else -90,
                    nticks=min(n_cols, 64)),
         yaxis=dict(title="layer", type="category", autorange="reversed"),
-        width=int(min(1800, max(760, 200 + 14 * n_cols))),
-        height=int(min(1400, max(380, 180 + 22 * n_rows))),
-        margin=dict(l=70, r=40, t=90, b=90),
+        margin=dict(l=70, r=40, b=90),
     )
     return fig
 
@@ -105,23 +107,23 @@ def router_attribution_heatmap(ra, batch: int = 0, position: int = -1, top: int 
         tok = ra.str_tokens[batch][position]
     n_pos = ra.values.shape[2]
     where = f"position {position % n_pos}" + (f" ({tok!r})" if tok is not None else "")
+    plot_h, _, show = heatmap_size(len(labels), len(xlabels), value_chars=5)
     fig = go.Figure(
         go.Heatmap(
             z=z, x=xlabels, y=labels, colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m,
             colorbar=dict(title="router logit"),
-            hovertemplate="%{y}<br>expert %{x}<br>contribution %{z:.4g}<extra></extra>",
+            hovertemplate="%{y}<br>expert %{x}<br>contribution %{z:" + HOVER + "}<extra></extra>",
+            **cell_text(show),
         )
     )
     n_cols = len(xlabels)
-    fig.update_layout(
-        title=title or (f"Router-logit attribution, layer {ra.layer}, {where}<br><sup>contribution of each upstream "
-                        f"component to each expert's router logit (frozen ln2 scale); * = chosen experts</sup>"),
-        template="plotly_white",
+    base_layout(
+        fig, title or (f"Router-logit attribution, layer {ra.layer}, {where}<br><sup>contribution of each upstream "
+                       f"component to each expert's router logit (frozen ln2 scale); * = chosen experts</sup>"),
+        plot_height=plot_h,
         xaxis=dict(title="expert", type="category", tickangle=0 if n_cols <= 32 else -90),
-        yaxis=dict(title="upstream component", type="category", autorange="reversed"),
-        width=int(min(1800, max(760, 260 + 14 * n_cols))),
-        height=int(max(420, 170 + 22 * len(labels))),
-        margin=dict(l=140, r=40, t=90, b=70),
+        yaxis=dict(title="upstream component", type="category", autorange="reversed", automargin=True),
+        margin=dict(l=140, r=40, b=70),
     )
     return fig
 
