@@ -240,6 +240,18 @@ def format_duration(seconds: float) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
+def announce_images(image_format: Optional[str], n_figures: Optional[int] = None) -> None:
+    """One line on stderr before static images are written (they take seconds: kaleido starts a
+    headless Chromium, then draws every figure), so a slow step is never silent."""
+    if not image_format:
+        return
+    import sys
+
+    what = f"{n_figures} figures" if n_figures is not None else "every figure"
+    print(f"moelens: writing {what} as {image_format.upper()} too (kaleido + Chromium: a few seconds more)",
+          file=sys.stderr)
+
+
 def _export_figure(fig):
     """The figure as a static image draws it: at :data:`~moelens.plotting.style.EXPORT_WIDTH` px
     when it has no width of its own (figures take the page's width in a report)."""

@@ -104,7 +104,7 @@ def build_trace_report(out_dir, summary, cases: Optional[Sequence] = None):
         labels = {case_key(c, i): f"{c.prompt} -> {c.target_true}" for i, c in enumerate(cases)}
     layers = [int(l) for l in summary.layer_means]
     c = summary.counts
-    rep = Report(f"moelens trace: {settings.get('model') or 'model'}",
+    rep = Report(f"moelens trace: {settings.get('model') or 'model'}", run_seconds=getattr(summary, "run_seconds", None),
                  subtitle=f"{c['total']} cases, {c['kept']} kept ({c['discovery']} discovery / {c['validation']} "
                           f"validation), {c['errors']} errors. Layer {summary.layer} and expert "
                           f"L{summary.layer}E{summary.expert} chosen on discovery cases, evaluated on validation "

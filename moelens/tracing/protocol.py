@@ -349,13 +349,21 @@ def run_protocol(
     model_name: str = "",
     facts_source=None,
     progress: bool = True,
+    started: Optional[float] = None,
 ) -> "ProtocolSummary":
     """Run (or resume) the whole protocol; returns the summary and writes it into ``out_dir``.
 
     ``facts_source``: where ``cases`` were read from (a path or dataset id), recorded so that a rerun
     into the same ``out_dir`` with another source is refused. ``model_name``: how the model is
-    named in the outputs (the model's identity is its content fingerprint)."""
+    named in the outputs (the model's identity is its content fingerprint). ``started``: the
+    ``time.time()`` the run began (default: now; the command line passes its own start, so the
+    model's loading counts): the run's wall time is ``summary.run_seconds``, in summary.json and
+    the report."""
+    import time
+
     from tqdm.auto import tqdm
+
+    started = time.time() if started is None else float(started)
 
     if not cases:
         raise ValueError("no cases to trace")
@@ -446,6 +454,7 @@ def run_protocol(
     _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, model.cfg.n_experts)
     summary.counts["skipped_records"] = len(getattr(cases, "skipped", []) or [])  # malformed records of the file
+    summary.run_seconds = time.time() - started
     if rank == 0:
         summary.write(out_dir)
     return summary
@@ -523,6 +532,12 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
     kept = [screened[k] for k in keys if screened[k].get("kept")]
     _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, n_experts)
+    previous = out_dir / "summary.json"
+    if previous.exists():  # the run's wall time stays the run's (merging takes a second)
+        try:
+            summary.run_seconds = json.loads(previous.read_text()).get("run_seconds")
+        except (json.JSONDecodeError, AttributeError):
+            pass
     summary.write(out_dir)
     return summary
 
@@ -537,13 +552,14 @@ class ProtocolSummary:
     expert_recurrence: list  # discovery fraction of cases where each expert was clean-active
     counts: dict
     splits: Optional[dict] = None  # case key -> "discovery" / "validation", for the current selection
+    run_seconds: Optional[float] = None  # wall time of the run that computed it (run_protocol's `started` to the end)
 
     def write(self, out_dir: Path) -> None:
         self.table.to_csv(out_dir / "summary.csv", index=False)
         (out_dir / "summary.json").write_text(json.dumps(_json_safe({
             "layer": self.layer, "expert": self.expert, "layer_means": self.layer_means,
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
-            "splits": self.splits, "table": self.table.to_dict(orient="records"),
+            "splits": self.splits, "table": self.table.to_dict(orient="records"), "run_seconds": self.run_seconds,
         }), indent=1, allow_nan=False))
         from moelens.plotting.trace_report import write_trace_report
 

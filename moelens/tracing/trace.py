@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from moelens import patching as P
+from moelens.formatting import format_number
 from moelens.tracing.cases import FactCase, TokenizedCase, tokenize_case
 from moelens.tracing.engine import KIND_HOOKS, BaseRun, SuffixEngine, base_names_filter, corrupted_run_with_gradients
 
@@ -389,7 +390,7 @@ class LayerTraceResult(TraceResult):
         return pd.DataFrame(rows)
 
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import restoration_heatmap
+        from moelens.plotting.tracing import restoration_heatmap
 
         return restoration_heatmap(
             self.scores, self.str_tokens, subject_positions=self.subject_positions, layers=self.layers,
@@ -423,7 +424,7 @@ class ExpertTraceResult(TraceResult):
         return [(int(e), float(self.scores[e])) for e in order]
 
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import expert_rescue_bar
+        from moelens.plotting.experts import expert_rescue_bar
 
         # the plotted quantity is the normalised rescue (0 = corrupted, 1 = clean), not the raw contrast
         rescue = [float(self.rescue(float(s))) for s in self.scores]
@@ -461,15 +462,27 @@ class CoalitionResult(TraceResult):
         df["rescue"] = [float(self.rescue(s)) for s in df["score"]]
         return df
 
+    @property
+    def rule(self) -> str:
+        """The rule the greedy search followed, in words: it moves the metric the way restoring the
+        whole layer does (``sign``), so for a layer whose restoration lowers the metric it adds the
+        expert that lowers it most, not the one that helps most."""
+        if self.sign >= 0:
+            return ("greedy rule: each step adds the expert that raises the metric most "
+                    "(restoring the whole layer raises it)")
+        return ("greedy rule: each step adds the expert that lowers the metric most "
+                "(restoring the whole layer lowers it, and the search follows the layer's sign)")
+
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import coalition_curve
+        from moelens.plotting.coalitions import coalition_curve
 
         # normalised rescue, starting from the empty coalition (the corrupted run, rescue 0)
         values = [0.0] + [float(self.rescue(float(v))) for v in self.curve]
         target = self.target_fraction * float(self.rescue(self.layer_score))
         return coalition_curve(list(range(len(values))), values, labels=["(none)"] + [f"+E{e}" for e in self.greedy],
                                target=target, target_label=f"target: {self.target_fraction:.0%} of the whole "
-                               f"layer's rescue ({target:.3g})", layer_rescue=float(self.rescue(self.layer_score)),
+                               f"layer's rescue ({format_number(target)})", layer_rescue=float(self.rescue(self.layer_score)),
+                               rule=self.rule,
                                title=title or f"Greedy coalition at layer {self.layer}: "
                                f"{self.case.get('prompt', '')!r}")
 
