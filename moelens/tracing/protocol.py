@@ -573,6 +573,7 @@ class ProtocolSummary:
 
     def __str__(self) -> str:
         from moelens.formatting import format_p
+        from moelens.plotting.report import format_duration
 
         c = self.counts
         n_skip = c.get("skipped_records") or 0
@@ -584,7 +585,10 @@ class ProtocolSummary:
         table = self.table.copy()
         if "p_value" in table:
             table["p_value"] = [format_p(p) for p in table["p_value"]]
-        return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:+.3f}")
+        from moelens.formatting import format_number
+
+        run = f"\nrun time {format_duration(self.run_seconds)}" if self.run_seconds is not None else ""
+        return head + run + "\n" + table.to_string(index=False, float_format=format_number)
 
 
 def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: ProtocolConfig, n_experts: int) -> ProtocolSummary:
