@@ -160,8 +160,7 @@ class Report:
             return f"<p>{html.escape(it[1])}</p>"
         if kind == "table":
             _, df, caption, formatters, collapsed = it
-            table = df.to_html(index=False, escape=True, border=0, classes="ml-table", na_rep="n/a",
-                               formatters=formatters or None, float_format=format_number)
+            table = _table_html(df, formatters)
             if collapsed:
                 return f"<details><summary>{html.escape(caption or 'table')}</summary>{table}</details>"
             cap = f"<p class='ml-caption'>{html.escape(caption)}</p>" if caption else ""
@@ -170,7 +169,8 @@ class Report:
             _, settings, caption = it
             rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(format_settings_value(v))}</td></tr>"
                            for k, v in settings.items())
-            return f"<details open><summary>{html.escape(caption)}</summary><table class='ml-table'>{rows}</table></details>"
+            return (f"<details open><summary>{html.escape(caption)}</summary><table class='ml-table ml-settings'>{rows}"
+                    f"</table></details>")
         raise TypeError(f"unknown report item {it!r}")
 
     def to_html(self) -> str:
@@ -202,6 +202,31 @@ class Report:
             write_images([as_figure(f.fig) if isinstance(f.fig, dict) else f.fig for f in figs], [path.parent / f"{f.name}.{image_format}" for f in figs],
                          scale=image_scale)
         return path
+
+
+def _is_number(v) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Number) and not isinstance(v, bool)
+
+
+def _table_html(df, formatters: Optional[dict] = None) -> str:
+    """A DataFrame as an HTML table: numbers to three significant digits
+    (:func:`~moelens.formatting.format_number`) and right-aligned, text left-aligned, NaN as n/a;
+    ``formatters`` maps a column to its own ``value -> str``."""
+    formatters = formatters or {}
+    cols = list(df.columns)
+    numeric = {c: all(_is_number(v) or v is None for v in df[c].tolist()) for c in cols}
+    head = "".join(f'<th class="{"ml-num" if numeric[c] else "ml-text"}">{html.escape(str(c))}</th>' for c in cols)
+    rows = []
+    for rec in df.itertuples(index=False, name=None):
+        cells = []
+        for c, v in zip(cols, rec):
+            text = formatters[c](v) if c in formatters else (format_number(v) if _is_number(v) or v is None
+                                                              else str(v))
+            cells.append(f'<td class="{"ml-num" if numeric[c] else "ml-text"}">{html.escape(text)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="ml-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _spec_json(fig) -> str:
@@ -322,8 +347,9 @@ padding:0 24px;color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:4px} h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
 .ml-sub{color:#555;margin-top:0}
 .ml-table{border-collapse:collapse;font-size:0.9em;margin:8px 0}
-.ml-table th,.ml-table td{border-bottom:1px solid #e3e3e3;padding:3px 10px;text-align:right}
-.ml-table th{background:#f6f6f6} .ml-table td:first-child,.ml-table th:first-child{text-align:left}
+.ml-table th,.ml-table td{border-bottom:1px solid #e3e3e3;padding:3px 10px;text-align:left;vertical-align:top}
+.ml-table th{background:#f6f6f6} .ml-table .ml-num{text-align:right;font-variant-numeric:tabular-nums}
+.ml-settings td{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:0.95em}
 .ml-figure{margin:16px 0 28px 0;width:100%} .ml-plot{width:100%}
 .ml-figure figcaption{color:#333;font-size:0.92em;max-width:75em}
 .ml-selector{margin:12px 0;padding:8px;background:#f4f7fb;border:1px solid #d8e2ef;border-radius:4px}
@@ -338,7 +364,7 @@ function mlDraw(el){
   var spec = JSON.parse(document.getElementById(el.id + '-spec').textContent);
   spec.layout = spec.layout || {};
   if(!spec.layout.template) spec.layout.template = mlTemplate();
-  Plotly.newPlot(el, spec.data, spec.layout || {}, {displaylogo:false, responsive:true});
+  Plotly.newPlot(el, spec.data, spec.layout || {}, {displaylogo:false, responsive:true, displayModeBar:'hover'});
   el.dataset.drawn = '1';
 }
 var mlTemplateCache = null;

@@ -35,7 +35,7 @@ MIN_ROW_PX = 15  # px: the least a row gets (48 layers -> 720 px)
 LABEL_GAP_PX = 18  # px between two colour-bar labels (the 12 px font plus air)
 CHAR_PX = 6.6  # px per character of the 11 px cell-value font
 HOVER = ".3g"  # d3 format of hovered values: three significant digits
-TITLE_WIDTH = 900  # px over which titles are wrapped
+TITLE_WIDTH = 720  # px over which titles are wrapped (a 1000 px page's figure, less the tool bar's corner)
 
 
 def fmt(v: float) -> str:
