@@ -162,11 +162,18 @@ def test_static_export_with_system_chromium(tmp_path):
 
     if chromium_path() is None:
         pytest.skip("static export needs Chromium: apt-get install chromium")
+    from moelens.plotting.style import EXPORT_WIDTH
+
     rep = Report("export")
     rep.add_figure(plotting.layer_curve([0.1, 0.5], layers=[0, 1]), "a curve", name="curve")
+    heat = plotting.expert_rescue_heatmap([[0.1, 0.2], [0.3, -0.4]], layers=[0, 1])
+    rep.add_figure(heat, "a heatmap", name="heat")
     rep.write(tmp_path / "report.html", image_format="svg")
     svg = (tmp_path / "curve.svg").read_text()
     assert svg.lstrip().startswith("<svg") and "layer" in svg
+    # a page-wide figure is exported at EXPORT_WIDTH and at its own height (kaleido's default is 700 x 500)
+    head = (tmp_path / "heat.svg").read_text()[:400]
+    assert f'width="{EXPORT_WIDTH}"' in head and f'height="{heat.layout.height}"' in head, head
 
 
 def test_trace_report_lists_every_case(runs):

@@ -284,7 +284,8 @@ def _export_figure(fig):
 
     if fig.layout.width is None:
         fig = type(fig)(fig)  # a copy: the report's figure keeps the page's width
-        fig.update_layout(width=EXPORT_WIDTH)
+        # kaleido draws an autosized figure at its own default size (700 x 500): fix both
+        fig.update_layout(width=EXPORT_WIDTH, autosize=False)
     return fig
 
 
@@ -320,7 +321,10 @@ def write_images(figs: Sequence, paths: Sequence, scale: float = 2.0) -> list[Pa
 
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-    pio.write_images([_export_figure(f) for f in figs], [str(p) for p in paths], scale=scale)
+    figs = [_export_figure(f) for f in figs]
+    # explicit sizes: write_images would draw every figure at its default 700 x 500 otherwise
+    pio.write_images(figs, [str(p) for p in paths], scale=scale, width=[int(f.layout.width) for f in figs],
+                     height=[int(f.layout.height or 500) for f in figs])
     return paths
 
 
