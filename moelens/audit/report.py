@@ -140,6 +140,7 @@ class AuditResult:
     settings: dict
     scope: str = "next"
     out_dir: Optional[Path] = None
+    run_seconds: Optional[float] = None  # wall time of run_audit (shown in the report)
 
     def expert_table(self) -> pd.DataFrame:
         """Observational statistics joined with each expert's mean interventional effect when

@@ -1,21 +1,17 @@
 """Plotly figures and HTML reports for moelens results: one module per result family.
 
-============================  ==========================================================================
-module                        figures
-============================  ==========================================================================
-:mod:`~.style`                what every figure shares: input checks, colour scales, three-significant-digit
-                              numbers, sizing (page-wide figures, heatmaps sized to their data)
-:mod:`~.tracing`              :func:`restoration_heatmap`, :func:`layer_curve`, :func:`protocol_summary`
-:mod:`~.experts`              :func:`expert_rescue_heatmap`, :func:`expert_rescue_bar`
-:mod:`~.coalitions`           :func:`coalition_curve`
-:mod:`~.routing`              :func:`routing_map`
-:mod:`~.attribution`          :func:`expert_attribution_heatmap`
-:mod:`~.audit`                :func:`cohens_d_heatmap`, :func:`progressive_ablation_curve`
-:mod:`~.analysis`             :func:`expert_dla_heatmap`, :func:`router_attribution_heatmap`
-:mod:`~.report`               :class:`Report` (the one-file HTML report), :func:`save_html`, :func:`write_image`
-:mod:`~.trace_report`         the report of ``moelens trace`` / ``moelens merge``
-:mod:`~.audit_report`         the report of ``moelens audit``
-============================  ==========================================================================
+- `moelens.plotting.style`: what every figure shares: input checks, colour scales, three-significant-digit
+  numbers, sizing (page-wide figures, heatmaps sized to their data)
+- `moelens.plotting.tracing`: `restoration_heatmap`, `layer_curve`, `protocol_summary`
+- `moelens.plotting.experts`: `expert_rescue_heatmap`, `expert_rescue_bar`
+- `moelens.plotting.coalitions`: `coalition_curve`
+- `moelens.plotting.routing`: `routing_map`
+- `moelens.plotting.attribution`: `expert_attribution_heatmap`
+- `moelens.plotting.audit`: `cohens_d_heatmap`, `progressive_ablation_curve`
+- `moelens.plotting.analysis`: `expert_dla_heatmap`, `router_attribution_heatmap`
+- `moelens.plotting.report`: `Report` (the one-file HTML report), `save_html`, `write_image`, `write_images`
+- `moelens.plotting.trace_report` / `moelens.plotting.audit_report`: the reports of `moelens trace` /
+  `moelens merge` and of `moelens audit`
 
 Every figure function takes plain arrays (numpy arrays, torch tensors or nested lists) plus labels
 and returns a :class:`plotly.graph_objects.Figure`. Nothing here calls ``fig.show()``: result

@@ -22,7 +22,8 @@ def build_audit_report(result, experiments: Optional[dict] = None):
     s = result.summary
     rep = Report("moelens audit: do routing statistics predict an expert's causal importance?",
                  subtitle=f"Effect = increase of cross-entropy ({result.scope}) when one routed expert is removed "
-                          f"at one position. {len(result.effects)} ablations.")
+                          f"at one position. {len(result.effects)} ablations.",
+                 run_seconds=getattr(result, "run_seconds", None))
     rep.add_heading("Tests")
     cols = [c for c in ["metric", "layer", "n", "mean_diff", "cohens_d", "p_t", "p_wilcoxon", "p_holm"] if c in s]
     table = s[cols].copy()
