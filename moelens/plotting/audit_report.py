@@ -13,7 +13,7 @@ import pandas as pd
 
 
 def build_audit_report(result, experiments: Optional[dict] = None):
-    """A :class:`moelens.report.Report` for an :class:`~moelens.audit.report.AuditResult` (and the
+    """A :class:`moelens.plotting.report.Report` for an :class:`~moelens.audit.report.AuditResult` (and the
     results of :func:`moelens.audit.experiments.run_planned`, if any)."""
     from moelens.formatting import format_p
     from moelens.plotting.experts import expert_rescue_bar
@@ -92,7 +92,7 @@ def _fmt_p_columns(df, cols):
 
 
 def build_paper_report(res: dict, experiments: Optional[dict] = None):
-    """A :class:`moelens.report.Report` for :func:`moelens.audit.paper.run_paper_protocol`'s result:
+    """A :class:`moelens.plotting.report.Report` for :func:`moelens.audit.paper.run_paper_protocol`'s result:
     the per-token table, the routing-weight control, the further experiments and the settings."""
     from moelens.plotting.report import Report
 
