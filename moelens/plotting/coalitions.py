@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
 from moelens.plotting.style import (
-    HOVER, KIND_STYLE, RESCUE, RESCUE_AXIS, ROUTE_STYLE, base_layout, cell_text, diverging, fmt, format_token_labels,
-    heatmap_size, hline, html_text, index_list, label_list, py_scalar, to_numpy, token_strings,
+    RESCUE, RESCUE_AXIS, base_layout, fmt, hline, py_scalar, to_numpy,
 )
 
-__all__ = ['coalition_curve']
+__all__ = ["coalition_curve"]
 
 
 def coalition_curve(

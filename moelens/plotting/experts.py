@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
 from moelens.plotting.style import (
-    HOVER, KIND_STYLE, as_figure, layout_spec, RESCUE, RESCUE_AXIS, ROUTE_STYLE, base_layout, cell_text, diverging, fmt, format_token_labels,
-    expert_ticks, heatmap_size, hline, html_text, index_list, label_list, py_scalar, to_numpy, token_strings,
+    RESCUE, RESCUE_AXIS, ROUTE_STYLE, as_figure, base_layout, cell_text, diverging, expert_ticks, fmt, heatmap_size,
+    hline, html_text, index_list, label_list, layout_spec, to_numpy,
 )
 
 __all__ = ["expert_rescue_heatmap", "expert_rescue_bar", "expert_rescue_bar_spec"]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
 from moelens.plotting.style import (
-    HOVER, KIND_STYLE, RESCUE, RESCUE_AXIS, ROUTE_STYLE, base_layout, cell_text, diverging, fmt, format_token_labels,
-    expert_ticks, heatmap_size, html_text, index_list, label_list, py_scalar, to_numpy, token_strings,
+    base_layout, expert_ticks, fmt, format_token_labels, heatmap_size, to_numpy, token_strings,
 )
 
-__all__ = ['routing_map']
+__all__ = ["routing_map"]
 
 
 def routing_map(

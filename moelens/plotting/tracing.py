@@ -4,7 +4,6 @@ and the validation summary of the dataset protocol."""
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,8 +12,8 @@ import plotly.graph_objects as go
 
 from moelens.formatting import format_p
 from moelens.plotting.style import (
-    HOVER, KIND_STYLE, as_figure, layout_spec, RESCUE, RESCUE_AXIS, ROUTE_STYLE, base_layout, cell_text, diverging, fmt, format_token_labels,
-    heatmap_size, hline, html_text, vline, index_list, label_list, py_scalar, to_numpy, token_strings,
+    HOVER, KIND_STYLE, RESCUE_AXIS, as_figure, base_layout, cell_text, diverging, fmt, format_token_labels,
+    heatmap_size, hline, html_text, index_list, label_list, layout_spec, to_numpy, token_strings, vline,
 )
 
 __all__ = ["restoration_heatmap", "layer_curve", "layer_curve_spec", "protocol_summary"]
