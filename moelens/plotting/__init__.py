@@ -2,10 +2,10 @@
 
 - `moelens.plotting.style`: what every figure shares: input checks, colour scales, three-significant-digit
   numbers, sizing (page-wide figures, heatmaps sized to their data)
-- `moelens.plotting.tracing`: `restoration_heatmap`, `layer_curve`, `protocol_summary`
+- `moelens.plotting.tracing`: `restoration_heatmap`, `layer_curve`, `protocol_summary`, `sweep_bar`
 - `moelens.plotting.experts`: `expert_rescue_heatmap`, `expert_rescue_bar`
 - `moelens.plotting.coalitions`: `coalition_curve`
-- `moelens.plotting.routing`: `routing_map`
+- `moelens.plotting.routing`: `routing_map`, `generation_routing_map`
 - `moelens.plotting.attribution`: `expert_attribution_heatmap`
 - `moelens.plotting.audit`: `cohens_d_heatmap`, `progressive_ablation_curve`
 - `moelens.plotting.analysis`: `expert_dla_heatmap`, `router_attribution_heatmap`
@@ -37,15 +37,17 @@ from moelens.plotting.audit import cohens_d_heatmap, progressive_ablation_curve
 from moelens.plotting.coalitions import coalition_curve
 from moelens.plotting.experts import expert_rescue_bar, expert_rescue_heatmap
 from moelens.plotting.report import Report, save_html, write_image
-from moelens.plotting.routing import routing_map
+from moelens.plotting.routing import generation_routing_map, routing_map
 from moelens.plotting.style import RESCUE, RESCUE_AXIS, format_token_labels
-from moelens.plotting.tracing import layer_curve, protocol_summary, restoration_heatmap
+from moelens.plotting.tracing import layer_curve, protocol_summary, restoration_heatmap, sweep_bar
 
 __all__ = [
     "restoration_heatmap",
     "expert_rescue_heatmap",
     "expert_rescue_bar",
     "routing_map",
+    "generation_routing_map",
+    "sweep_bar",
     "coalition_curve",
     "protocol_summary",
     "layer_curve",

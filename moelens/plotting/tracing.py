@@ -16,7 +16,7 @@ from moelens.plotting.style import (
     heatmap_size, hline, html_text, index_list, label_list, layout_spec, to_numpy, token_strings, vline,
 )
 
-__all__ = ["restoration_heatmap", "layer_curve", "layer_curve_spec", "protocol_summary"]
+__all__ = ["restoration_heatmap", "layer_curve", "layer_curve_spec", "protocol_summary", "sweep_bar"]
 
 
 def restoration_heatmap(
@@ -289,4 +289,18 @@ def protocol_summary(df: Any, title: str | None = None) -> go.Figure:
         shapes=[vline(0.0, dash="dash", color="gray")],
         plot_height=max(120, 40 * len(q)),
     )
+    return fig
+
+
+def sweep_bar(values: Any, labels: Sequence[Any], *, title: str | None = None, metric: str = "metric") -> go.Figure:
+    """One bar per intervention set of a sweep (:class:`moelens.patching.SweepResult`): its mean
+    metric value, labelled by the set (hover: three significant digits)."""
+    v = to_numpy(values, "values", ndim=1)
+    names = [str(x) for x in labels]
+    if len(names) != v.shape[0]:
+        raise ValueError(f"labels has length {len(names)} but values has {v.shape[0]} entries")
+    fig = go.Figure(go.Bar(x=names, y=v, hovertemplate="%{x}<br>" + html_text(metric) + " %{y:" + HOVER + "}"
+                                                          "<extra></extra>"))
+    base_layout(fig, title or "Sweep: mean metric per intervention set", plot_height=320,
+                xaxis=dict(title=dict(text="set"), type="category"), yaxis=dict(title=dict(text=html_text(metric))))
     return fig

@@ -58,12 +58,17 @@ def _figures():
                                                              "ci_high": [0.2]})),
         "expert_attribution_heatmap": P.expert_attribution_heatmap(rng.normal(size=(4, 8))),
         "cohens_d_heatmap": P.cohens_d_heatmap(summary),
+        "sweep_bar": P.sweep_bar([0.1, 0.3], ["a", "b"]),
+        "generation_routing_map": P.generation_routing_map(torch.tensor([[[0, 1]], [[2, 1]]]),
+                                                           torch.tensor([[[0.6, 0.4]], [[0.7, 0.3]]]), [1],
+                                                           ["0: a", "1: b"], n_experts=4),
     }
 
 
 @pytest.mark.parametrize("name", [
     "restoration_heatmap", "expert_rescue_heatmap", "expert_rescue_bar", "routing_map", "coalition_curve",
-    "layer_curve", "protocol_summary", "expert_attribution_heatmap", "cohens_d_heatmap"])
+    "layer_curve", "protocol_summary", "expert_attribution_heatmap", "cohens_d_heatmap", "sweep_bar",
+    "generation_routing_map"])
 def test_every_figure_takes_the_page_width(name):
     """No figure fixes its width: the report draws it at the page's (and a static image at EXPORT_WIDTH)."""
     fig = _figures()[name]
