@@ -210,13 +210,21 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Number) and not isinstance(v, bool)
 
 
+_NUMBER_TEXT = re.compile(r"^(?:[<>]=?\s*)?[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$|^n/a$")
+
+
+def _numeric_cell(v) -> bool:
+    """A number, or a number already formatted as text (``"< 1e-4"``, ``"0.032"``: p-values)."""
+    return _is_number(v) or v is None or (isinstance(v, str) and bool(_NUMBER_TEXT.match(v.strip())))
+
+
 def _table_html(df, formatters: Optional[dict] = None) -> str:
     """A DataFrame as an HTML table: numbers to three significant digits
-    (:func:`~moelens.formatting.format_number`) and right-aligned, text left-aligned, NaN as n/a;
-    ``formatters`` maps a column to its own ``value -> str``."""
+    (:func:`~moelens.formatting.format_number`), NaN as n/a; numeric columns (also pre-formatted
+    p-values) right-aligned, text left-aligned. ``formatters`` maps a column to its own ``value -> str``."""
     formatters = formatters or {}
     cols = list(df.columns)
-    numeric = {c: all(_is_number(v) or v is None for v in df[c].tolist()) for c in cols}
+    numeric = {c: all(_numeric_cell(v) for v in df[c].tolist()) for c in cols}
     head = "".join(f'<th class="{"ml-num" if numeric[c] else "ml-text"}">{html.escape(str(c))}</th>' for c in cols)
     rows = []
     for rec in df.itertuples(index=False, name=None):

@@ -177,6 +177,12 @@ def test_report_tables_settings_and_run_time():
     for hidden in ("9.444", "0.02994", "0.1325"):
         assert hidden not in text, hidden
     assert format_duration(4.2) == "4.2 s" and format_duration(125) == "2 min 05 s"
+    # text left, numbers (also p-values already formatted as text) right
+    rep = Report("t")
+    rep.add_table(pd.DataFrame({"case": ["Jor Nimdra -> Italy"], "p_value": ["< 1e-4"], "n": [8]}))
+    text = rep.to_html()
+    assert '<td class="ml-text">Jor Nimdra -&gt; Italy</td>' in text
+    assert '<td class="ml-num">&lt; 1e-4</td>' in text and '<td class="ml-num">8</td>' in text
 
 
 def test_hundreds_of_cases_build_in_seconds(tmp_path):
