@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from moelens.plotting.style import HOVER, base_layout, cell_text, heatmap_size
+from moelens.plotting.style import HOVER, base_layout, cell_text, fmt, heatmap_size
 
 
 def _diverging_range(z: np.ndarray) -> float:
@@ -36,6 +36,7 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
     cols = [str(e) for e in experts] + (["shared"] if has_shared else [])
     z = np.full((len(layers), len(cols)), np.nan)
     routed_x, routed_y = [], []
+    routed = np.zeros(z.shape, dtype=bool)
     li = {l: i for i, l in enumerate(layers)}
     ci = {e: i for i, e in enumerate(experts)}
     for row in d.itertuples():
@@ -44,28 +45,37 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
         if row.expert >= 0 and row.routed:
             routed_x.append(cols[c])
             routed_y.append(f"L{row.layer}")
+            routed[li[row.layer], c] = True
     m = _diverging_range(z)
     ylabels = [f"L{l}" for l in layers]
     metric = df.attrs.get("metric", "direct logit attribution")
     tok = d["token"].iloc[0] if "token" in d and d["token"].iloc[0] is not None else None
     where = f"position {position}" + (f" ({tok!r})" if tok is not None else "")
-    plot_h, _, show = heatmap_size(len(layers), len(cols), value_chars=5)
+    plot_h, _, show = heatmap_size(len(layers), len(cols), value_chars=7)
+    # values in the cells where they fit, a routed cell's value ringed ("o 0.123"); else circle markers
+    text = {}
+    if show:
+        text = dict(text=[[("" if not np.isfinite(v) else ("o " if r else "") + fmt(v)) for v, r in zip(zr, rr)]
+                          for zr, rr in zip(z.tolist(), routed.tolist())], texttemplate="%{text}",
+                    textfont=dict(size=11))
     fig = go.Figure(
         go.Heatmap(
             z=z, x=cols, y=ylabels, colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m,
             colorbar=dict(title="logit"),
             hovertemplate="layer %{y}<br>expert %{x}<br>attribution %{z:" + HOVER + "}<extra></extra>",
-            **cell_text(show),
+            **text,
         )
     )
-    fig.add_trace(
-        go.Scatter(x=routed_x, y=routed_y, mode="markers", name="routed here",
-                   marker=dict(symbol="circle-open", size=7 if len(cols) <= 64 else 4, color="black"),
-                   hoverinfo="skip")
-    )
+    if not show:
+        fig.add_trace(
+            go.Scatter(x=routed_x, y=routed_y, mode="markers", name="routed here",
+                       marker=dict(symbol="circle-open", size=7 if len(cols) <= 64 else 4, color="black"),
+                       hoverinfo="skip")
+        )
     n_cols, n_rows = len(cols), len(layers)
     base_layout(
-        fig, title or f"Experts' {metric}<br><sup>at {where}; circles: routed there</sup>", plot_height=plot_h,
+        fig, title or f"Experts' {metric}<br><sup>at {where}; "
+                      + ("'o': routed there" if show else "circles: routed there") + "</sup>", plot_height=plot_h,
         showlegend=False,
         xaxis=dict(title="expert", type="category", tickangle=0 if n_cols <= 32 else -90,
                    nticks=min(n_cols, 64)),

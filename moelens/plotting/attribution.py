@@ -51,11 +51,13 @@ def expert_attribution_heatmap(
         colorbar=dict(title=dict(text=metric, side="right")),
         **cell_text(show),
     ))
+    # with values printed in the cells, the marks sit at the cell's left edge, off the number
+    shift = -0.38 if show else 0.0
     if clean_routed is not None:
         xs, ys = [], []
         for l in rows:
             for e in clean_routed[l]:
-                xs.append(e)
+                xs.append(e + shift)
                 ys.append(f"L{l}")
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="clean-routed",
                                  marker=dict(symbol="circle-open", size=7, color="black", line=dict(width=1)),
@@ -64,10 +66,11 @@ def expert_attribution_heatmap(
         xs, ys = [], []
         for i, l in enumerate(rows):
             for e in np.nonzero(v[i])[0]:
-                xs.append(int(e))
+                xs.append(int(e) + shift)
                 ys.append(f"L{l}")
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="verified exactly",
-                                 marker=dict(symbol="x", size=10, color="black", line=dict(width=1, color="white")),
+                                 marker=dict(symbol="x", size=8 if show else 10, color="black",
+                                             line=dict(width=1, color="white")),
                                  hoverinfo="skip"))
     base_layout(
         fig, title or f"Expert attribution ({metric})", plot_height=plot_h,

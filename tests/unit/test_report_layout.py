@@ -131,6 +131,22 @@ def test_nothing_drawn_over_the_tick_labels():
             assert shape.xref in ("x domain", "x") and shape.yref in ("y", "y domain"), name
 
 
+def test_marks_do_not_cover_cell_values():
+    """Where a heatmap prints its values, routing/verification marks sit off the number (attribution:
+    at the cell's left edge) or in the text itself (expert DLA: "o 0.123")."""
+    from moelens.analysis import expert_dla_heatmap
+
+    v = np.zeros((2, 4), bool)
+    v[1, 2] = True
+    fig = P.expert_attribution_heatmap(np.full((2, 4), 0.5), clean_routed=[[1], [3]], verified=v)
+    assert fig.data[0].texttemplate  # values printed
+    assert [round(x % 1, 2) for t in fig.data[1:] for x in t.x] == [0.62, 0.62, 0.62]  # e - 0.38: left edge
+    df = pd.DataFrame({"batch": 0, "position": 0, "layer": [0, 0, 1, 1], "expert": [0, 1, 0, 1],
+                       "attribution": [0.5, -0.25, 0.125, 1.0], "routed": [True, False, False, True]})
+    fig = expert_dla_heatmap(df)
+    assert len(fig.data) == 1 and [list(r) for r in fig.data[0].text] == [["o 0.500", "-0.250"], ["0.125", "o 1.00"]]
+
+
 def test_greedy_rule_is_stated():
     import torch
 
