@@ -20,8 +20,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     facts = bundled_models()["moelens-tiny-facts"] / "facts.jsonl"
     out = {}
-    assert main(["demo", "--out", str(root / "demo"), "--n-facts", "2", "--samples", "2"]) == 0
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(root / "demo"), "--n-facts", "2", "--samples", "2"]) == 0
     out["demo"] = root / "demo"
+    out["demo_stdout"] = printed.getvalue()
     assert main(["trace", "--model", "moelens-tiny-facts", "--facts", str(facts), "--limit", "8",
                  "--out", str(root / "trace"), "--bootstrap", "100", "--permutations", "100"]) == 0
     out["trace"] = root / "trace"
@@ -69,6 +75,21 @@ def test_one_self_contained_report_per_run(runs, run):
     n_fig = text.count('class="ml-plot"')
     assert n_fig >= 3 and text.count("How to read this.") == n_fig
     assert "Settings" in text and "<table" in text
+
+
+def test_demo_console_and_reports_say_the_run_time_and_cut_nothing(runs):
+    import json
+
+    printed = runs["demo_stdout"]
+    lines = printed.splitlines()
+    start = lines.index(next(l for l in lines if l.startswith("fact ")))
+    facts = lines[start + 1:start + 3]
+    assert all(re.match(r".+ -> .+ \(vs [^)]+\) +\S+ +\S+$", l) for l in facts), facts  # never cut
+    assert re.search(r"the run took \d", printed) and "greedy (" in printed
+    assert "Run time: " in (runs["demo"] / "report.html").read_text()
+    assert json.loads((runs["trace"] / "summary.json").read_text())["run_seconds"] > 0
+    assert "Run time: " in (runs["trace"] / "report.html").read_text()
+    assert "Run time: " in (runs["audit"] / "report.html").read_text()
 
 
 def test_demo_report_has_every_fact(runs, capsys):
