@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+from moelens.cli_common import HelpFormatter
+
+_STARTED = time.time()  # the command's start: run times count the imports and the model's loading
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 
@@ -45,7 +50,8 @@ def _check_device(device) -> None:
 def _demo(args) -> int:
     from moelens.demo import run_demo
 
-    run_demo(args.out, n_facts=args.n_facts, n_samples=args.samples, seed=args.seed, image_format=args.image_format)
+    run_demo(args.out, n_facts=args.n_facts, n_samples=args.samples, seed=args.seed, image_format=args.image_format,
+             started=_STARTED)
     return 0
 
 
@@ -116,7 +122,8 @@ def _run_trace(args) -> int:
     from moelens.tracing.protocol import ProtocolError
 
     try:
-        summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model), facts_source=args.facts)
+        summary = run_protocol(model, cases, args.out, cfg, model_name=str(args.model), facts_source=args.facts,
+                               started=_STARTED)
     except (ResumeError, ProtocolError) as exc:  # one line, exit 2: the results would be wrong or empty
         if getattr(args, "debug", False):
             raise
@@ -126,12 +133,15 @@ def _run_trace(args) -> int:
 
     if world()[0] != 0:
         return 0
-    from moelens.tracing.report import write_trace_report
+    from moelens.plotting.report import announce_images, format_duration
+    from moelens.plotting.trace_report import write_trace_report
 
+    announce_images(args.image_format)
     report = write_trace_report(args.out, summary, cases=cases, image_format=args.image_format)
     print(summary)
     print(f"results in {args.out}: {report.name} (every figure), summary.csv, summary.json, screen.jsonl, "
-          f"experts.jsonl" + (f", *.{args.image_format}" if args.image_format else ""))
+          f"experts.jsonl" + (f", *.{args.image_format}" if args.image_format else "")
+          + f"; the run took {format_duration(time.time() - _STARTED)}")
     return 0
 
 
@@ -145,7 +155,8 @@ def _merge(args) -> int:
 def _run_merge(args) -> int:
     from moelens.tracing.fingerprint import ResumeError
     from moelens.tracing.protocol import ProtocolError, merge
-    from moelens.tracing.report import write_trace_report
+    from moelens.plotting.report import announce_images
+    from moelens.plotting.trace_report import write_trace_report
 
     try:
         summary = merge(args.trace_dir)
@@ -155,6 +166,7 @@ def _run_merge(args) -> int:
         print(f"moelens merge: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if args.image_format:
+        announce_images(args.image_format)
         write_trace_report(args.trace_dir, summary, image_format=args.image_format)
     print(summary)
     print(f"rewrote summary.csv, summary.json and report.html in {args.trace_dir}")
@@ -163,18 +175,6 @@ def _run_merge(args) -> int:
 
 def _audit(args) -> int:  # never called: `moelens audit ...` is handed to the audit's own parser
     raise AssertionError("unreachable")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default; keeps the descriptions' line breaks. Flags (``--bos``,
-    ``--no-bos``), options without a default (None) and help texts that already say what the
-    default is get no second, misleading ``(default: ...)``."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +259,7 @@ def _user_errors() -> tuple:
     errors = [MoelensUserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
               ValueError, IndexError]
     try:
-        from moelens.report import StaticExportError
+        from moelens.plotting.report import StaticExportError
 
         errors.append(StaticExportError)
     except ImportError:  # pragma: no cover

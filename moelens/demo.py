@@ -57,18 +57,21 @@ def choose_facts(model, facts, n_facts: int, n_samples: int, seed: int):
 
 @holds_run_dir("demo")  # one run per directory (moelens.rundir)
 def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progress: bool = True,
-             image_format: str | None = None) -> dict:
+             image_format: str | None = None, started: float | None = None) -> dict:
     """Trace a handful of the bundled model's facts; write one HTML report ``out_dir/report.html``
-    (and, with ``image_format`` png/svg/pdf, every figure as a static image); return the numbers."""
+    (and, with ``image_format`` png/svg/pdf, every figure as a static image); return the numbers.
+    ``started``: the ``time.time()`` the run began (default: now; the command line passes its own
+    start, so imports and loading count): the printed and reported run time is measured from it."""
+    start = time.time() if started is None else float(started)
     from tqdm.auto import tqdm
 
     from moelens import HookedMoETransformer, plotting
+    from moelens.formatting import format_number
     from moelens.loading import bundled_models
-    from moelens.report import Report
+    from moelens.plotting.report import Report, announce_images, format_duration
     from moelens.tracing import load_facts, trace_coalitions, trace_experts, trace_layers
     from moelens.tracing.protocol import ProtocolConfig
 
-    start = time.time()
     for name, value in (("n_facts", n_facts), ("n_samples", n_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: give a whole number >= 1")
@@ -111,7 +114,7 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     # ------------------------------------------------------------------ the report
     import pandas as pd
 
-    rep = Report(f"moelens demo: where do {BUNDLED}'s facts live?",
+    rep = Report(f"moelens demo: where do {BUNDLED}'s facts live?", run_seconds=None,
                  subtitle=f"{model.cfg.architecture}, {model.cfg.n_layers} layers, {model.cfg.n_experts} experts "
                           f"(top-{model.cfg.top_k}); {len(chosen)} facts, {n_samples} noise samples each. "
                           f"Normalised rescue = (patched - corrupted) / (clean - corrupted): 0 = the corrupted "
@@ -121,11 +124,15 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
         **{f"layer {l} rescue": per_fact_layer[i, j] for j, l in enumerate(sparse)},
         f"coalition at L{best_layer} (greedy)": (coalitions[i].rescue(float(coalitions[i].curve[-1]))
                                                  if len(coalitions[i].curve) else float("nan")),
+        "greedy rule": "raise the metric most" if coalitions[i].sign >= 0 else "lower the metric most",
+        "greedy experts": " ".join(f"E{e}" for e in coalitions[i].greedy),
     } for i, (c, cl, co) in enumerate(lines)])
     rep.add_heading("Summary")
     rep.add_table(table, caption="Each fact: the metric logit(true) - logit(foil) in the clean and corrupted runs, "
-                                 "and the normalised rescue from restoring each sparse layer's MoE output at the "
-                                 "last position")
+                                 "the normalised rescue from restoring each sparse layer's MoE output at the "
+                                 f"last position, and the greedy coalition at layer {best_layer}: its rule follows the "
+                                 "sign of the whole layer's effect (raise the metric most when restoring the layer "
+                                 "raises it, lower it most when restoring the layer lowers it)")
     rep.add_heading(f"Across the {len(chosen)} facts")
     figures = {}
     figures["layer_rescue"] = plotting.layer_curve(
@@ -166,8 +173,11 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
                        "expert alone at the last position, coloured by whether the router chose it in the clean "
                        "and/or corrupted run.", name=f"fact{i + 1}_experts"),
             rep.figure(c.plot(), "Greedy search: each step restores one more expert (named at the point) together "
-                       "with those before, choosing the one that helps most, until the target fraction of the whole "
-                       "layer's rescue is reached. Values above 1 overshoot the clean run.",
+                       "with those before, " + ("choosing the one that raises the metric most, since restoring the "
+                       "whole layer raises it" if c.sign >= 0 else "choosing the one that LOWERS the metric most: "
+                       "restoring the whole layer lowers it here, and the search follows the layer's sign (it does "
+                       "not pick the expert that helps most)") + ", until the target fraction of the whole layer's "
+                       "effect is reached. Values above 1 overshoot the clean run.",
                        name=f"fact{i + 1}_coalition"),
             rep.figure(plotting.routing_map(cache.expert_weight_map(best_layer)[0], lt.str_tokens, layer=best_layer,
                                             prompt=case.prompt),
@@ -181,23 +191,29 @@ def run_demo(out_dir, n_facts: int = 4, n_samples: int = 5, seed: int = 0, progr
     rep.add_settings({"model": BUNDLED, "n_facts": len(chosen), "n_samples": n_samples, "seed": seed,
                       "noise_scale": setups[0].settings["noise_scale"], "sigma": setups[0].sigma,
                       "position traced": "last", "sparse layers": sparse, "best layer": best_layer})
+    rep.run_seconds = time.time() - start  # everything but writing the file (and images)
+    announce_images(image_format, len(rep.figures()))
     report = rep.write(out / "report.html", image_format=image_format)
 
     print(f"\nfacts passing the protocol's filter (clean >= {protocol.min_clean}, noise drop >= {protocol.min_drop}); "
           f"{skipped} candidate(s) skipped")
-    print(f"{'fact':58s} {'clean':>7s} {'corrupted':>9s}")
-    for case, clean, corrupted in lines:
-        print(f"{(case.prompt + ' -> ' + case.target_true + ' (vs ' + str(case.target_foil) + ')')[:58]:58s} {clean:7.2f} {corrupted:9.2f}")
+    names = [f"{c.prompt} -> {c.target_true} (vs {c.target_foil})" for c, _, _ in lines]
+    width = max(len("fact"), *(len(n) for n in names))  # never cut a fact
+    print(f"{'fact':{width}s} {'clean':>7s} {'corrupted':>9s}")
+    for name, (case, clean, corrupted) in zip(names, lines):
+        print(f"{name:{width}s} {format_number(clean):>7s} {format_number(corrupted):>9s}")
     print("\nmean normalised rescue from restoring each layer's MoE output at the last position:")
-    print("  " + "  ".join(f"L{l}: {v:+.2f}" for l, v in zip(sparse, layer_rescue)))
+    print("  " + "  ".join(f"L{l}: {format_number(v)}" for l, v in zip(sparse, layer_rescue)))
     top = np.argsort(-rescue[best])[:3]
     print(f"best layer {best_layer}; its top experts by mean rescue: "
-          + ", ".join(f"E{e} {rescue[best, e]:+.2f}" for e in top))
+          + ", ".join(f"E{e} {format_number(rescue[best, e])}" for e in top))
     for c, case in zip(coalitions, chosen):
-        print(f"  coalition for {case.subject!r}: clean-routed {c.clean_routed} rescue {c.rescue(c.clean_routed_score):+.2f}; "
-              f"greedy {c.greedy} reaches {c.rescue(float(c.curve[-1])) if len(c.curve) else float('nan'):+.2f}")
+        reached = format_number(c.rescue(float(c.curve[-1]))) if len(c.curve) else "n/a"
+        how = "raising the metric most" if c.sign >= 0 else "lowering the metric most, as restoring the layer does"
+        print(f"  coalition for {case.subject!r}: clean-routed {c.clean_routed} rescue "
+              f"{format_number(c.rescue(c.clean_routed_score))}; greedy ({how}) {c.greedy} reaches {reached}")
     files = [report] + ([out / f"{f.name}.{image_format}" for f in rep.figures()] if image_format else [])
-    print(f"\nwrote {report} ({len(rep.figures())} figures{', and ' + image_format.upper() + ' images' if image_format else ''}) "
-          f"in {time.time() - start:.0f}s")
+    print(f"\nwrote {report} ({len(rep.figures())} figures{', and ' + image_format.upper() + ' images' if image_format else ''}); "
+          f"the run took {format_duration(time.time() - start)}")
     return {"layer_rescue": dict(zip(sparse, layer_rescue.tolist())), "best_layer": best_layer,
             "expert_rescue": rescue.tolist(), "files": [str(f) for f in files]}

@@ -205,6 +205,8 @@ class RoutingTrace:
             for s, t in enumerate(self.generated_tokens[batch].tolist())
         ]
         labels = [l for l, m in zip(labels, keep.tolist()) if m]
+        from moelens.plotting.routing import generation_routing_map
+
         return generation_routing_map(
             self.indices[batch][keep], self.weights[batch][keep], self.layers, labels, n_experts=self.n_experts, title=title
         )
@@ -558,51 +560,3 @@ def generate(
         n_experts=model.cfg.n_experts,
     )
     return out, trace
-
-
-def generation_routing_map(
-    indices: Tensor, weights: Tensor, layers: Sequence[int], token_labels: Sequence[str],
-    n_experts: Optional[int] = None, title: Optional[str] = None,
-):
-    """Plotly heatmap of a generation's routing: generated tokens (x) x sparse layers (y), each
-    cell coloured by the expert with the largest combine weight (its id is written in the cell
-    when the grid is small); the hover lists every chosen expert and its weight.
-
-    ``indices``/``weights``: ``[n_steps, n_layers, top_k]``."""
-    import plotly.graph_objects as go
-
-    indices, weights = indices.cpu(), weights.cpu().float()
-    n, nl, k = indices.shape
-    if weights.shape != indices.shape or len(layers) != nl or len(token_labels) != n:
-        raise ValueError(
-            f"shapes disagree: indices {tuple(indices.shape)}, weights {tuple(weights.shape)}, "
-            f"{len(layers)} layers, {len(token_labels)} token labels"
-        )
-    top = indices.gather(-1, weights.argmax(-1, keepdim=True))[..., 0].T  # [layers, steps]
-    order = weights.argsort(-1, descending=True)
-    hover = [[
-        f"token {token_labels[s]}<br>layer {layers[l]}<br>" + "<br>".join(
-            f"expert {int(indices[s, l, j])}: weight {float(weights[s, l, j]):.3f}" for j in order[s, l].tolist())
-        for s in range(n)] for l in range(nl)]
-    n_experts = int(n_experts if n_experts is not None else int(indices.max()) + 1 if indices.numel() else 1)
-    y = [f"L{l}" for l in layers]
-    x = [f"{lab}" for lab in token_labels]
-    # duplicate labels would merge columns: keep the step number in front (labels are "s: token")
-    small = n * nl <= 1500
-    fig = go.Figure(go.Heatmap(
-        z=top.numpy().astype(float), x=list(range(n)), y=list(range(nl)), zmin=0, zmax=max(n_experts - 1, 1),
-        colorscale="Turbo", colorbar=dict(title="top-weight<br>expert id"),
-        text=top.numpy().astype(str) if small else None, texttemplate="%{text}" if small else None,
-        customdata=hover, hovertemplate="%{customdata}<extra></extra>", xgap=1, ygap=1,
-    ))
-    fig.update_xaxes(tickmode="array", tickvals=list(range(n)), ticktext=x, tickangle=-60, title="generated token (step: token)")
-    step = max(1, nl // 48)
-    fig.update_yaxes(tickmode="array", tickvals=list(range(0, nl, step)), ticktext=y[::step], title="sparse layer",
-                     autorange="reversed")
-    fig.update_layout(
-        title=title or "Routing of each generated token<br><sup>colour: the expert with the largest combine weight; "
-        "hover for all chosen experts</sup>",
-        width=min(2400, max(720, 28 * n + 250)), height=min(1600, max(420, 20 * nl + 260)),
-        margin=dict(l=70, r=40, t=70, b=160), plot_bgcolor="white",
-    )
-    return fig

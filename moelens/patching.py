@@ -667,14 +667,11 @@ class SweepResult:
     labels: list = field(default_factory=list)
 
     def plot(self, title: Optional[str] = None):
-        """A bar chart of each set's mean metric value."""
-        import plotly.graph_objects as go
+        """A bar chart of each set's mean metric value (:func:`moelens.plotting.tracing.sweep_bar`)."""
+        from moelens.plotting.tracing import sweep_bar
 
         names = [str(self.labels[i]) if i < len(self.labels) else str(i) for i in range(len(self.values))]
-        fig = go.Figure(go.Bar(x=names, y=self.values.tolist()))
-        fig.update_layout(title=title or "Sweep: mean metric per intervention set", xaxis_title="set",
-                          yaxis_title="metric")
-        return fig
+        return sweep_bar(self.values.tolist(), names, title=title)
 
     def to_dataframe(self):
         import pandas as pd

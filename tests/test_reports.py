@@ -20,8 +20,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     facts = bundled_models()["moelens-tiny-facts"] / "facts.jsonl"
     out = {}
-    assert main(["demo", "--out", str(root / "demo"), "--n-facts", "2", "--samples", "2"]) == 0
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(root / "demo"), "--n-facts", "2", "--samples", "2"]) == 0
     out["demo"] = root / "demo"
+    out["demo_stdout"] = printed.getvalue()
     assert main(["trace", "--model", "moelens-tiny-facts", "--facts", str(facts), "--limit", "8",
                  "--out", str(root / "trace"), "--bootstrap", "100", "--permutations", "100"]) == 0
     out["trace"] = root / "trace"
@@ -71,6 +77,21 @@ def test_one_self_contained_report_per_run(runs, run):
     assert "Settings" in text and "<table" in text
 
 
+def test_demo_console_and_reports_say_the_run_time_and_cut_nothing(runs):
+    import json
+
+    printed = runs["demo_stdout"]
+    lines = printed.splitlines()
+    start = lines.index(next(l for l in lines if l.startswith("fact ")))
+    facts = lines[start + 1:start + 3]
+    assert all(re.match(r".+ -> .+ \(vs [^)]+\) +\S+ +\S+$", l) for l in facts), facts  # never cut
+    assert re.search(r"the run took \d", printed) and "greedy (" in printed
+    assert "Run time: " in (runs["demo"] / "report.html").read_text()
+    assert json.loads((runs["trace"] / "summary.json").read_text())["run_seconds"] > 0
+    assert "Run time: " in (runs["trace"] / "report.html").read_text()
+    assert "Run time: " in (runs["audit"] / "report.html").read_text()
+
+
 def test_demo_report_has_every_fact(runs, capsys):
     text = (runs["demo"] / "report.html").read_text()
     options = re.findall(r'<option value="\d+">', text)
@@ -107,19 +128,40 @@ def browser():
     d.quit()
 
 
-@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
-def test_report_draws_every_figure_in_chromium(runs, browser, run):
+def _visible_plots(browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get((runs[run] / "report.html").resolve().as_uri())
-    plots = browser.find_elements(By.CSS_SELECTOR, ".ml-plot")
-    assert plots
-    WebDriverWait(browser, 60).until(
-        lambda b: all(p.get_attribute("data-drawn") == "1" for p in b.find_elements(By.CSS_SELECTOR, ".ml-plot")))
-    for p in plots:  # plotly drew an SVG with data in every figure
+    return [p for p in browser.find_elements(By.CSS_SELECTOR, ".ml-plot") if p.is_displayed()]
+
+
+def _check_drawn_at_page_width(browser, plots):
+    """Every plot is drawn (an SVG with data) and spans the page's content width; nothing overflows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 60).until(lambda b: all(p.get_attribute("data-drawn") == "1" for p in plots))
+    content = browser.execute_script("return document.querySelector('h1').getBoundingClientRect().width")
+    for p in plots:
         assert p.find_elements(By.CSS_SELECTOR, ".main-svg"), p.get_attribute("id")
         assert browser.execute_script("return arguments[0].data.length", p) > 0
+        svg_width = browser.execute_script("return arguments[0].querySelector('.main-svg').getBoundingClientRect().width", p)
+        assert svg_width >= 0.95 * content, (p.get_attribute("data-name"), svg_width, content)
+        assert p.size["height"] > 100
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+@pytest.mark.parametrize("width", [1400, 1000])
+@pytest.mark.parametrize("run", ["demo", "trace", "audit"])
+def test_report_draws_every_figure_in_chromium(runs, browser, run, width):
+    """Each figure is drawn at the page's width (at 1400 px and a laptop's 1000 px), those behind a
+    selector when their option is shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(width, 1000)
+    browser.get((runs[run] / "report.html").resolve().as_uri())
+    assert browser.find_elements(By.CSS_SELECTOR, ".ml-plot")
+    _check_drawn_at_page_width(browser, _visible_plots(browser))
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
     # every option of every selector shows its own panel, and its figures are drawn and visible
@@ -130,8 +172,7 @@ def test_report_draws_every_figure_in_chromium(runs, browser, run):
             panels = browser.find_elements(By.CSS_SELECTOR, f'.ml-panel[data-group="{group}"]')
             shown = [p for p in panels if p.is_displayed()]
             assert len(shown) == 1 and shown[0].get_attribute("data-index") == opt.get_attribute("value")
-            for plot in shown[0].find_elements(By.CSS_SELECTOR, ".ml-plot"):
-                assert plot.size["width"] > 100 and plot.size["height"] > 100
+            _check_drawn_at_page_width(browser, shown[0].find_elements(By.CSS_SELECTOR, ".ml-plot"))
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
@@ -142,11 +183,18 @@ def test_static_export_with_system_chromium(tmp_path):
 
     if chromium_path() is None:
         pytest.skip("static export needs Chromium: apt-get install chromium")
+    from moelens.plotting.style import EXPORT_WIDTH
+
     rep = Report("export")
     rep.add_figure(plotting.layer_curve([0.1, 0.5], layers=[0, 1]), "a curve", name="curve")
+    heat = plotting.expert_rescue_heatmap([[0.1, 0.2], [0.3, -0.4]], layers=[0, 1])
+    rep.add_figure(heat, "a heatmap", name="heat")
     rep.write(tmp_path / "report.html", image_format="svg")
     svg = (tmp_path / "curve.svg").read_text()
     assert svg.lstrip().startswith("<svg") and "layer" in svg
+    # a page-wide figure is exported at EXPORT_WIDTH and at its own height (kaleido's default is 700 x 500)
+    head = (tmp_path / "heat.svg").read_text()[:400]
+    assert f'width="{EXPORT_WIDTH}"' in head and f'height="{heat.layout.height}"' in head, head
 
 
 def test_trace_report_lists_every_case(runs):

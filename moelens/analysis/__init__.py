@@ -2,7 +2,7 @@
 attribution and logit lens per expert, router-logit attribution (see docs/transformer_lens.md)."""
 
 from moelens.analysis.expert_dla import expert_dla, expert_logit_lens, expert_weight_lens, expert_weight_lens_frame
-from moelens.analysis.figures import expert_dla_heatmap, router_attribution_heatmap
+from moelens.plotting.analysis import expert_dla_heatmap, router_attribution_heatmap
 from moelens.analysis.router_attribution import RouterAttribution, router_attribution
 
 __all__ = [

@@ -51,8 +51,8 @@ class RouterAttribution:
     def plot(self, batch: int = 0, position: int = -1, top: int = 20, experts: Optional[list[int]] = None):
         """Heatmap for one position: the ``top`` components (by largest absolute contribution to the
         chosen experts' logits; the rest summed into ``"other"``) x experts (the chosen ones first,
-        marked with *). See :func:`moelens.analysis.figures.router_attribution_heatmap`."""
-        from moelens.analysis.figures import router_attribution_heatmap
+        marked with *). See :func:`moelens.plotting.analysis.router_attribution_heatmap`."""
+        from moelens.plotting.analysis import router_attribution_heatmap
 
         return router_attribution_heatmap(self, batch=batch, position=position, top=top, experts=experts)
 

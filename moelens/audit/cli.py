@@ -21,7 +21,7 @@ def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moelens.cli import HelpFormatter  # one help style: defaults shown once, never for flags
+    from moelens.cli_common import HelpFormatter  # one help style: defaults shown once, never for flags
 
     p = argparse.ArgumentParser(
         prog="moelens audit", formatter_class=HelpFormatter,
@@ -164,7 +164,7 @@ def _pool_main(args) -> int:
         print("published (same cells):\n" + pooling.paper_layout(pooled[pooled["d_paper"].notna()], "_paper"))
     cols = ["model", "layer", "metric", "n", "d", "p_t", "p_bonf", "p_holm", "p_bh", "d_paper", "p_t_paper"]
     with pd.option_context("display.width", 200, "display.max_rows", 200):
-        print(pooled[[c for c in cols if c in pooled]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(pooled[[c for c in cols if c in pooled]].to_string(index=False, float_format=_fmt3))
     if out is not None:
         print(f"\nwrote {out / 'pooled.csv'}")
     return 0
@@ -211,14 +211,14 @@ def _paper_main(args, names) -> int:
               + pooling.paper_layout(merged[merged["d_paper"].notna()], "_paper"))
     if len(res["control"]):
         cols = ["layer", "n", "d", "p_t", "p_w", "spearman_rho"]
-        print("routing-weight control:\n" + res["control"][cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("routing-weight control:\n" + res["control"][cols].to_string(index=False, float_format=_fmt3))
     results = {}
     if plans:
         from moelens.audit.experiments import run_planned
 
         results = run_planned(plans, model, args.out, progress=not args.no_progress)
         _print_experiments(results, args.out)
-    from moelens.audit.html_report import write_paper_report
+    from moelens.plotting.audit_report import write_paper_report
 
     write_paper_report(res, Path(args.out) / "report.html", experiments=results, image_format=args.image_format)
     print(f"\nwrote {Path(args.out) / 'report.html'}, summary.csv, pairs.csv, stats.csv, control.csv "
@@ -333,14 +333,22 @@ def _audit(args, debug: bool) -> int:
     for c in ("p_t", "p_wilcoxon", "p_holm"):
         table[c] = [format_p(p) for p in table[c]]
     with pd.option_context("display.width", 160, "display.max_rows", 200):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(table.to_string(index=False, float_format=_fmt3))
     _print_experiments(results, args.out)
     if args.image_format or results:
-        from moelens.audit.html_report import write_audit_report
+        from moelens.plotting.audit_report import write_audit_report
+        from moelens.plotting.report import announce_images
 
+        announce_images(args.image_format)
         write_audit_report(result, Path(args.out) / "report.html", image_format=args.image_format, experiments=results)
     print(f"\nwrote {Path(args.out) / 'report.html'} (every figure), summary.csv, stats.json, effects.jsonl")
     return 0
+
+
+def _fmt3(v) -> str:
+    from moelens.formatting import format_number
+
+    return format_number(v)
 
 
 if __name__ == "__main__":  # pragma: no cover

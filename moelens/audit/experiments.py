@@ -270,7 +270,9 @@ def format_summary(results: dict) -> str:
         wide.columns = [f"k={k}" for k in wide.columns]
         cl = s.groupby("layer")["cliff"].first()
         wide["cliff"] = [("none" if pd.isna(v) else f"k={int(v)}") for v in cl.reindex(wide.index)]
-        lines.append(wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        from moelens.formatting import format_number
+
+        lines.append(wide.reset_index().to_string(index=False, float_format=format_number))
         lines.append(_provenance(r))
     if "redistribution" in results:
         r = results["redistribution"]

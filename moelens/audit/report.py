@@ -140,6 +140,7 @@ class AuditResult:
     settings: dict
     scope: str = "next"
     out_dir: Optional[Path] = None
+    run_seconds: Optional[float] = None  # wall time of run_audit (shown in the report)
 
     def expert_table(self) -> pd.DataFrame:
         """Observational statistics joined with each expert's mean interventional effect when
@@ -174,37 +175,11 @@ class AuditResult:
     def plot(self, title: Optional[str] = None):
         """Heatmap of Cohen's d (top - bottom ranked expert's effect) over metric x layer; cells
         are annotated with d and stars for Holm-adjusted p (* <.05, ** <.01, *** <.001)."""
-        import plotly.graph_objects as go
+        from moelens.plotting.audit import cohens_d_heatmap
 
-        s = self.summary
-        metrics = list(dict.fromkeys(s["metric"]))
-        layers = sorted(set(s["layer"]))
-        z = np.full((len(metrics), len(layers)), np.nan)
-        text = [["" for _ in layers] for _ in metrics]
-        for _, r in s.iterrows():
-            i, j = metrics.index(r["metric"]), layers.index(r["layer"])
-            z[i, j] = r["cohens_d"]
-            p = r["p_holm"]
-            stars = "" if not np.isfinite(p) else "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else ""
-            text[i][j] = "n/a" if not np.isfinite(r["cohens_d"]) else f"{r['cohens_d']:.2f}{stars}<br>n={int(r['n'])}"
-        lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-        fig = go.Figure(go.Heatmap(
-            z=z, x=[f"layer {l}" for l in layers], y=metrics, text=text, texttemplate="%{text}",
-            colorscale="RdBu", reversescale=True, zmid=0, zmin=-lim, zmax=lim,
-            colorbar=dict(title="Cohen's d"),
-            hovertemplate="%{y}, %{x}<br>d = %{z:.3f}<extra></extra>",
-        ))
-        fig.update_layout(
-            title=title or f"Does the higher-ranked expert matter more? Cohen's d of the CE increase ({self.scope})"
-                           f"<br><sup>top- minus bottom-ranked active expert when removed; d > 0: the ranking "
-                           f"predicts importance; stars: Holm-adjusted p (* < .05, ** < .01, *** < .001)</sup>",
-            xaxis_title="layer", yaxis_title="ranking", template="plotly_white",
-            height=190 + 60 * len(metrics), width=max(820, 160 + 110 * len(layers)), margin=dict(t=100),
-        )
-        fig.update_yaxes(autorange="reversed")
-        return fig
+        return cohens_d_heatmap(self.summary, scope=self.scope, title=title)
 
     def save_html(self, path: Union[str, os.PathLike]) -> Path:
-        from moelens.plotting import save_html
+        from moelens.plotting.report import save_html
 
         return save_html(self.plot(), path)

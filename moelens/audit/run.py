@@ -203,6 +203,9 @@ def run_audit(
     settings skips finished sequences; different settings raise :class:`AuditSettingsError`.
     ``callback(seq_index, record)`` is called after each sequence is saved.
     """
+    import time
+
+    started = time.time()
     layers = _check_layers(model, layers)
     if corpus is None:
         corpus = _default_corpus(model)
@@ -252,10 +255,10 @@ def run_audit(
     effects = _effects_frame(records)
     summary, pairs = summarize(effects, stats, metrics=metrics, scope=scope)
     result = AuditResult(summary=summary, stats=stats, effects=effects, pairs=pairs, settings=settings,
-                         scope=scope, out_dir=out)
+                         scope=scope, out_dir=out, run_seconds=time.time() - started)
     if out is not None:
         summary.to_csv(out / "summary.csv", index=False)
-        from moelens.audit.html_report import write_audit_report
+        from moelens.plotting.audit_report import write_audit_report
 
         write_audit_report(result, out / "report.html")  # one file, every figure
     return result

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from moelens.components.moe import combine_weights
 from moelens.tracing.cases import FactCase
-from moelens.tracing.engine import base_names_filter, frozen_parameters
+from moelens.tracing.engine import base_names_filter, corrupted_run_with_gradients
 from moelens.tracing.trace import (
     KIND_HOOKS, LayerTraceResult, PositionSpec, TraceResult, TraceSetup, _common, prepare, resolve_positions,
     routed_sets,
@@ -54,34 +54,6 @@ def attribution_names_filter(name: str) -> bool:
     (residuals, block outputs, keys/values or recurrent state: the gradient pass and the exact
     verification run on it) and the expert hooks the contributions are built from."""
     return base_names_filter(name) or name.endswith(("hook_expert_indices", "hook_expert_weights", "hook_expert_out"))
-
-
-def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_filter, kinds: Sequence[str],
-                                 cache_device=None):
-    """The corrupted run, cached as ``prepare`` caches it, and in the same forward (one backward more)
-    the gradients of each row's metric with respect to the ``kinds`` hooks of every layer at every
-    position: ``(logits, cache, {hook name: [n_samples, pos, d_model] fp32})``. See :func:`corrupted_gradients`."""
-    from moelens import patching as P
-
-    names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
-    leaves: dict[str, Tensor] = {}
-
-    def add_leaf(act, hook):
-        z = torch.zeros_like(act, requires_grad=True)
-        leaves[hook.name] = z
-        return act + z
-
-    hooks = P.to_hooks(model, [corrupt]) + [(n, add_leaf) for n in names]
-    with frozen_parameters(model), torch.enable_grad():
-        logits, cache = model.run_with_cache(batch, names_filter=names_filter, fwd_hooks=hooks, device=cache_device)
-        value = metric(logits)  # [n_samples]; rows are independent, so d(sum)/d(row s) = g_s
-        missing = [n for n in names if n not in leaves]
-        if missing:
-            raise RuntimeError(f"hooks {missing[:3]} did not fire: cannot take their gradients")
-        grads = torch.autograd.grad(value.sum(), [leaves[n] for n in names], allow_unused=True)
-    out = {n: (torch.zeros_like(leaves[n], dtype=torch.float32) if g is None else g.float())
-           for n, g in zip(names, grads)}
-    return logits.detach(), cache, out
 
 
 def corrupted_gradients(model, setup: TraceSetup, kinds: Sequence[str] = ("mlp",)) -> dict[str, Tensor]:
@@ -183,7 +155,7 @@ class ExpertAttributionResult(TraceResult):
     def plot(self, title: Optional[str] = None, position: int = -1):
         """Layers x experts heatmap of the estimated normalised rescue (one position; ``position``
         indexes ``positions`` for per-position results)."""
-        from moelens.tracing.attribution_plots import expert_attribution_heatmap
+        from moelens.plotting.attribution import expert_attribution_heatmap
 
         s = self.scores[:, position] if self.per_position else self.scores
         p = self.positions[position] if self.per_position else self.positions[-1]
@@ -263,7 +235,7 @@ class ScreenResult(TraceResult):
         return pd.DataFrame(rows)
 
     def plot(self, title: Optional[str] = None):
-        from moelens.tracing.attribution_plots import expert_attribution_heatmap
+        from moelens.plotting.attribution import expert_attribution_heatmap
 
         p = self.positions[-1]
         return expert_attribution_heatmap(

@@ -185,6 +185,12 @@ class FactCase:
         return cls(**data)
 
 
+def case_key(case: FactCase, index: int) -> str:
+    """The key of ``case`` (the ``index``-th of its dataset) in a run directory's files: its
+    ``case_id``, or ``"#index"`` when it has none."""
+    return str(case.case_id) if case.case_id is not None else f"#{index}"
+
+
 def _normalise_case_id(case_id: Any) -> int | str | None:
     """Return ``case_id`` as ``int``/``str``/``None``; other types raise ``ValueError``."""
     if case_id is None or isinstance(case_id, str):

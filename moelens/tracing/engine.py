@@ -377,3 +377,35 @@ def base_run(model, tokens: Tensor, fwd_hooks=(), names_filter=base_names_filter
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names_filter, fwd_hooks=list(fwd_hooks))
     return logits, BaseRun(cache=cache, batch=tokens.shape[0], n_pos=tokens.shape[1], tokens=tokens)
+
+
+# restorable hook of each traced component kind: blocks.{l}.hook_<name>
+KIND_HOOKS = {"mlp": "mlp_out", "resid": "resid_post", "attn": "attn_out"}
+
+
+def corrupted_run_with_gradients(model, batch: Tensor, corrupt, metric, names_filter, kinds: Sequence[str],
+                                 cache_device=None):
+    """The corrupted run, cached as ``prepare`` caches it, and in the same forward (one backward more)
+    the gradients of each row's metric with respect to the ``kinds`` hooks of every layer at every
+    position: ``(logits, cache, {hook name: [n_samples, pos, d_model] fp32})``. See :func:`corrupted_gradients`."""
+    from moelens import patching as P
+
+    names = [f"blocks.{l}.hook_{KIND_HOOKS[k]}" for k in kinds for l in range(model.cfg.n_layers)]
+    leaves: dict[str, Tensor] = {}
+
+    def add_leaf(act, hook):
+        z = torch.zeros_like(act, requires_grad=True)
+        leaves[hook.name] = z
+        return act + z
+
+    hooks = P.to_hooks(model, [corrupt]) + [(n, add_leaf) for n in names]
+    with frozen_parameters(model), torch.enable_grad():
+        logits, cache = model.run_with_cache(batch, names_filter=names_filter, fwd_hooks=hooks, device=cache_device)
+        value = metric(logits)  # [n_samples]; rows are independent, so d(sum)/d(row s) = g_s
+        missing = [n for n in names if n not in leaves]
+        if missing:
+            raise RuntimeError(f"hooks {missing[:3]} did not fire: cannot take their gradients")
+        grads = torch.autograd.grad(value.sum(), [leaves[n] for n in names], allow_unused=True)
+    out = {n: (torch.zeros_like(leaves[n], dtype=torch.float32) if g is None else g.float())
+           for n, g in zip(names, grads)}
+    return logits.detach(), cache, out

@@ -55,6 +55,7 @@ import torch
 
 from moelens.rundir import holds_run_dir
 from moelens.tracing.cases import FactCase
+from moelens.tracing.cases import case_key as _case_key
 from moelens.tracing.fingerprint import (
     ResumeError, case_fingerprint, facts_identity, model_fingerprint, settings_fingerprint,
 )
@@ -108,10 +109,6 @@ def _argmax(keys, values) -> object:
     """The first of ``keys`` with the highest ``values[k]``; NaN counts as lowest (plain ``max`` keeps a
     leading NaN, since every comparison with it is false)."""
     return max(keys, key=lambda k: values[k] if np.isfinite(values[k]) else -np.inf)
-
-
-def _case_key(case: FactCase, index: int) -> str:
-    return str(case.case_id) if case.case_id is not None else f"#{index}"
 
 
 def world() -> tuple[int, int]:
@@ -357,13 +354,21 @@ def run_protocol(
     model_name: str = "",
     facts_source=None,
     progress: bool = True,
+    started: Optional[float] = None,
 ) -> "ProtocolSummary":
     """Run (or resume) the whole protocol; returns the summary and writes it into ``out_dir``.
 
     ``facts_source``: where ``cases`` were read from (a path or dataset id), recorded so that a rerun
     into the same ``out_dir`` with another source is refused. ``model_name``: how the model is
-    named in the outputs (the model's identity is its content fingerprint)."""
+    named in the outputs (the model's identity is its content fingerprint). ``started``: the
+    ``time.time()`` the run began (default: now; the command line passes its own start, so the
+    model's loading counts): the run's wall time is ``summary.run_seconds``, in summary.json and
+    the report."""
+    import time
+
     from tqdm.auto import tqdm
+
+    started = time.time() if started is None else float(started)
 
     if not cases:
         raise ValueError("no cases to trace")
@@ -463,6 +468,7 @@ def run_protocol(
     _check_validation(kept, traced, keys, split, cfg)
     summary = summarize(screened, traced, keys, layers, best_layer, layer_means, cfg, model.cfg.n_experts)
     summary.counts["skipped_records"] = len(getattr(cases, "skipped", []) or [])  # malformed records of the file
+    summary.run_seconds = time.time() - started
     if rank == 0:
         summary.write(out_dir)
     return summary
@@ -549,6 +555,12 @@ def merge(out_dir, n_experts: Optional[int] = None) -> "ProtocolSummary":
             skipped = None
     if skipped is not None:
         summary.counts["skipped_records"] = skipped
+    previous = out_dir / "summary.json"
+    if previous.exists():  # the run's wall time stays the run's (merging takes a second)
+        try:
+            summary.run_seconds = json.loads(previous.read_text()).get("run_seconds")
+        except (json.JSONDecodeError, AttributeError):
+            pass
     summary.write(out_dir)
     return summary
 
@@ -563,26 +575,28 @@ class ProtocolSummary:
     expert_recurrence: list  # discovery fraction of cases where each expert was clean-active
     counts: dict
     splits: Optional[dict] = None  # case key -> "discovery" / "validation", for the current selection
+    run_seconds: Optional[float] = None  # wall time of the run that computed it (run_protocol's `started` to the end)
 
     def write(self, out_dir: Path) -> None:
         self.table.to_csv(out_dir / "summary.csv", index=False)
         (out_dir / "summary.json").write_text(json.dumps(_json_safe({
             "layer": self.layer, "expert": self.expert, "layer_means": self.layer_means,
             "expert_means": self.expert_means, "expert_recurrence": self.expert_recurrence, "counts": self.counts,
-            "splits": self.splits, "table": self.table.to_dict(orient="records"),
+            "splits": self.splits, "table": self.table.to_dict(orient="records"), "run_seconds": self.run_seconds,
         }), indent=1, allow_nan=False))
-        from moelens.tracing.report import write_trace_report
+        from moelens.plotting.trace_report import write_trace_report
 
         write_trace_report(out_dir, self)  # report.html: every figure, one file
 
     def plot(self, title: Optional[str] = None):
         """The validation quantities with their 95% bootstrap CIs."""
-        from moelens import plotting
+        from moelens.plotting.tracing import protocol_summary
 
-        return plotting.protocol_summary(self.table, title=title or "Validation: rescue with 95% bootstrap CIs")
+        return protocol_summary(self.table, title=title or "Validation: rescue with 95% bootstrap CIs")
 
     def __str__(self) -> str:
         from moelens.formatting import format_p
+        from moelens.plotting.report import format_duration
 
         c = self.counts
         n_skip = c.get("skipped_records") or 0
@@ -594,7 +608,10 @@ class ProtocolSummary:
         table = self.table.copy()
         if "p_value" in table:
             table["p_value"] = [format_p(p) for p in table["p_value"]]
-        return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:+.3f}")
+        from moelens.formatting import format_number
+
+        run = f"\nrun time {format_duration(self.run_seconds)}" if self.run_seconds is not None else ""
+        return head + run + "\n" + table.to_string(index=False, float_format=format_number)
 
 
 def summarize(screened, traced, keys, layers, best_layer, layer_means, cfg: ProtocolConfig, n_experts: int) -> ProtocolSummary:

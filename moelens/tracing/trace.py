@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from moelens import patching as P
+from moelens.formatting import format_number
 from moelens.tracing.cases import FactCase, TokenizedCase, tokenize_case
-from moelens.tracing.engine import BaseRun, SuffixEngine, base_names_filter
+from moelens.tracing.engine import KIND_HOOKS, BaseRun, SuffixEngine, base_names_filter, corrupted_run_with_gradients
 
 _EXPERT_HOOKS = ("hook_expert_indices", "hook_expert_weights", "hook_expert_out", "hook_router_scores",
                  "hook_routed_out", "hook_shared_out")
@@ -38,7 +39,6 @@ def tracing_names_filter(name: str) -> bool:
     keys/values and the expert hooks (never attention patterns, so SDPA numerics are kept)."""
     return base_names_filter(name) or name.endswith(_EXPERT_HOOKS)
 
-KIND_HOOKS = {"mlp": "mlp_out", "resid": "resid_post", "attn": "attn_out"}
 PositionSpec = Union[str, int, Sequence[int]]
 
 
@@ -296,8 +296,6 @@ def prepare(
         batch = tokens.expand(z.shape[0], -1)
         grads = None
         if gradients:
-            from moelens.tracing.attribution import corrupted_run_with_gradients
-
             corrupted_logits, corrupted_cache, grads = corrupted_run_with_gradients(
                 model, batch, corrupt, metric, names_filter, gradients, cache_device)
         else:
@@ -417,7 +415,7 @@ class LayerTraceResult(TraceResult):
         return pd.DataFrame(rows)
 
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import restoration_heatmap
+        from moelens.plotting.tracing import restoration_heatmap
 
         return restoration_heatmap(
             self.scores, self.str_tokens, subject_positions=self.subject_positions, layers=self.layers,
@@ -451,7 +449,7 @@ class ExpertTraceResult(TraceResult):
         return [(int(e), float(self.scores[e])) for e in order]
 
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import expert_rescue_bar
+        from moelens.plotting.experts import expert_rescue_bar
 
         # the plotted quantity is the normalised rescue (0 = corrupted, 1 = clean), not the raw contrast
         rescue = [float(self.rescue(float(s))) for s in self.scores]
@@ -489,15 +487,27 @@ class CoalitionResult(TraceResult):
         df["rescue"] = [float(self.rescue(s)) for s in df["score"]]
         return df
 
+    @property
+    def rule(self) -> str:
+        """The rule the greedy search followed, in words: it moves the metric the way restoring the
+        whole layer does (``sign``), so for a layer whose restoration lowers the metric it adds the
+        expert that lowers it most, not the one that helps most."""
+        if self.sign >= 0:
+            return ("greedy rule: each step adds the expert that raises the metric most "
+                    "(restoring the whole layer raises it)")
+        return ("greedy rule: each step adds the expert that lowers the metric most "
+                "(restoring the whole layer lowers it, and the search follows the layer's sign)")
+
     def plot(self, title: Optional[str] = None):
-        from moelens.plotting import coalition_curve
+        from moelens.plotting.coalitions import coalition_curve
 
         # normalised rescue, starting from the empty coalition (the corrupted run, rescue 0)
         values = [0.0] + [float(self.rescue(float(v))) for v in self.curve]
         target = self.target_fraction * float(self.rescue(self.layer_score))
         return coalition_curve(list(range(len(values))), values, labels=["(none)"] + [f"+E{e}" for e in self.greedy],
                                target=target, target_label=f"target: {self.target_fraction:.0%} of the whole "
-                               f"layer's rescue ({target:.3g})", layer_rescue=float(self.rescue(self.layer_score)),
+                               f"layer's rescue ({format_number(target)})", layer_rescue=float(self.rescue(self.layer_score)),
+                               rule=self.rule,
                                title=title or f"Greedy coalition at layer {self.layer}: "
                                f"{self.case.get('prompt', '')!r}")
 
@@ -668,7 +678,7 @@ class ExpertGridResult(TraceResult):
 
     def plot(self, title: Optional[str] = None):
         """Layers x experts heatmap of the normalised rescue (clean-routed experts ringed)."""
-        from moelens.tracing.attribution_plots import expert_attribution_heatmap
+        from moelens.plotting.attribution import expert_attribution_heatmap
 
         p = self.positions[-1]
         return expert_attribution_heatmap(

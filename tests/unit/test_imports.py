@@ -1,5 +1,5 @@
 """Submodules import on their own, first thing in a fresh interpreter (as docs/models.md and docs/gpu.md
-use them: `from moelens.presets import preset_summary`). `moelens/__init__.py` loads its public API
+use them: `from moelens.preset_models import preset_summary`). `moelens/__init__.py` loads its public API
 lazily; a submodule imported before it must not re-enter a module that is still initialising."""
 
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("code", [
     "import moelens.model; print(moelens.model.HookedMoETransformer.__name__)",
-    "from moelens.presets import preset_summary; print(preset_summary('mixtral-8x7b')['architecture'])",
+    "from moelens.preset_models import preset_summary; print(preset_summary('mixtral-8x7b')['architecture'])",
 ])
 def test_submodule_first_in_a_fresh_interpreter(code):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)

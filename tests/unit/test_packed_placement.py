@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moelens import HookedMoETransformer, presets
+from moelens.preset_models import preset_summary
 from moelens.placement import GPU_CARDS, card_budget, smallest_gpu_set, unit_sizes
 from moelens.quant.packed import FP8_PACKED, MXFP4_PACKED, packed_tensors, resident_bytes
 from moelens.testing import save_fp8_copy, save_tiny
@@ -44,7 +45,7 @@ def hand_packed_bytes(name: str) -> int:
     ("kimi-k2", "fp8", "8 x H200 141GB", "16 x H200 141GB"),
 ])
 def test_preset_packed_sizes_and_gpu_sets(name, fmt, packed_gpus, unpacked_gpus):
-    s = presets.preset_summary(name)
+    s = preset_summary(name)
     assert s["quantization"] == fmt
     assert s["bytes_packed"] == hand_packed_bytes(name)
     unpacked = HookedMoETransformer.from_config(name, device="meta", dtype=torch.bfloat16)
@@ -55,7 +56,7 @@ def test_preset_packed_sizes_and_gpu_sets(name, fmt, packed_gpus, unpacked_gpus)
 
 
 def test_plain_presets_have_no_packed_size():
-    s = presets.preset_summary("qwen3-30b-a3b")
+    s = preset_summary("qwen3-30b-a3b")
     assert s["quantization"] is None and s["bytes_packed"] is None and s["gpus_packed"] is None
     assert s["gpus_unpacked"] == "1 x H100 80GB"
 

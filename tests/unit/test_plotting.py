@@ -46,8 +46,8 @@ def test_restoration_heatmap_data_and_labels():
     # hover mentions layer, position (token) and score
     for word in ("layer", "position", "score", "%{z"):
         assert word in h.hovertemplate
-    # subject rows outlined
-    assert len(fig.layout.shapes) == len(SUBJ)
+    # subject rows are marked in the tick labels only: no shape drawn over the axis and its labels
+    assert len(fig.layout.shapes) == 0
 
 
 def test_restoration_heatmap_torch_input():
@@ -106,12 +106,15 @@ def test_no_figure_clips_its_data(seed):
 
 
 def test_big_models_stay_legible():
-    """48 layers x 128 experts: figures grow with the axes; the bar chart keeps the top experts."""
+    """48 layers x 128 experts: figures take the page's width and grow in height with the rows; the
+    bar chart keeps the top experts."""
+    from moelens.plotting.style import MIN_ROW_PX
+
     rng = np.random.default_rng(0)
     fig = P.expert_rescue_heatmap(rng.normal(size=(48, 128)), layers=list(range(48)))
-    assert fig.layout.height >= 48 * 18 and fig.layout.width >= 128 * 10
+    assert fig.layout.width is None and fig.layout.height >= 48 * MIN_ROW_PX
     fig = P.restoration_heatmap(rng.normal(size=(48, 30)), [f"t{i}" for i in range(30)], clean=1.0, corrupted=0.0)
-    assert fig.layout.width >= 48 * 20 and fig.layout.height >= 30 * 20
+    assert fig.layout.width is None and fig.layout.height >= 30 * 20
     s = rng.normal(size=128)
     fig = P.expert_rescue_bar(s)
     shown = [x for t in fig.data if isinstance(t, go.Bar) for x in t.x]
@@ -224,7 +227,7 @@ def test_expert_rescue_bar_groups():
     # reference lines are in the legend, not as labels that can collide with bars
     assert any(sh.y0 == pytest.approx(0.25) for sh in fig.layout.shapes)
     names = [t.name for t in fig.data if not isinstance(t, go.Bar)]
-    assert names == ["0 = corrupted run", "1 = clean run", "whole layer restored (0.25)"]
+    assert names == ["0 = corrupted run", "1 = clean run", "whole layer restored (0.250)"]
     assert not fig.layout.annotations
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moelens.architectures as archs
-from moelens import presets
+from moelens import preset_models, presets
 from moelens.model import HookedMoETransformer
 
 ALL = presets.list_presets()
@@ -47,7 +47,7 @@ _ML: dict = {}
 
 def hf_meta(name):
     if name not in _HF:
-        _HF[name] = presets.transformers_meta_model(name)
+        _HF[name] = preset_models.transformers_meta_model(name)
     return _HF[name]
 
 
@@ -237,7 +237,7 @@ def test_headline_active_counts():
 @pytest.mark.parametrize("name", ALL)
 def test_preset_summary(name):
     _require_support(name)
-    s = presets.preset_summary(presets.PRESET_INFO[name]["alias"])
+    s = preset_models.preset_summary(presets.PRESET_INFO[name]["alias"])
     model = moelens_meta(name)
     assert s["name"] == name and s["architecture"] == presets.PRESETS[name]["architectures"][0]
     assert s["total_params"] == presets.PRESET_INFO[name]["exact_params"]

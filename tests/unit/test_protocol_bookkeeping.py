@@ -63,7 +63,7 @@ def test_report_shows_the_summary_split_after_the_limit_changed(tmp_path):
     # the layer choice, computed directly: mean normalised rescue over the current discovery cases only
     direct = {str(l): np.mean([(i + 1.0) * (l + 1) / 10 / 2.0 for i in disc]) for l in LAYERS}
     assert s.layer_means == pytest.approx(direct) and s.layer == 1
-    figs = {f.name: f.fig for f in build_trace_report(d, s).figures()}
+    figs = {f.name: f.figure for f in build_trace_report(d, s).figures()}
     assert list(figs["layer_rescue"].data[-1].y) == pytest.approx([s.layer_means[str(l)] for l in LAYERS])
     bars = figs["expert_rescue"].data[0]
     by_expert = dict(zip(bars.x, bars.y))

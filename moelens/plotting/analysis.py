@@ -1,10 +1,13 @@
-"""Figures for the expert-level attributions (plotly; ``fig.write_html`` for an offline page)."""
+"""Figures of the analysis tools (:mod:`moelens.analysis`): expert-level direct logit attribution and
+router-logit attribution heatmaps (plotly; ``fig.write_html`` for an offline page)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+
+from moelens.plotting.style import HOVER, base_layout, cell_text, fmt, heatmap_size
 
 
 def _diverging_range(z: np.ndarray) -> float:
@@ -33,6 +36,7 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
     cols = [str(e) for e in experts] + (["shared"] if has_shared else [])
     z = np.full((len(layers), len(cols)), np.nan)
     routed_x, routed_y = [], []
+    routed = np.zeros(z.shape, dtype=bool)
     li = {l: i for i, l in enumerate(layers)}
     ci = {e: i for i, e in enumerate(experts)}
     for row in d.itertuples():
@@ -41,34 +45,42 @@ def expert_dla_heatmap(df, batch: int = 0, position: Optional[int] = None, title
         if row.expert >= 0 and row.routed:
             routed_x.append(cols[c])
             routed_y.append(f"L{row.layer}")
+            routed[li[row.layer], c] = True
     m = _diverging_range(z)
     ylabels = [f"L{l}" for l in layers]
     metric = df.attrs.get("metric", "direct logit attribution")
     tok = d["token"].iloc[0] if "token" in d and d["token"].iloc[0] is not None else None
     where = f"position {position}" + (f" ({tok!r})" if tok is not None else "")
+    plot_h, _, show = heatmap_size(len(layers), len(cols), value_chars=7)
+    # values in the cells where they fit, a routed cell's value ringed ("o 0.123"); else circle markers
+    text = {}
+    if show:
+        text = dict(text=[[("" if not np.isfinite(v) else ("o " if r else "") + fmt(v)) for v, r in zip(zr, rr)]
+                          for zr, rr in zip(z.tolist(), routed.tolist())], texttemplate="%{text}",
+                    textfont=dict(size=11))
     fig = go.Figure(
         go.Heatmap(
             z=z, x=cols, y=ylabels, colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m,
             colorbar=dict(title="logit"),
-            hovertemplate="layer %{y}<br>expert %{x}<br>attribution %{z:.4g}<extra></extra>",
+            hovertemplate="layer %{y}<br>expert %{x}<br>attribution %{z:" + HOVER + "}<extra></extra>",
+            **text,
         )
     )
-    fig.add_trace(
-        go.Scatter(x=routed_x, y=routed_y, mode="markers", name="routed here",
-                   marker=dict(symbol="circle-open", size=7 if len(cols) <= 64 else 4, color="black"),
-                   hoverinfo="skip")
-    )
+    if not show:
+        fig.add_trace(
+            go.Scatter(x=routed_x, y=routed_y, mode="markers", name="routed here",
+                       marker=dict(symbol="circle-open", size=7 if len(cols) <= 64 else 4, color="black"),
+                       hoverinfo="skip")
+        )
     n_cols, n_rows = len(cols), len(layers)
-    fig.update_layout(
-        title=title or f"Experts' {metric}<br><sup>at {where}; circles: routed there</sup>",
+    base_layout(
+        fig, title or f"Experts' {metric}<br><sup>at {where}; "
+                      + ("'o': routed there" if show else "circles: routed there") + "</sup>", plot_height=plot_h,
         showlegend=False,
-        template="plotly_white",
         xaxis=dict(title="expert", type="category", tickangle=0 if n_cols <= 32 else -90,
                    nticks=min(n_cols, 64)),
         yaxis=dict(title="layer", type="category", autorange="reversed"),
-        width=int(min(1800, max(760, 200 + 14 * n_cols))),
-        height=int(min(1400, max(380, 180 + 22 * n_rows))),
-        margin=dict(l=70, r=40, t=90, b=90),
+        margin=dict(l=70, r=40, b=90),
     )
     return fig
 
@@ -105,23 +117,23 @@ def router_attribution_heatmap(ra, batch: int = 0, position: int = -1, top: int 
         tok = ra.str_tokens[batch][position]
     n_pos = ra.values.shape[2]
     where = f"position {position % n_pos}" + (f" ({tok!r})" if tok is not None else "")
+    plot_h, _, show = heatmap_size(len(labels), len(xlabels), value_chars=5)
     fig = go.Figure(
         go.Heatmap(
             z=z, x=xlabels, y=labels, colorscale="RdBu", zmid=0.0, zmin=-m, zmax=m,
             colorbar=dict(title="router logit"),
-            hovertemplate="%{y}<br>expert %{x}<br>contribution %{z:.4g}<extra></extra>",
+            hovertemplate="%{y}<br>expert %{x}<br>contribution %{z:" + HOVER + "}<extra></extra>",
+            **cell_text(show),
         )
     )
     n_cols = len(xlabels)
-    fig.update_layout(
-        title=title or (f"Router-logit attribution, layer {ra.layer}, {where}<br><sup>contribution of each upstream "
-                        f"component to each expert's router logit (frozen ln2 scale); * = chosen experts</sup>"),
-        template="plotly_white",
+    base_layout(
+        fig, title or (f"Router-logit attribution, layer {ra.layer}, {where}<br><sup>contribution of each upstream "
+                       f"component to each expert's router logit (frozen ln2 scale); * = chosen experts</sup>"),
+        plot_height=plot_h,
         xaxis=dict(title="expert", type="category", tickangle=0 if n_cols <= 32 else -90),
-        yaxis=dict(title="upstream component", type="category", autorange="reversed"),
-        width=int(min(1800, max(760, 260 + 14 * n_cols))),
-        height=int(max(420, 170 + 22 * len(labels))),
-        margin=dict(l=140, r=40, t=90, b=70),
+        yaxis=dict(title="upstream component", type="category", autorange="reversed", automargin=True),
+        margin=dict(l=140, r=40, b=70),
     )
     return fig
 

@@ -1,5 +1,6 @@
 """The HTML report of an audit run (``report.html``): the test table, the Cohen's d heatmap, and
-per layer each expert's mean ablation effect (95% CI) next to its routing statistics."""
+per layer each expert's mean ablation effect (95% CI) next to its routing statistics; also the
+report of the paper's protocol and of the further experiments."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ import pandas as pd
 
 
 def build_audit_report(result, experiments: Optional[dict] = None):
-    """A :class:`moelens.report.Report` for an :class:`~moelens.audit.report.AuditResult` (and the
+    """A :class:`moelens.plotting.report.Report` for an :class:`~moelens.audit.report.AuditResult` (and the
     results of :func:`moelens.audit.experiments.run_planned`, if any)."""
-    from moelens import plotting
     from moelens.formatting import format_p
-    from moelens.report import Report
+    from moelens.plotting.experts import expert_rescue_bar
+    from moelens.plotting.report import Report
 
     s = result.summary
     rep = Report("moelens audit: do routing statistics predict an expert's causal importance?",
                  subtitle=f"Effect = increase of cross-entropy ({result.scope}) when one routed expert is removed "
-                          f"at one position. {len(result.effects)} ablations.")
+                          f"at one position. {len(result.effects)} ablations.",
+                 run_seconds=getattr(result, "run_seconds", None))
     rep.add_heading("Tests")
     cols = [c for c in ["metric", "layer", "n", "mean_diff", "cohens_d", "p_t", "p_wilcoxon", "p_holm"] if c in s]
     table = s[cols].copy()
@@ -54,7 +56,7 @@ def build_audit_report(result, experiments: Optional[dict] = None):
                     if len(v) >= 2:  # normal-approximation 95% CI of the mean
                         half = 1.96 * v.std(ddof=1) / math.sqrt(len(v))
                         lo[int(e)], hi[int(e)] = mean[int(e)] - half, mean[int(e)] + half
-        items = [rep.figure(plotting.expert_rescue_bar(
+        items = [rep.figure(expert_rescue_bar(
             mean, ci_low=lo, ci_high=hi, references=[(0.0, "0 = no effect")], layer=layer,
             metric="mean CE increase when removed (nats)",
             title=f"Layer {layer}: effect of removing each expert (mean over its ablations)"),
@@ -90,9 +92,9 @@ def _fmt_p_columns(df, cols):
 
 
 def build_paper_report(res: dict, experiments: Optional[dict] = None):
-    """A :class:`moelens.report.Report` for :func:`moelens.audit.paper.run_paper_protocol`'s result:
+    """A :class:`moelens.plotting.report.Report` for :func:`moelens.audit.paper.run_paper_protocol`'s result:
     the per-token table, the routing-weight control, the further experiments and the settings."""
-    from moelens.report import Report
+    from moelens.plotting.report import Report
 
     s = res["summary"]
     model = s["model"].iloc[0] if len(s) else ""
@@ -126,30 +128,12 @@ def write_paper_report(res: dict, path, image_format: Optional[str] = None, expe
     return build_paper_report(res, experiments).write(Path(path), image_format=image_format)
 
 
-def _progressive_figure(summary, cliff: float):
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for layer, sub in summary.groupby("layer"):
-        sub = sub.sort_values("k")
-        fig.add_trace(go.Scatter(x=sub["k"], y=sub["mean"], mode="lines+markers", name=f"layer {layer}",
-                                 customdata=sub[["median", "p25", "p75"]].to_numpy(),
-                                 hovertemplate=f"layer {layer}, k=%{{x}}<br>mean Delta CE %{{y:.4f}}<br>median "
-                                               "%{customdata[0]:.4f} (p25 %{customdata[1]:.4f}, p75 "
-                                               "%{customdata[2]:.4f})<extra></extra>"))
-    fig.add_hline(y=cliff, line_dash="dash", line_color="gray", annotation_text=f"cliff threshold {cliff:g} nats",
-                  annotation_position="top left")
-    fig.update_layout(title="Progressive ablation: CE increase when the top-1..k experts are removed",
-                      xaxis_title="k (experts removed, highest routing weight first)",
-                      yaxis_title="mean CE increase (nats)", template="plotly_white", height=420, width=820)
-    fig.update_xaxes(dtick=1)
-    return fig
-
-
 def add_experiments_section(rep, experiments: Optional[dict]) -> None:
     """The further experiments' tables (``moelens audit --experiments``), if any were run."""
     if not experiments:
         return
+    from moelens.plotting.audit import progressive_ablation_curve
+
     if "progressive" in experiments:
         r = experiments["progressive"]
         s, st = r["summary"], r["settings"]
@@ -160,7 +144,7 @@ def add_experiments_section(rep, experiments: Optional[dict]) -> None:
                      f"target are removed cumulatively, highest routing weight first (k = 1..{st['k_max']}; removal "
                      f"{st['scope']}/{st['semantics']}), and the increase of that prediction's cross-entropy is "
                      f"measured. The cliff is the first k whose mean increase exceeds {cliff:g} nats.")
-        rep.add_figure(_progressive_figure(s, cliff), "One line per layer: the mean CE increase after removing the "
+        rep.add_figure(progressive_ablation_curve(s, cliff), "One line per layer: the mean CE increase after removing the "
                        "top-k experts (hover: median and quartiles; the table below has the spread); dashed: the "
                        "cliff threshold.", name="progressive_ablation")
         cliffs = s.groupby("layer")["cliff"].first()
