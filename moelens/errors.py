@@ -10,3 +10,7 @@ from __future__ import annotations
 class MoelensUserError(ValueError):
     """Bad input or settings: a missing file, a layer out of range, a settings mismatch, a
     device that is not available. The message says what to do."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model: missing/unexpected keys, shapes, formats."""

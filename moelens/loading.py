@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moelens.architectures.base import Architecture
+from moelens.errors import CheckpointError  # noqa: F401  (defined there: moelens.quant.packed raises it too)
 from moelens.quant import mxfp4
 from moelens.quant.packed import PackSpec, packed_tensors
 
@@ -33,8 +34,6 @@ INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
-class CheckpointError(ValueError):
-    """The checkpoint does not fit the model: missing/unexpected keys, shapes, formats."""
 
 
 @contextlib.contextmanager

@@ -29,10 +29,10 @@ def stream_components(cache, layer: Optional[int] = None, mlp_input: bool = Fals
     ``[n, *batch_pos, d_model]`` (summing to ``hc_head.hook_collapsed``); with ``layer=l`` the
     stream-resolved contributions ``[n, *batch_pos, hc, d_model]`` to the streams entering block ``l``
     (``hook_resid_pre``; ``hook_resid_mid`` with ``mlp_input``)."""
-    from moelens.analysis.tl_cache import _as_slice
+    from transformer_lens.utilities import Slice
 
     cfg = cache.model.cfg
-    s = _as_slice(pos_slice)
+    s = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
     if mode not in ("all", "mlp", "attn"):
         raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
     final = layer is None or layer == -1

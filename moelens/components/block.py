@@ -23,29 +23,10 @@ from torch import Tensor, nn
 from moelens.components.attention import Attention, AttentionContext
 from moelens.components.mlp import GatedMLP
 from moelens.components.moe import MoE
+from moelens.components.mixers import make_attention
 from moelens.components.norm import make_norm
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
-
-
-def make_attention(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
-    if layer is not None and layer in cfg.linear_attn_layers:
-        from moelens.components.gated_deltanet import GatedDeltaNet
-
-        return GatedDeltaNet(cfg)
-    if cfg.attention == "compressed":  # DeepSeek-V4: sliding window + compressed (sparse) attention
-        from moelens.components.compressed_attention import CompressedAttention
-
-        return CompressedAttention(cfg, 0 if layer is None else layer)
-    if cfg.dsa:  # DeepSeek Sparse Attention: MLA plus the lightning indexer (DeepSeek-V3.2, GLM-5)
-        from moelens.components.dsa import DSAttention
-
-        return DSAttention(cfg, 0 if layer is None else layer)
-    if cfg.attention == "mla":
-        from moelens.components.mla import MLAttention
-
-        return MLAttention(cfg)
-    return Attention(cfg, layer)
 
 
 def _norm(cfg: MoEConfig, present: bool = True) -> Optional[nn.Module]:

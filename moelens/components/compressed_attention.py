@@ -58,7 +58,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from moelens.components.attention import AttentionContext
-from moelens.components.hyper import unweighted_rms
+from moelens.components.norm import unweighted_rms
 from moelens.components.norm import rms_norm_weight_fp32
 from moelens.components.rope import rope_cos_sin, rope_frequencies
 from moelens.config import MoEConfig

@@ -31,14 +31,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from moelens.components.attention import AttentionContext
-from moelens.components.norm import RMSNorm
+from moelens.components.norm import RMSNorm, unweighted_rms
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint
-
-
-def unweighted_rms(x: Tensor, eps: float) -> Tensor:
-    """transformers' ``DeepseekV4UnweightedRMSNorm``: ``x * rsqrt(mean(x^2) + eps)`` (fp32 statistic)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def _keep_fp32(module: nn.Module, result):
@@ -132,7 +127,7 @@ class HyperBlock(nn.Module):
 
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
-        from moelens.components.block import make_attention
+        from moelens.components.mixers import make_attention
         from moelens.components.moe import MoE
 
         self.layer = layer

@@ -153,3 +153,8 @@ def make_norm(cfg, d: int) -> nn.Module:
         return LayerNorm(d, cfg.rms_norm_eps)
     return RMSNorm(d, cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered, weight_fp32=cfg.norm_weight_fp32,
                    keep_fp32=cfg.norm_keep_fp32)
+
+
+def unweighted_rms(x: Tensor, eps: float) -> Tensor:
+    """transformers' ``DeepseekV4UnweightedRMSNorm``: ``x * rsqrt(mean(x^2) + eps)`` (fp32 statistic)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)

@@ -178,7 +178,7 @@ class PackedTensor(nn.Module):
         (an expert) or, with ``index=None``, the whole tensor; shapes are checked."""
         tag = "all" if index is None else index
         if tag in self.filled or ("all" in self.filled):
-            from moelens.loading import CheckpointError
+            from moelens.errors import CheckpointError
 
             raise CheckpointError(f"{key}: {self.name}{'' if index is None else f'[{index}]'} is filled twice by the checkpoint")
         if self.fmt == "fp8":
@@ -196,7 +196,7 @@ class PackedTensor(nn.Module):
             dst_a, dst_b = dst_a[index], dst_b[index]
         for dst, src, what in ((dst_a, a, "weight"), (dst_b, b, "scales")):
             if tuple(dst.shape) != tuple(src.shape):
-                from moelens.loading import CheckpointError
+                from moelens.errors import CheckpointError
 
                 raise CheckpointError(f"{key}: packed {what} of shape {tuple(src.shape)}, expected {tuple(dst.shape)} "
                                       f"(for {self.name}{'' if index is None else f'[{index}]'})")
