@@ -453,3 +453,28 @@ def test_composition_scores_and_attention_layer_circuits(runs):
     assert layers == full and qk.shape == (len(full), hybrid.cfg.n_heads, hybrid.cfg.d_model, hybrid.cfg.d_model)
     torch.testing.assert_close(qk.AB[0], hybrid.blocks[full[0]].attn.QK.AB, atol=1e-5, rtol=1e-5)
     assert hybrid.all_composition_scores("V").layer_indices == full
+
+
+@torch.no_grad()
+def test_new_families_tl_parameters_and_cfg(runs):
+    """``tl_parameters()`` on post-norm blocks (no ``ln1``/``ln2`` on FlexOlmo; ``ln1_post``/``ln2_post``
+    as TransformerLens' Gemma 2 names them) and on Gemma 4 (its parallel ``dense_mlp``); Gemma 4's
+    K = V layers' ``W_V`` is a view of the key weight; ``cfg.act_fn`` / ``output_logits_soft_cap`` in
+    TransformerLens' naming."""
+    flex = runs("flex_olmo")[0]
+    params = flex.tl_parameters()
+    assert "blocks.0.ln1.w" not in params and "blocks.0.ln2.w" not in params
+    assert params["blocks.0.ln1_post.w"] is flex.blocks[0].ln1_post.w and params["blocks.0.ln2_post.w"] is flex.blocks[0].ln2_post.w
+    assert flex.cfg.output_logits_soft_cap == -1.0 and flex.cfg.act_fn == "silu"
+    gemma = runs("gemma4")[0]
+    cfg = gemma.cfg
+    assert cfg.act_fn == "gelu_pytorch_tanh" and cfg.output_logits_soft_cap == cfg.final_logit_softcap > 0
+    params = gemma.tl_parameters()
+    assert torch.equal(params["blocks.0.dense_mlp.W_in"], gemma.blocks[0].dense_mlp.w_up.T)
+    assert "blocks.0.mlp.experts.W_in" in params and "blocks.0.mlp.W_in" not in params
+    for n in ("ln1", "ln1_post", "ln2", "ln2_post_dense", "ln2_moe", "ln2_post_moe", "ln2_post"):
+        assert f"blocks.0.{n}.w" in params
+    full = cfg.layer_types.index("full_attention")
+    attn = gemma.blocks[full].attn
+    assert attn.w_v is None and attn._W_V.data_ptr() == attn.w_k.data_ptr()  # K = V: one weight
+    assert params[f"blocks.{full}.attn._W_V"].shape == (attn.n_kv_heads, cfg.d_model, attn.d_head)
