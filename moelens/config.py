@@ -425,8 +425,18 @@ class MoEConfig:
 
     @property
     def act_fn(self) -> str:
-        """The MLP activation in TransformerLens' naming: ``"silu"`` (SwiGLU), or gpt-oss's ``"clamped_swiglu"``."""
+        """The MLP activation in TransformerLens' naming: ``"silu"`` (SwiGLU), gpt-oss's ``"clamped_swiglu"``,
+        or ``"gelu_pytorch_tanh"`` (Gemma 4's GELU-tanh gate)."""
+        if self.expert_act == "silu" and self.mlp_act == "gelu_tanh":
+            return "gelu_pytorch_tanh"
         return self.expert_act
+
+    @property
+    def output_logits_soft_cap(self) -> float:
+        """TransformerLens' final logit soft-cap: ``final_logit_softcap`` (Gemma 4), ``-1.0`` (none) where
+        the architecture has none. As in TransformerLens, ``unembed.hook_out`` is ``x @ W_U + b_U`` and
+        the logits are ``c * tanh(hook_out / c)``."""
+        return -1.0 if self.final_logit_softcap is None else float(self.final_logit_softcap)
 
     @property
     def gated_mlp(self) -> bool:

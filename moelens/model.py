@@ -57,7 +57,7 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """``logits = (x @ W_U + b_U)``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
+    """``logits = cap(hook_out)``, ``hook_out = x @ W_U + b_U``; stored as ``w_u`` ``[d_vocab, d_model]`` (the hub's ``lm_head.weight``
     layout) and PhiMoE's ``b_u``; Granite divides the logits by ``cfg.logits_scaling``. ``W_U`` and
     ``b_U`` are the TransformerLens views ``[d_model, d_vocab]`` and ``[d_vocab]``, the scaling folded in."""
 
@@ -87,7 +87,8 @@ class Unembed(nn.Module):
         return self.b_u / self.logits_scaling if self.logits_scaling != 1.0 else self.b_u
 
     def cap(self, logits: Tensor) -> Tensor:
-        """Gemma's final logit soft-cap ``c * tanh(logits / c)`` (identity without one)."""
+        """Gemma's final logit soft-cap ``c * tanh(logits / c)`` (identity without one;
+        ``cfg.output_logits_soft_cap`` in TransformerLens' naming)."""
         if self.softcap is None:
             return logits
         return torch.tanh(logits / self.softcap) * self.softcap
@@ -95,7 +96,9 @@ class Unembed(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         logits = F.linear(self.hook_in(x), self.w_u, self.b_u)
         logits = logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
-        return self.hook_out(self.cap(logits))
+        # TransformerLens: hook_out is x @ W_U + b_U; HookedTransformer applies
+        # cfg.output_logits_soft_cap after the unembed, so the soft-cap comes after the hook
+        return self.cap(self.hook_out(logits))
 
 
 class HookedMoETransformer(ModelViews, TokenizerMethods, HookedRootModule):

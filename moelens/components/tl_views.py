@@ -9,7 +9,7 @@ in-place edit of ``attn.W_Q`` edits ``attn.w_q``), so TransformerLens code runs 
 name                                   shape                                       meaning
 =====================================  ==========================================  =============================
 ``model.W_E``                          ``[d_vocab, d_model]``                      token embeddings
-``model.W_U`` / ``unembed.W_U``        ``[d_model, d_vocab]``                      ``logits = ln_final(x) @ W_U``
+``model.W_U`` / ``unembed.W_U``        ``[d_model, d_vocab]``                      ``hook_out = ln_final(x) @ W_U`` (1)
 ``model.b_U`` / ``unembed.b_U``        ``[d_vocab]``                               zeros (no architecture has one)
 ``attn.W_Q``                           ``[head, d_model, d_head]``                 ``q_h = x @ W_Q[h] + b_Q[h]``
 ``attn.W_K`` / ``attn.W_V``            ``[head, d_model, d_head]``                 GQA: ``_W_K [kv_head, ..]`` repeated
@@ -23,6 +23,11 @@ name                                   shape                                    
 ``mlp.experts.b_out``                  ``[n_experts, d_model]``                    gpt-oss only (None otherwise)
 ``mlp.b_in`` / ``mlp.experts.b_in``    None                                        no architecture has one
 =====================================  ==========================================  =============================
+
+(1) ``unembed.hook_out`` is ``ln_final(x) @ W_U + b_U``; the logits are that after the final soft-cap
+``cfg.output_logits_soft_cap`` (Gemma 4; ``-1.0``: none), as in TransformerLens' ``HookedTransformer``.
+On post-norm blocks (FlexOlmo, Gemma 4) ``W_O`` and ``W_out`` map into the post-norm's input, not
+into ``hook_attn_out``/``hook_mlp_out`` (docs/transformer_lens.md).
 
 Grouped-query attention follows TransformerLens' ``GroupedQueryAttention``: ``_W_K``/``_W_V``/``_b_K``/``_b_V``
 hold the ``n_kv_heads`` key/value heads, and ``W_K``/``W_V``/``b_K``/``b_V`` repeat them with
@@ -83,11 +88,26 @@ def _bias_heads(b: Optional[Tensor], n_heads: int) -> Optional[Tensor]:
 
 
 class GQAViews:
-    """TransformerLens names of :class:`moelens.components.attention.Attention`."""
+    """TransformerLens names of :class:`moelens.components.attention.Attention`.
+
+    Shapes are the layer's own: ``d_head`` and the key/value heads are ``attn.d_head`` /
+    ``attn.n_kv_heads`` (Gemma 4's full-attention layers are wider and have fewer kv heads than its
+    sliding layers). Where the value is the key projection (Gemma 4's full-attention layers,
+    ``attention_k_eq_v``: no ``v_proj``), ``_W_V``/``W_V`` are views of the key weight ``w_k`` (an edit of
+    one edits both): ``v = x @ W_V`` is the raw key projection, before the key's RMSNorm and RoPE;
+    ``hook_v`` holds it after Gemma 4's weightless value RMSNorm (``cfg.v_norm``)."""
+
+    @property
+    def _n_kv(self) -> int:
+        return getattr(self, "n_kv_heads", None) or self.cfg.n_kv_heads
 
     @property
     def _kv_repeats(self) -> int:
-        return self.cfg.n_heads // self.cfg.n_kv_heads
+        return self.cfg.n_heads // self._n_kv
+
+    @property
+    def _value_weight(self) -> Tensor:
+        return self.w_k if getattr(self, "k_eq_v", False) else self.w_v
 
     @property
     def W_Q(self) -> Tensor:
@@ -95,11 +115,11 @@ class GQAViews:
 
     @property
     def _W_K(self) -> Tensor:
-        return _heads_in(self.w_k, self.cfg.n_kv_heads)
+        return _heads_in(self.w_k, self._n_kv)
 
     @property
     def _W_V(self) -> Tensor:
-        return _heads_in(self.w_v, self.cfg.n_kv_heads)
+        return _heads_in(self._value_weight, self._n_kv)
 
     @property
     def W_K(self) -> Tensor:
@@ -112,7 +132,13 @@ class GQAViews:
     @property
     def W_O(self) -> Tensor:
         """``[head, d_head, d_model]``; Granite's residual multiplier (which scales the attention
-        update) folded in, so ``sum_h z_h @ W_O[h] + b_O`` is ``hook_attn_out``."""
+        update) folded in, so ``sum_h z_h @ W_O[h] + b_O`` is ``hook_attn_out``.
+
+        On a block with an attention post-norm (FlexOlmo, Gemma 4: ``ln1_post``) that sum is the
+        *input* of the post-norm: ``hook_attn_out = ln1_post(sum_h z_h @ W_O[h] + b_O)``, i.e.
+        ``(sum_h z_h @ W_O[h] + b_O) / ln1_post.hook_scale * ln1_post.w``. The norm is not folded into
+        ``W_O`` (its scale depends on the whole sum); with the run's scale fixed each head's update is
+        ``z_h @ W_O[h] / scale * w`` (``cache.stack_head_results``)."""
         w = _heads_out(self.w_o, self.cfg.n_heads)
         rm = getattr(self.cfg, "residual_multiplier", 1.0)
         return w * rm if rm != 1.0 else w
@@ -132,11 +158,11 @@ class GQAViews:
 
     @property
     def _b_K(self) -> Optional[Tensor]:
-        return _bias_heads(self.b_k, self.cfg.n_kv_heads)
+        return _bias_heads(self.b_k, self._n_kv)
 
     @property
     def _b_V(self) -> Optional[Tensor]:
-        return _bias_heads(self.b_v, self.cfg.n_kv_heads)
+        return _bias_heads(self.b_k if getattr(self, "k_eq_v", False) else self.b_v, self._n_kv)
 
     @property
     def b_K(self) -> Optional[Tensor]:
@@ -256,6 +282,13 @@ _MOE_MLP = ("a sparse MoE block has no single MLP; its experts have TransformerL
 class MoEViews(TLAbsent):
     _tl_absent = {n: _MOE_MLP for n in ("W_in", "W_gate", "W_out", "b_in", "b_out")}
 
+    def _absent_reason(self, name: str) -> Optional[str]:
+        reason = super()._absent_reason(name)
+        if reason is not None and getattr(self.cfg, "parallel_dense_mlp", False):
+            reason += (". This block also has a dense MLP in parallel with the MoE (Gemma 4): its TransformerLens "
+                       "names are blocks[l].dense_mlp.W_in / W_gate [d_model, d_mlp], W_out [d_mlp, d_model]")
+        return reason
+
 
 _STACKED = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV", "W_in", "W_gate", "W_out", "b_in",
             "b_out")
@@ -291,18 +324,28 @@ class ModelViews(TLAbsent):
         yield "embed.W_E", self.W_E
         attn_names = ("W_Q", "W_K", "W_V", "W_O", "_W_K", "_W_V", "b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
         mlp_names = ("W_in", "W_gate", "W_out", "b_in", "b_out")
+        def norms(block, names):  # the norms the block has (post-norm blocks: no ln1/ln2; Gemma: both)
+            for n in names:
+                norm = getattr(block, n, None)
+                if norm is not None:
+                    yield n, norm.w
+
         for l, block in enumerate(self.blocks):
-            yield f"blocks.{l}.ln1.w", block.ln1.w
+            for n, w in norms(block, ("ln1",)):
+                yield f"blocks.{l}.{n}.w", w
             for n in attn_names:
                 t = getattr(block.attn, n, None)
                 if t is not None:
                     yield f"blocks.{l}.attn.{n}", t
-            yield f"blocks.{l}.ln2.w", block.ln2.w
+            for n, w in norms(block, ("ln1_post", "ln2", "ln2_post_dense", "ln2_moe", "ln2_post_moe", "ln2_post")):
+                yield f"blocks.{l}.{n}.w", w
             mlps = [("mlp", block.mlp)]
             if hasattr(block.mlp, "experts"):
                 mlps = [("mlp.experts", block.mlp.experts)]
                 if hasattr(block.mlp, "shared_experts"):
                     mlps.append(("mlp.shared_experts", block.mlp.shared_experts))
+            if getattr(block, "dense_mlp", None) is not None:  # Gemma 4: a dense MLP beside the MoE
+                mlps.append(("dense_mlp", block.dense_mlp))
             for prefix, mod in mlps:
                 for n in mlp_names:
                     t = getattr(mod, n, None)
@@ -327,6 +370,14 @@ class ModelViews(TLAbsent):
         if not layers:
             raise AttributeError(f"no layer's attention has {', '.join(names)} (see docs/transformer_lens.md)")
         dev = self.embed.W_E.device
+        for n in names:
+            shapes = {}
+            for l in layers:
+                shapes.setdefault(tuple(getattr(self.blocks[l].attn, n).shape), []).append(l)
+            if len(shapes) > 1:
+                by_shape = "; ".join(f"layers {ls}: {list(sh)}" for sh, ls in shapes.items())
+                raise AttributeError(f"the layers' attn.{n} differ in shape ({by_shape}), so they cannot be stacked: "
+                                     f"read model.blocks[l].attn.QK / OV per layer")
         return layers, [torch.stack([getattr(self.blocks[l].attn, n).to(dev) for l in layers]) for n in names]
 
     def QK_for_attn_layers(self):
@@ -380,8 +431,21 @@ class ModelViews(TLAbsent):
                     missing.append(l)
                     continue
                 ref = self.embed.W_E
-                t = torch.zeros(zeros_shape, dtype=ref.dtype, device=ref.device)
+                shape = zeros_shape(block) if callable(zeros_shape) else zeros_shape
+                t = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
             pieces.append(t)
+        if not missing:
+            shapes = {}
+            for l, p in enumerate(pieces):
+                shapes.setdefault(tuple(p.shape), []).append(l)
+            if len(shapes) > 1:
+                by_shape = "; ".join(f"layers {ls}: {list(sh)}" for sh, ls in shapes.items())
+                self.__dict__["_tl_stack_reason"] = (
+                    f"the layers' {module}.{name} differ in shape ({by_shape}; e.g. Gemma 4's full-attention layers "
+                    f"have their own head width and kv heads), so there is no stacked [n_layers, ...] tensor: "
+                    f"read model.blocks[l].{module}.{name} per layer"
+                )
+                raise AttributeError(name)
         if missing:
             have = [l for l in range(len(self.blocks)) if l not in missing]
             # Python replaces this message by __getattr__'s: keep it for _absent_reason
@@ -394,7 +458,9 @@ class ModelViews(TLAbsent):
         return torch.stack([p.to(dev) for p in pieces])
 
     def _head_bias(self, name: str) -> Tensor:
-        return self._stack("attn", name, zeros_shape=(self.cfg.n_heads, self.cfg.d_head_qk))
+        # zeros of the layer's own head width where a layer has no bias (the weights' shapes agree, or
+        # the caller has raised already)
+        return self._stack("attn", name, zeros_shape=lambda b: (self.cfg.n_heads, getattr(b.attn, "d_head", self.cfg.d_head_qk)))
 
     @property
     def W_Q(self) -> Tensor:
@@ -425,19 +491,31 @@ class ModelViews(TLAbsent):
     @property
     def b_V(self) -> Tensor:
         self._stack("attn", "W_V")
-        return self._stack("attn", "b_V", zeros_shape=(self.cfg.n_heads, self.cfg.d_head_v))
+        return self._stack("attn", "b_V", zeros_shape=lambda b: (self.cfg.n_heads, getattr(b.attn, "d_head", self.cfg.d_head_v)))
 
     @property
     def b_O(self) -> Tensor:
         return self._stack("attn", "b_O", zeros_shape=(self.cfg.d_model,))
 
+    def _keep_reason(self, exc: AttributeError) -> None:
+        # a stacked name built from others (QK, OV): keep why its parts are absent for _absent_reason
+        self.__dict__["_tl_stack_reason"] = str(exc)
+
     @property
     def QK(self):
-        return _factored(self.W_Q, self.W_K.transpose(-2, -1))
+        try:
+            return _factored(self.W_Q, self.W_K.transpose(-2, -1))
+        except AttributeError as exc:
+            self._keep_reason(exc)
+            raise
 
     @property
     def OV(self):
-        return _factored(self.W_V, self.W_O)
+        try:
+            return _factored(self.W_V, self.W_O)
+        except AttributeError as exc:
+            self._keep_reason(exc)
+            raise
 
     @property
     def W_in(self) -> Tensor:

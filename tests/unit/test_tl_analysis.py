@@ -37,6 +37,8 @@ def runs(tiny_dirs):
                 if model.cfg.final_logit_softcap is not None:
                     # Gemma's soft-cap is not linear: the decompositions sum to the logits before it
                     torch.testing.assert_close(model.unembed.cap(logits_before_cap(model, cache)), logits)
+                    # as in TransformerLens, unembed.hook_out holds the logits before the soft-cap
+                    torch.testing.assert_close(cache["unembed.hook_out"], logits_before_cap(model, cache))
                     logits = logits_before_cap(model, cache)
             out[arch] = (model, tokens, logits, cache)
         return out[arch]
