@@ -61,6 +61,7 @@ from moelens.components.attention import AttentionContext
 from moelens.components.norm import unweighted_rms
 from moelens.components.norm import rms_norm_weight_fp32
 from moelens.components.rope import rope_cos_sin, rope_frequencies
+from moelens.components.tl_views import CompressedViews
 from moelens.config import MoEConfig
 from moelens.hooks import ShapedHookPoint, has_hooks
 
@@ -164,7 +165,7 @@ class Compressor(_WindowCompressor):
             self.indexer = CompressedIndexer(cfg)
 
 
-class CompressedAttention(nn.Module):
+class CompressedAttention(CompressedViews, nn.Module):
     """DeepSeek-V4 attention (see the module docstring). Weights ``[out, in]``."""
 
     def __init__(self, cfg: MoEConfig, layer: int):

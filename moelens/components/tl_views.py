@@ -226,6 +226,18 @@ class DeltaNetViews(TLAbsent):
     b_O = None
 
 
+_COMPRESSED = ("DeepSeek-V4's compressed attention has no per-head query/key/value/output maps in "
+               "TransformerLens' sense: queries come through a low-rank path (w_q_a, w_q_b), keys and values are "
+               "one shared head over window and compressed entries (w_kv, the compressor), and the output is a "
+               "grouped low-rank projection (w_o_a, w_o_b); see docs/models.md (DeepSeek-V4)")
+
+
+class CompressedViews(TLAbsent):
+    _tl_absent = {n: _COMPRESSED for n in ("W_Q", "W_K", "W_V", "W_O", "_W_K", "_W_V", "b_Q", "b_K", "b_V",
+                                           "_b_K", "_b_V", "QK", "OV")}
+    b_O = None
+
+
 # The views of the hot modules (attention, experts, dense MLPs) define no ``__getattr__``: parameter
 # lookups in the forward stay nn.Module's. ``b_in`` is None everywhere: TransformerLens' gated MLP adds
 # it after the product (act(x W_gate) * x W_in + b_in) and no supported architecture has one (gpt-oss's

@@ -82,7 +82,8 @@ def test_embed_unembed(runs, arch):
         assert (pre - logits).abs().max() > 1e-2  # the cap is active in this run: hook_out is before it
     else:
         assert torch.equal(pre, logits)
-    resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    # the final residual stream (DeepSeek-V4: the hyper-connection streams collapsed by hc_head)
+    resid = cache["hc_head.hook_collapsed"] if cfg.hc_mult > 1 else cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     if cfg.normalization_type == "LN":  # LayerNorm (PhiMoE) centres, and adds its bias through W_U
         resid = resid - resid.mean(-1, keepdim=True)
     by_hand = (resid / cache["ln_final.hook_scale"]) @ (model.ln_final.scale_weight[:, None] * model.W_U) + model.b_U
@@ -117,7 +118,20 @@ def _through_post_norm(model, cache, l, norm, x):
 
 
 def _attention_layers(model):
-    return [l for l in range(model.cfg.n_layers) if l not in model.cfg.linear_attn_layers]
+    """Layers with TransformerLens' per-head maps: not linear-attention layers, and not DeepSeek-V4's
+    compressed attention, whose names are absent with the reason (checked here)."""
+    out = []
+    for l in range(model.cfg.n_layers):
+        if l in model.cfg.linear_attn_layers:
+            continue
+        attn = model.blocks[l].attn
+        if model.cfg.attention == "compressed":
+            for name in ("W_Q", "W_K", "W_V", "W_O", "QK", "OV"):
+                with pytest.raises(AttributeError, match="compressed attention has no per-head"):
+                    getattr(attn, name)
+            continue
+        out.append(l)
+    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -216,6 +230,12 @@ def test_stacked_weights(runs, arch):
     cfg = model.cfg
     L, h, dm = cfg.n_layers, cfg.n_heads, cfg.d_model
     assert model.b_O.shape == (L, dm)
+    if cfg.attention == "compressed":  # DeepSeek-V4: no layer has TransformerLens' per-head maps
+        for name in ("W_Q", "W_K", "W_V", "W_O", "QK", "OV"):
+            assert not hasattr(model, name)
+        with pytest.raises(AttributeError, match="absent"):
+            model.W_Q
+        return
     if cfg.linear_attn_layers:  # hybrids: not every layer has heads; the error names those that do
         with pytest.raises(AttributeError, match=r"read model\.blocks\[l\]\.attn\.W_Q"):
             model.W_Q
@@ -273,6 +293,11 @@ def test_mlp_and_expert_weights_reproduce_activations(runs, arch):
     model, hf, logits, cache = runs(arch)
     cfg = model.cfg
     act = TL_ACT[cfg.act_fn] if cfg.act_fn in TL_ACT else None  # gpt-oss's clamped SwiGLU: experts only
+    if cfg.expert_act == "clamped_silu":  # DeepSeek-V4: experts and shared expert clamp gate and up
+        lim = cfg.swiglu_limit
+
+        def act(g, _lim=lim):  # applied to the gate; the up clamp is folded in below
+            return torch.nn.functional.silu(g.clamp(max=_lim))
     for l in range(cfg.n_layers):
         block = model.blocks[l]
         mlp = block.mlp
@@ -324,7 +349,10 @@ def test_mlp_and_expert_weights_reproduce_activations(runs, arch):
                 assert not torch.allclose(y0, out[b, p, s], **TOL)
         if cfg.has_shared_experts:
             sh = mlp.shared_experts
-            post = act(x @ sh.W_gate) * (x @ sh.W_in)
+            up = x @ sh.W_in
+            if cfg.expert_act == "clamped_silu":
+                up = up.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
+            post = act(x @ sh.W_gate) * up
             torch.testing.assert_close(post, cache[f"blocks.{l}.mlp.shared_experts.hook_post"], **TOL)
         if not getattr(block, "parallel", False) and not cfg.has_shared_experts:
             # the routed sum through the post-norm (FlexOlmo) is hook_mlp_out
