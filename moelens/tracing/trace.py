@@ -193,16 +193,18 @@ def _contribution(idx: Tensor, w: Tensor, out: Tensor, expert: int) -> Tensor:
 
 def embedding_std(model) -> float:
     """Standard deviation of every entry of the embedding matrix (the default noise reference), as
-    the embeddings enter the residual stream: times ``cfg.embed_scale`` where the architecture scales
-    them (Gemma: ``sqrt(d_model)``, the noise being added to ``hook_embed``, after the scale)."""
+    the embeddings enter the residual stream: times ``cfg.embed_scale`` (Gemma: ``sqrt(d_model)``)
+    and ``cfg.embedding_multiplier`` (Granite) where the architecture scales them, the noise being
+    added to ``hook_embed``, after the scale (ROME measures the embedding layer's output too)."""
     return float(model.W_E.detach().float().std()) * _embed_scale(model)
 
 
 def _embed_scale(model) -> float:
+    factor = float(getattr(model.cfg, "embedding_multiplier", 1.0) or 1.0)
     scale = getattr(model.cfg, "embed_scale", None)
-    if scale is None:
-        return 1.0
-    return float(torch.tensor(scale, dtype=model.W_E.dtype).float())  # as the model applies it (dtype-rounded)
+    if scale is not None:
+        factor *= float(torch.tensor(scale, dtype=model.W_E.dtype).float())  # as the model applies it (dtype-rounded)
+    return factor
 
 
 def subject_embedding_std(model, cases: Sequence[FactCase], tokenization: str = "moelens") -> float:

@@ -140,3 +140,18 @@ def test_hook_names(tiny_dirs):
         assert ("blocks.0.mlp.hook_shared_out" in names) == shared
         assert "blocks.0.mlp.hook_router_selection_scores" not in names  # no correction bias
         assert {"blocks.2.mlp.hook_expert_weights", "blocks.2.hook_attn_out", "hook_embed"} <= names
+
+
+def test_noise_reference_is_the_multiplied_embedding(tiny_dirs):
+    """The tracing noise is added at hook_embed, after Granite's embedding_multiplier (1.7 in the tiny
+    config): its reference std is taken there too, so the noise keeps its size relative to the embeddings."""
+    from moelens.tracing.trace import embedding_std
+
+    d, _ = tiny_dirs("granitemoe")
+    model = HookedMoETransformer.from_pretrained(d)
+    raw = float(model.W_E.detach().float().std())
+    assert model.cfg.embedding_multiplier == pytest.approx(1.7)
+    assert embedding_std(model) == pytest.approx(1.7 * raw, rel=1e-6)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.arange(3, 40)[None], names_filter="hook_embed")
+    assert float(cache["hook_embed"].std()) == pytest.approx(embedding_std(model), rel=0.3)
