@@ -43,7 +43,7 @@ from moelens.tracing.cases import FactCase
 from moelens.tracing.engine import base_names_filter, corrupted_run_with_gradients
 from moelens.tracing.trace import (
     KIND_HOOKS, LayerTraceResult, PositionSpec, TraceResult, TraceSetup, _common, prepare, resolve_positions,
-    routed_sets,
+    routed_sets, warn_if_post_normed_moe,
 )
 
 _SINGLE = ("last", "subject_last")  # position specs that give one position (2-D expert scores)
@@ -283,6 +283,7 @@ def attribute_experts(
         model, case, names_filter=attribution_names_filter, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     single = _check_single(positions)
+    warn_if_post_normed_moe(model, list(model.cfg.moe_layers))
     p0 = min(pos)
     rel = [p - p0 for p in pos]
     grads = suffix_gradients(model, setup, ("mlp",), p0)

@@ -343,6 +343,22 @@ def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, int]:
     return max(0, layer - window // 2), min(n_layers, layer - (-window // 2))
 
 
+def warn_if_post_normed_moe(model, layers: Sequence[int]) -> None:
+    """Warn where a norm follows the MoE (FlexOlmo's post-norm, Gemma 4's branch norms): expert scores
+    there add ``delta_e`` (measured before the norm) at ``hook_mlp_out`` (after it), so they rank the
+    experts of a layer but are not a restoration of the MoE output (docs/tracing.md)."""
+    import warnings
+
+    post = [l for l in layers if getattr(model.blocks[l], "ln2_post", None) is not None
+            or getattr(model.blocks[l], "parallel", False)]
+    if post:
+        warnings.warn(
+            f"layers {post} normalise the MoE output before the residual stream: expert scores add each expert's "
+            "pre-norm update at hook_mlp_out (after the norm), so they rank experts but are not an exact "
+            "restoration of the MoE output; to restore it exactly, patch mlp.hook_routed_out with moelens.patching "
+            "(docs/tracing.md)", UserWarning, stacklevel=3)
+
+
 def _check_layer(model, layer: int, sparse: bool = False) -> int:
     """The layer, normalised (one indexing rule: negative counts from the last layer)."""
     from moelens.patching import normalize_index
@@ -613,6 +629,7 @@ def trace_experts(
     """Per-expert rescue ``scores [n_experts]`` at ``layer`` (see module docstring). Experts not in
     ``experts`` (default: all) get NaN."""
     layer = _check_layer(model, layer, sparse=True)
+    warn_if_post_normed_moe(model, [layer])
     setup = case if isinstance(case, TraceSetup) else prepare(model, case, **prepare_kwargs)
     pos = resolve_positions(positions, setup.tokenized)
     from moelens.patching import _check_range
@@ -720,6 +737,7 @@ def trace_expert_grid(
     pos = resolve_positions(positions, setup.tokenized)
     L, E, n = model.cfg.n_layers, model.cfg.n_experts, setup.n_samples
     layers = list(model.cfg.moe_layers) if layers is None else [_check_layer(model, l, sparse=True) for l in layers]
+    warn_if_post_normed_moe(model, layers)
     p0 = min(pos)
     known = setup.corrupted_samples
     # values [L, 1 + E, n]: column 0 the whole layer; rows not run keep the corrupted run's value

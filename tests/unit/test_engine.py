@@ -123,3 +123,25 @@ def test_a_setup_refuses_weights_edited_after_it(tiny_dirs):
             call()
     fresh = moelens.trace_experts(model, prepare(model, CASE, seed=0, n_samples=2), layer, progress=False).scores
     assert (fresh - before).abs().max() > 1e-6  # the edit matters: the old setup's numbers would be stale
+
+
+@pytest.mark.parametrize("arch,warns", [("flex_olmo", True), ("gemma4", True), ("mixtral", False)])
+def test_expert_scores_warn_where_a_norm_follows_the_moe(tiny_dirs, arch, warns):
+    """On post-normed MoEs (FlexOlmo, Gemma 4) the expert scores add the pre-norm update after the norm:
+    trace_experts, trace_expert_grid and attribute_experts say so; pre-norm models stay silent."""
+    import warnings
+
+    from moelens import attribute_experts, trace_expert_grid, trace_experts
+
+    d, _ = tiny_dirs(arch)
+    model = HookedMoETransformer.from_pretrained(d)
+    model.tokenizer = toy_tokenizer(256)
+    layer = model.cfg.moe_layers[0]
+    for run in (lambda: trace_experts(model, CASE, layer, n_samples=2, seed=0, progress=False),
+                lambda: trace_expert_grid(model, CASE, n_samples=2, seed=0, progress=False),
+                lambda: attribute_experts(model, CASE, n_samples=2, seed=0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        hits = [w for w in caught if "normalise the MoE output" in str(w.message)]
+        assert bool(hits) == warns, [str(w.message) for w in caught]
