@@ -9,7 +9,7 @@ The same builders back moelens' parity tests; use them to check a new architectu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -568,3 +568,35 @@ def assert_routing_matches(model, hf_model, ids: torch.Tensor, attention_mask: O
         worst["weights"] = max(worst["weights"], d)
         assert d < tol, f"layer {l}: combine weights differ by {d}"
     return worst
+
+
+def random_ids(b: int = 2, p: int = 13, seed: int = 1, vocab: int = 256) -> torch.Tensor:
+    """``[b, p]`` random token ids below ``vocab`` (the tiny configs' vocabulary), seeded."""
+    return torch.randint(0, vocab, (b, p), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_forward(hf, ids: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    """transformers' forward with router logits (no gradients)."""
+    with torch.no_grad():
+        return hf(ids, attention_mask=mask, output_router_logits=True)
+
+
+def assert_topk_parity(model, hf, ids: torch.Tensor, mask: Optional[torch.Tensor] = None, tol: float = 1e-4,
+                       select: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits):
+    """moelens and transformers on the same tokens: logits and each sparse layer's router logits
+    within ``tol`` at real (unmasked) positions, and the same experts in the same slots as
+    transformers' top-k of ``select(router logits)`` (sorted). Returns ``(hf output, logits, cache)``."""
+    out = hf_forward(hf, ids, mask)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids, attention_mask=mask)
+    real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+    assert (out.logits - logits)[real].abs().max() < tol
+    b, p = ids.shape
+    assert len(out.router_logits) == len(model.cfg.moe_layers)
+    for i, layer in enumerate(model.cfg.moe_layers):
+        ours = cache[f"blocks.{layer}.mlp.hook_router_logits"]
+        theirs = out.router_logits[i].view(b, p, -1)
+        assert (ours - theirs)[real].abs().max() < tol
+        chosen = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
+        assert torch.equal(chosen[real], torch.topk(select(theirs), model.cfg.top_k, dim=-1).indices[real])
+    return out, logits, cache

@@ -9,34 +9,21 @@ import pytest
 import torch
 
 from moelens import HookedMoETransformer
+from moelens.testing import assert_topk_parity, hf_forward, random_ids
 
 TOL = 1e-4
 
-
-def ids_of(b=2, p=13, seed=1):
-    return torch.randint(0, 256, (b, p), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_run(hf, ids, mask=None):
-    with torch.no_grad():
-        return hf(ids, attention_mask=mask, output_router_logits=True)
+ids_of, hf_run = random_ids, hf_forward
 
 
 def assert_parity(model, hf, ids, mask=None, tol=TOL):
-    out = hf_run(hf, ids, mask)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(ids, attention_mask=mask)
-    real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
-    assert (out.logits - logits)[real].abs().max() < tol
-    b, p = ids.shape
-    for layer in model.cfg.moe_layers:
-        ours = cache[f"blocks.{layer}.mlp.hook_router_logits"]
-        theirs = out.router_logits[layer].view(b, p, -1)
-        assert (ours - theirs)[real].abs().max() < tol
-        chosen = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
-        want = torch.topk(theirs.softmax(-1), model.cfg.top_k, dim=-1).indices
-        assert torch.equal(chosen[real], want[real])
-    return out, logits, cache
+    return assert_topk_parity(model, hf, ids, mask, tol, select=lambda logits: logits.softmax(-1))
+
+
+
+
+
+
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,16 @@ import torch
 
 from moelens import HookedMoETransformer, check_shapes
 from moelens.components.moe import MoE
+from moelens.testing import hf_forward, random_ids
 
 TOL = 1e-4
 WINDOW = 4
 
-
-def ids_of(b=2, p=13, seed=1):
-    return torch.randint(0, 256, (b, p), generator=torch.Generator().manual_seed(seed))
+ids_of, hf_run = random_ids, hf_forward
 
 
-def hf_run(hf, ids, mask=None):
-    with torch.no_grad():
-        return hf(ids, attention_mask=mask, output_router_logits=True)
+
+
 
 
 def assert_parity(model, hf, ids, mask=None, tol=TOL):

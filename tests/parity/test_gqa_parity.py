@@ -4,15 +4,14 @@ import pytest
 import torch
 
 from moelens import HookedMoETransformer, check_shapes
-from moelens.testing import save_tiny
+from moelens.testing import save_tiny, hf_forward
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 TOL = 1e-4
 
+hf_run = hf_forward
 
-def hf_run(hf, ids, mask=None):
-    with torch.no_grad():
-        return hf(ids, attention_mask=mask, output_router_logits=True)
+
 
 
 def hf_chosen(router_logits, k):

@@ -11,35 +11,22 @@ import pytest
 import torch
 
 from moelens import HookedMoETransformer, check_shapes
+from moelens.testing import assert_topk_parity, hf_forward, random_ids
 
 TOL = 1e-4
 CHUNK = 4
 
-
-def ids_of(b=2, p=13, seed=1):
-    return torch.randint(0, 256, (b, p), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_run(hf, ids, mask=None):
-    with torch.no_grad():
-        return hf(ids, attention_mask=mask, output_router_logits=True)
+ids_of, hf_run = random_ids, hf_forward
 
 
 def assert_parity(model, hf, ids, mask=None, tol=TOL):
-    out = hf_run(hf, ids, mask)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(ids, attention_mask=mask)
-    real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
-    assert (out.logits - logits)[real].abs().max() < tol
-    b, p = ids.shape
-    assert len(out.router_logits) == len(model.cfg.moe_layers)
-    for i, layer in enumerate(model.cfg.moe_layers):
-        ours = cache[f"blocks.{layer}.mlp.hook_router_logits"]
-        theirs = out.router_logits[i].view(b, p, -1)
-        assert (ours - theirs)[real].abs().max() < tol
-        chosen = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
-        assert torch.equal(chosen[real], torch.topk(theirs, model.cfg.top_k, dim=-1).indices[real])
-    return out, logits, cache
+    return assert_topk_parity(model, hf, ids, mask, tol)
+
+
+
+
+
+
 
 
 @pytest.fixture(scope="module")
