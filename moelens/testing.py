@@ -600,3 +600,15 @@ def assert_topk_parity(model, hf, ids: torch.Tensor, mask: Optional[torch.Tensor
         chosen = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
         assert torch.equal(chosen[real], torch.topk(select(theirs), model.cfg.top_k, dim=-1).indices[real])
     return out, logits, cache
+
+
+def left_padded_batch(seed: int = 1, pad: bool = True, n: int = 12, pads: tuple = ((0, 5),)):
+    """``(ids [3, n], mask)``: random token ids, row ``r`` left-padded with ``k`` pad tokens (id 0,
+    mask 0) for each ``(r, k)`` in ``pads`` when ``pad``."""
+    ids = random_ids(3, n, seed)
+    mask = torch.ones_like(ids)
+    if pad:
+        for row, k in pads:
+            mask[row, :k] = 0
+        ids[mask == 0] = 0
+    return ids, mask

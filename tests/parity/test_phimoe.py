@@ -12,18 +12,13 @@ import torch
 from moelens import HookedMoETransformer
 from moelens.architectures import UnsupportedConfigError, translate_config
 from moelens.components.router import sparsemixer_weights
-from moelens.testing import assert_routing_matches, edit_config, save_tiny
+from moelens.testing import assert_routing_matches, edit_config, left_padded_batch, save_tiny
 
 TOL = 1e-4
 
 
 def batch(seed=1, pad=True, n=12):
-    ids = torch.randint(0, 256, (3, n), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    if pad:
-        mask[0, :5] = 0
-        ids[mask == 0] = 0
-    return ids, mask
+    return left_padded_batch(seed, pad, n)
 
 
 @pytest.mark.parametrize("fused", [False, True])
